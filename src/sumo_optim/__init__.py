@@ -1,0 +1,18 @@
+"""sumo-optim: memory-efficient low-rank optimizers for training large language models."""
+
+from .base import SubspaceOptimizer
+from .grouping import param_groups
+from .linalg import orthogonalize, orthogonalize_newton_schulz, random_orthonormal, top_singular_vectors
+from .sumo import SUMO
+
+__all__ = [
+    "SUMO",
+    "SubspaceOptimizer",
+    "orthogonalize",
+    "orthogonalize_newton_schulz",
+    "param_groups",
+    "random_orthonormal",
+    "top_singular_vectors",
+]
+
+__version__ = "0.1.0"

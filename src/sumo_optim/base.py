@@ -1,0 +1,240 @@
+"""What every optimizer of the library shares: routing, AdamW, checks, state handling.
+
+Each parameter is sent either to the algorithm's matrix rule (2-D weights, and weights of
+more dimensions viewed as ``(shape[0], -1)``, in a group with ``subspace=True``) or to
+AdamW (everything else: biases, norms, and whole groups with ``subspace=False``, which is
+how embeddings and the output head are usually trained). Subclasses write the matrix rule
+only; they never see sparse, complex or non-finite gradients.
+
+Numerics: states and the update are kept in ``float32`` for low-precision parameters
+(bf16/fp16) and in the parameter's dtype otherwise; the new weights are rounded to the
+parameter's dtype once per step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from .subspace import refresh_generator
+
+__all__ = ["NONFINITE_POLICIES", "SubspaceOptimizer", "adamw_update"]
+
+NONFINITE_POLICIES = ("raise", "skip")
+
+
+def adamw_update(
+    weights: Tensor,
+    grad: Tensor,
+    state: dict[str, Any],
+    lr: float,
+    betas: tuple[float, float],
+    eps: float,
+    weight_decay: float,
+) -> None:
+    """One AdamW step in place, exactly as ``torch.optim.AdamW`` (Loshchilov & Hutter, Alg. 2).
+
+    ``state["step"]`` must already count this step.
+    """
+    if "exp_avg" not in state:
+        state["exp_avg"] = torch.zeros_like(weights)
+        state["exp_avg_sq"] = torch.zeros_like(weights)
+    beta1, beta2 = betas
+    exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+    weights.mul_(1 - lr * weight_decay)
+    exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    bias_correction1 = 1 - beta1 ** state["step"]
+    bias_correction2 = 1 - beta2 ** state["step"]
+    denom = (exp_avg_sq.sqrt() / math.sqrt(bias_correction2)).add_(eps)
+    weights.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+class SubspaceOptimizer(Optimizer):
+    """Base class: a low-rank rule for matrices, AdamW for the rest, in one optimizer.
+
+    Subclasses define :meth:`_matrix_step` (and may extend :meth:`_validate_group` and
+    :meth:`_expected_state_shapes`). Every group carries ``lr``, ``weight_decay``,
+    ``subspace``, ``adamw_betas``, ``adamw_eps``, ``nonfinite`` and ``seed``.
+    """
+
+    def __init__(self, params: Any, defaults: dict[str, Any]) -> None:
+        defaults = {"subspace": True, "nonfinite": "raise", "seed": 0, **defaults}
+        super().__init__(params, defaults)
+
+    # ----------------------------------------------------------------- validation
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        self._validate_group(group)
+        for p in group["params"]:
+            if p.is_complex():
+                raise ValueError(f"{type(self).__name__} does not support complex parameters")
+
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        """One clear ``ValueError`` per bad hyperparameter, naming it."""
+        if isinstance(group["lr"], Tensor):
+            raise ValueError("lr must be a Python float, not a Tensor")
+        if not _is_number(group["lr"]) or group["lr"] < 0:
+            raise ValueError(f"lr must be a finite number >= 0, got {group['lr']!r}")
+        if not _is_number(group["weight_decay"]) or group["weight_decay"] < 0:
+            raise ValueError(f"weight_decay must be a finite number >= 0, got {group['weight_decay']!r}")
+        betas = group["adamw_betas"]
+        if len(betas) != 2 or not all(_is_number(b) and 0 <= b < 1 for b in betas):
+            raise ValueError(f"adamw_betas must be two numbers in [0, 1), got {betas!r}")
+        if not _is_number(group["adamw_eps"]) or group["adamw_eps"] < 0:
+            raise ValueError(f"adamw_eps must be a finite number >= 0, got {group['adamw_eps']!r}")
+        if group["nonfinite"] not in NONFINITE_POLICIES:
+            raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {group['nonfinite']!r}")
+        if not isinstance(group["seed"], int) or isinstance(group["seed"], bool) or group["seed"] < 0:
+            raise ValueError(f"seed must be an int >= 0, got {group['seed']!r}")
+        if not isinstance(group["subspace"], bool):
+            raise ValueError(f"subspace must be True or False, got {group['subspace']!r}")
+
+    @staticmethod
+    def _check_positive_int(group: dict[str, Any], name: str) -> None:
+        value = group[name]
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+
+    # ----------------------------------------------------------------------- step
+    def _uses_matrix_rule(self, param: Tensor, group: dict[str, Any]) -> bool:
+        return group["subspace"] and param.ndim >= 2
+
+    def _parameters_with_grad(self) -> list[tuple[Tensor, dict[str, Any], int]]:
+        """(parameter, its group, its index over all groups) for each parameter with a gradient."""
+        work, index = [], 0
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    work.append((p, group, index))
+                index += 1
+        return work
+
+    def _finite_gradients(self, work: list[tuple[Tensor, dict[str, Any], int]]) -> list[bool]:
+        """Rejects sparse and complex gradients; says which gradients are finite (one sync)."""
+        flags = []
+        for p, _, index in work:
+            if p.grad.is_sparse:
+                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients (parameter {index})")
+            if p.grad.is_complex():
+                raise RuntimeError(f"{type(self).__name__} does not support complex gradients (parameter {index})")
+            if p.grad.shape != p.shape:
+                raise RuntimeError(
+                    f"gradient of parameter {index} has shape {tuple(p.grad.shape)}, expected {tuple(p.shape)}"
+                )
+            flags.append(torch.isfinite(p.grad).all())
+        finite = [True] * len(flags)
+        by_device: dict[torch.device, list[int]] = {}
+        for i, flag in enumerate(flags):
+            by_device.setdefault(flag.device, []).append(i)
+        for positions in by_device.values():
+            for i, ok in zip(positions, torch.stack([flags[i] for i in positions]).tolist()):
+                finite[i] = ok
+        for (p, group, index), ok in zip(work, finite):
+            if not ok and group["nonfinite"] == "raise":
+                raise ValueError(
+                    f"non-finite gradient (NaN or Inf) in parameter {index} of shape {tuple(p.shape)}; "
+                    "no weight was changed. Pass nonfinite='skip' to skip such matrices' steps instead."
+                )
+        return finite
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One optimization step for every parameter that has a gradient.
+
+        Gradients are checked first (sparse, complex, wrong shape, NaN/Inf), so an error
+        leaves every weight and state untouched.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        work = self._parameters_with_grad()
+        for (p, group, index), ok in zip(work, self._finite_gradients(work)):
+            if ok:
+                self._update_parameter(p, group, index)
+            else:
+                state = self.state[p]
+                state["skipped_steps"] = state.get("skipped_steps", 0) + 1
+        return loss
+
+    def _update_parameter(self, p: Tensor, group: dict[str, Any], index: int) -> None:
+        """Applies this step's rule to one parameter whose gradient has been checked."""
+        state = self.state[p]
+        dtype = torch.promote_types(p.dtype, torch.float32)
+        weights = p.to(dtype)
+        if not weights.is_contiguous():
+            weights = weights.contiguous()
+        grad = p.grad.to(dtype)
+        if not state:
+            state["step"] = 0
+            state["seed"] = group["seed"] * 1_000_003 + index
+        state["step"] += 1
+        if self._uses_matrix_rule(p, group):
+            self._matrix_step(weights.view(p.shape[0], -1), grad.reshape(p.shape[0], -1), state, group)
+        else:
+            adamw_update(
+                weights, grad, state, group["lr"], group["adamw_betas"], group["adamw_eps"], group["weight_decay"]
+            )
+        if weights is not p:
+            p.copy_(weights)
+
+    def _matrix_step(self, weights: Tensor, grad: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+        """Updates the 2-D ``weights`` in place from ``grad``; ``state["step"]`` counts this step."""
+        raise NotImplementedError
+
+    @staticmethod
+    def _generator(state: dict[str, Any], device: torch.device) -> torch.Generator:
+        return refresh_generator(state["seed"], state["step"], device)
+
+    # -------------------------------------------------------------- state dicts
+    def _expected_state_shapes(
+        self, shape: tuple[int, int], group: dict[str, Any], state: dict[str, Any]
+    ) -> dict[str, tuple[int, ...]]:
+        """Shapes the matrix rule's state tensors must have for an m×n matrix (for checks)."""
+        return {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Loads a state dict, keeping each saved state tensor's dtype (float32 moments of a bf16
+        parameter stay float32) and refusing states whose shapes do not fit the parameters."""
+        try:
+            saved_state = state_dict["state"]
+            saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        except (KeyError, TypeError) as error:
+            raise ValueError(f"not an optimizer state dict: missing {error}") from error
+        super().load_state_dict(state_dict)
+        params = [p for g in self.param_groups for p in g["params"]]
+        groups = [g for g in self.param_groups for _ in g["params"]]
+        for index, (p, group, key) in enumerate(zip(params, groups, saved_ids)):
+            if key not in saved_state:
+                continue
+            state = self.state[p]
+            for name, value in saved_state[key].items():
+                if isinstance(value, Tensor):
+                    state[name] = value.to(device=p.device, copy=True)
+            self._check_loaded_state(index, p, group, state)
+
+    def _check_loaded_state(self, index: int, p: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
+        if not isinstance(state.get("step"), int) or state["step"] < 0:
+            raise ValueError(f"state of parameter {index} has no valid 'step' counter")
+        if self._uses_matrix_rule(p, group):
+            expected = self._expected_state_shapes((p.shape[0], math.prod(p.shape[1:])), group, state)
+        else:
+            expected = {"exp_avg": tuple(p.shape), "exp_avg_sq": tuple(p.shape)}
+        for name, shape in expected.items():
+            value = state.get(name)
+            if value is not None and tuple(value.shape) != shape:
+                raise ValueError(
+                    f"state '{name}' of parameter {index} has shape {tuple(value.shape)}, expected {shape}: "
+                    "the checkpoint does not belong to this model or these hyperparameters"
+                )

@@ -1,0 +1,131 @@
+"""Linear algebra shared by every optimizer of the library.
+
+Orthogonalization maps a matrix ``M = U Σ Vᵀ`` (thin SVD) to its polar factor ``U Vᵀ``:
+exactly (:func:`orthogonalize`, SUMO's Algorithm 1, line 5) or approximately by Muon's
+quintic Newton–Schulz iteration (:func:`orthogonalize_newton_schulz`), kept for comparison.
+
+Basis choice returns an orthonormal ``Q`` whose columns span a rank-``r`` subspace:
+the top singular vectors of a matrix (exact SVD or a randomized range finder) or a
+uniformly random point of the Stiefel manifold (GoLore).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "NEWTON_SCHULZ_COEFFICIENTS",
+    "orthogonalize",
+    "orthogonalize_newton_schulz",
+    "random_orthonormal",
+    "top_singular_vectors",
+]
+
+# Muon's quintic coefficients (Keller Jordan, 2024; the values torch.optim.Muon uses).
+NEWTON_SCHULZ_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+
+
+def orthogonalize(matrix: Tensor, rtol: float | None = None) -> Tensor:
+    """Exact polar factor ``U Vᵀ`` of ``matrix = U Σ Vᵀ``, computed by a float64 thin SVD.
+
+    Singular values at or below ``rtol · σ_max`` count as zero, so a rank-deficient matrix
+    maps to ``U_k V_kᵀ`` over its ``k`` non-zero singular values and a zero matrix maps to
+    zero, never NaN. The default ``rtol`` is the larger of the input's rounding level
+    (``4 eps(dtype)``) and the float64 SVD's own error (``eps64 · max(m, n)``): condition
+    numbers up to 2e6 in float32 are orthogonalized in full, while the rounding noise of an
+    exactly rank-deficient matrix (measured at 0.1–0.5 eps32, up to 16 eps64) is dropped.
+    Works on batches (``..., m, n``); returns the input's dtype.
+    """
+    if matrix.ndim < 2:
+        raise ValueError(f"orthogonalize needs a matrix, got shape {tuple(matrix.shape)}")
+    if rtol is None:
+        rtol = max(4 * torch.finfo(matrix.dtype).eps, torch.finfo(torch.float64).eps * max(matrix.shape[-2:]))
+    u, s, vh = torch.linalg.svd(matrix.to(torch.float64), full_matrices=False)
+    keep = (s > rtol * s.amax(dim=-1, keepdim=True)).to(torch.float64)
+    return ((u * keep.unsqueeze(-2)) @ vh).to(matrix.dtype)
+
+
+def orthogonalize_newton_schulz(
+    matrix: Tensor,
+    steps: int = 5,
+    coefficients: tuple[float, float, float] = NEWTON_SCHULZ_COEFFICIENTS,
+    eps: float = 1e-7,
+    compute_dtype: torch.dtype = torch.bfloat16,
+) -> Tensor:
+    """Approximate ``U Vᵀ`` by Muon's quintic Newton–Schulz iteration.
+
+    ``X ← a X + (b A + c A²) X`` with ``A = X Xᵀ``, after scaling ``X`` to unit Frobenius
+    norm. With Muon's coefficients the singular values land in roughly [0.7, 1.2], not at 1:
+    the iteration trades exactness for speed. Kept to measure that trade (SUMO's claim).
+    """
+    a, b, c = coefficients
+    x = matrix.to(compute_dtype)
+    transposed = x.shape[-2] > x.shape[-1]
+    if transposed:
+        x = x.mT
+    x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)
+    for _ in range(steps):
+        gram = x @ x.mT
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    if transposed:
+        x = x.mT
+    return x.to(matrix.dtype)
+
+
+def top_singular_vectors(
+    matrix: Tensor,
+    rank: int,
+    side: str = "left",
+    method: str = "svd",
+    power_iterations: int = 2,
+    oversample: int = 8,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Orthonormal basis of the top-``rank`` singular subspace of ``matrix`` (m×n).
+
+    ``side="left"`` returns ``U[:, :r]`` (m×r), ``side="right"`` returns ``V[:, :r]`` (n×r).
+    ``method="svd"`` takes a truncated SVD (float32, or float64 for a float64 input);
+    ``method="randomized"`` the randomized range finder of Halko, Martinsson & Tropp
+    (2011, Alg. 4.4: ``Y = (A Aᵀ)^q A Ω``, re-orthonormalized after each product),
+    then the SVD of the small projected matrix, which costs O(mn(r+p)) instead of O(mn·min(m, n)).
+    """
+    if side not in ("left", "right"):
+        raise ValueError(f"side must be 'left' or 'right', got {side!r}")
+    a = matrix if matrix.dtype == torch.float64 else matrix.float()
+    if side == "right":
+        a = a.mT
+    m, n = a.shape
+    rank = min(rank, m, n)
+    if method == "svd":
+        u, _, _ = torch.linalg.svd(a, full_matrices=False)
+        return u[:, :rank].contiguous()
+    if method != "randomized":
+        raise ValueError(f"method must be 'svd' or 'randomized', got {method!r}")
+    sketch_size = min(rank + oversample, m, n)
+    omega = torch.randn(n, sketch_size, device=a.device, dtype=a.dtype, generator=generator)
+    q, _ = torch.linalg.qr(a @ omega)
+    for _ in range(power_iterations):
+        q, _ = torch.linalg.qr(a.mT @ q)
+        q, _ = torch.linalg.qr(a @ q)
+    u_small, _, _ = torch.linalg.svd(q.mT @ a, full_matrices=False)
+    return (q @ u_small[:, :rank]).contiguous()
+
+
+def random_orthonormal(
+    rows: int,
+    rank: int,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """A ``rows × rank`` matrix drawn uniformly from the Stiefel manifold St(rows, rank).
+
+    QR of a standard Gaussian matrix, with the signs of R's diagonal moved into Q so the
+    distribution is exactly Haar (Mezzadri, 2007); used by GoLore.
+    """
+    gaussian = torch.randn(rows, rank, device=device, dtype=dtype, generator=generator)
+    q, r = torch.linalg.qr(gaussian)
+    signs = torch.sign(torch.diagonal(r))
+    signs[signs == 0] = 1
+    return q * signs

@@ -1,0 +1,191 @@
+"""SUMO: Subspace-Aware Moment-Orthogonalization (Refael et al., NeurIPS 2025, arXiv 2505.24749).
+
+Algorithm 1, for a weight ``W ∈ R^{m×n}`` with gradient ``G`` (written for the left side,
+``m ≤ n``; for ``m > n`` every product is mirrored onto the right side):
+
+1. every ``K`` steps from the first, ``Q ← top-r left singular vectors of G``  (Block 1)
+   and the moment is carried over, ``M ← (Q_newᵀ Q_old) M``                   (Block 1.1)
+2. ``Ĝ = Qᵀ G``;  ``M ← μ M + Ĝ``                                              (Block 2)
+3. ``O = U Vᵀ`` where ``M = U Σ Vᵀ`` is the exact thin SVD                      (Block 2)
+4. optional norm-growth limiter: if ``‖O‖ / ‖O_prev‖ > γ``, ``O ← O γ ‖O_prev‖ / ‖O‖`` (Block 3)
+5. ``W ← W − η (α Q O + β (G − Q Ĝ)) − η λ W``                                  (Block 4)
+
+The optimizer state of a matrix is ``Q`` (m×r) and ``M`` (r×n): ``(m + n) r`` numbers
+against AdamW's ``2mn``. Parameters that are not matrices get AdamW (see
+:class:`~sumo_optim.base.SubspaceOptimizer`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .base import SubspaceOptimizer, _is_number
+from .linalg import orthogonalize, orthogonalize_newton_schulz
+from .subspace import choose_side, compute_basis, is_refresh_step, project, project_back, transport
+
+__all__ = ["SUMO", "limit_norm_growth"]
+
+REFRESH_METHODS = ("svd", "randomized")
+ORTHOGONALIZATIONS = ("svd", "newton_schulz")
+
+
+def limit_norm_growth(update: Tensor, previous_norm: Tensor, growth_limit: float) -> tuple[Tensor, Tensor]:
+    """Fira's norm-growth limiter (Chen et al. 2024, arXiv 2410.01623), SUMO's Block 3.
+
+    If ``‖O_t‖_F > γ ‖O_{t−1}‖_F`` the update is rescaled to norm ``γ ‖O_{t−1}‖_F``. No limit on
+    the first step (``previous_norm == 0``). Returns the update and its norm, without a
+    host-device synchronization.
+    """
+    norm = torch.linalg.vector_norm(update)
+    too_large = (previous_norm > 0) & (norm > growth_limit * previous_norm)
+    factor = torch.where(too_large, growth_limit * previous_norm / norm, torch.ones_like(norm))
+    return update * factor, norm * factor
+
+
+class SUMO(SubspaceOptimizer):
+    """SUMO: momentum in a low-rank gradient subspace, orthogonalized exactly by SVD.
+
+    Args:
+        params: parameters or param groups. In a group, matrices (2-D, or more dimensions
+            viewed as ``(shape[0], -1)``) follow SUMO; everything else, and every parameter
+            of a group with ``subspace=False``, follows AdamW. See
+            :func:`sumo_optim.param_groups`.
+        lr: step size η (also AdamW's learning rate for the non-matrix parameters of the group).
+        rank: subspace rank r; ``rank ≥ min(m, n)`` uses the whole space (exact-SVD Muon).
+        update_freq: subspace refresh period K, in steps (the first step refreshes).
+        momentum: moment decay μ in ``M ← μ M + Ĝ``.
+        scale: α, the scale of the orthogonalized step ``Q O`` (the paper's
+            "projection back scale").
+        weight_decay: decoupled weight decay λ (``W ← W − η λ W``), for AdamW params too.
+        limiter: γ of the norm-growth limiter (the paper uses 1.1); ``None`` disables it.
+        refresh: ``"svd"`` (exact truncated SVD) or ``"randomized"`` (randomized range finder
+            with ``power_iterations``, as in the paper) for choosing Q.
+        complement_scale: β, weight of the gradient's orthogonal complement ``(I − QQᵀ) G``
+            in the update. Algorithm 1's Block 4 uses 1; the default 0 takes the step in the
+            subspace only (the project's spec, and GaLore-class methods).
+        orthogonalization: ``"svd"`` (exact, the paper) or ``"newton_schulz"`` (Muon's
+            5-step iteration, the paper's ablation).
+        adamw_betas, adamw_eps: AdamW's (β1, β2) and ε for the non-matrix parameters.
+        nonfinite: ``"raise"`` (default) raises on a NaN/Inf gradient before any weight
+            changes; ``"skip"`` skips that parameter's step and counts it in
+            ``state["skipped_steps"]``.
+        seed: seeds the randomized refresh; each matrix's draws depend only on
+            (seed, its index, step), so resumed and data-parallel runs draw the same.
+
+    States (``self.state[p]``): ``basis`` Q, ``moment`` M, ``step``, ``seed``, and
+    ``previous_norm`` with the limiter; float32 for bf16/fp16 parameters.
+    """
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float = 0.02,
+        rank: int = 128,
+        update_freq: int = 200,
+        momentum: float = 0.95,
+        scale: float = 1.0,
+        weight_decay: float = 0.0,
+        limiter: float | None = None,
+        refresh: str = "svd",
+        power_iterations: int = 2,
+        complement_scale: float = 0.0,
+        orthogonalization: str = "svd",
+        adamw_betas: tuple[float, float] = (0.9, 0.999),
+        adamw_eps: float = 1e-8,
+        nonfinite: str = "raise",
+        seed: int = 0,
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            rank=rank,
+            update_freq=update_freq,
+            momentum=momentum,
+            scale=scale,
+            weight_decay=weight_decay,
+            limiter=limiter,
+            refresh=refresh,
+            power_iterations=power_iterations,
+            complement_scale=complement_scale,
+            orthogonalization=orthogonalization,
+            adamw_betas=adamw_betas,
+            adamw_eps=adamw_eps,
+            nonfinite=nonfinite,
+            seed=seed,
+        )
+        super().__init__(params, defaults)
+
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        super()._validate_group(group)
+        self._check_positive_int(group, "rank")
+        self._check_positive_int(group, "update_freq")
+        if not _is_number(group["momentum"]) or not 0 <= group["momentum"] < 1:
+            raise ValueError(f"momentum must be in [0, 1), got {group['momentum']!r}")
+        if not _is_number(group["scale"]) or group["scale"] < 0:
+            raise ValueError(f"scale must be a finite number >= 0, got {group['scale']!r}")
+        if not _is_number(group["complement_scale"]) or group["complement_scale"] < 0:
+            raise ValueError(f"complement_scale must be a finite number >= 0, got {group['complement_scale']!r}")
+        limiter = group["limiter"]
+        if limiter is not None and (not _is_number(limiter) or limiter < 1):
+            raise ValueError(f"limiter (γ) must be None or a number >= 1, got {limiter!r}")
+        if group["refresh"] not in REFRESH_METHODS:
+            raise ValueError(f"refresh must be one of {REFRESH_METHODS}, got {group['refresh']!r}")
+        if group["orthogonalization"] not in ORTHOGONALIZATIONS:
+            raise ValueError(
+                f"orthogonalization must be one of {ORTHOGONALIZATIONS}, got {group['orthogonalization']!r}"
+            )
+        if not isinstance(group["power_iterations"], int) or group["power_iterations"] < 0:
+            raise ValueError(f"power_iterations must be an int >= 0, got {group['power_iterations']!r}")
+
+    def _expected_state_shapes(
+        self, shape: tuple[int, int], group: dict[str, Any], state: dict[str, Any]
+    ) -> dict[str, tuple[int, ...]]:
+        m, n = shape
+        rank = group["rank"]
+        side = choose_side(shape, rank)
+        if side == "left":
+            return {"basis": (m, rank), "moment": (rank, n)}
+        if side == "right":
+            return {"basis": (n, rank), "moment": (m, rank)}
+        return {"moment": (m, n)}
+
+    def _matrix_step(self, weights: Tensor, grad: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+        rank, side = group["rank"], choose_side(grad.shape, group["rank"])
+        if "moment" not in state:
+            state["moment"] = torch.zeros(
+                self._expected_state_shapes(grad.shape, group, state)["moment"], dtype=grad.dtype, device=grad.device
+            )
+            if group["limiter"] is not None:
+                state["previous_norm"] = torch.zeros((), dtype=grad.dtype, device=grad.device)
+        basis = state.get("basis")
+        if side != "full" and is_refresh_step(state["step"], group["update_freq"]):  # Block 1
+            randomized = group["refresh"] == "randomized"
+            new_basis = compute_basis(
+                grad,
+                rank,
+                side,
+                method=group["refresh"],
+                generator=self._generator(state, grad.device) if randomized else None,
+                power_iterations=group["power_iterations"],
+            )
+            if basis is not None:  # Block 1.1
+                state["moment"] = transport(state["moment"], basis, new_basis, side)
+            state["basis"] = basis = new_basis
+
+        reduced_grad = project(grad, basis, side)  # Ĝ = Qᵀ G
+        moment = state["moment"].mul_(group["momentum"]).add_(reduced_grad)  # M ← μ M + Ĝ
+        if group["orthogonalization"] == "svd":
+            update = orthogonalize(moment)  # O = U Vᵀ
+        else:
+            update = orthogonalize_newton_schulz(moment)
+        if group["limiter"] is not None:  # Block 3
+            update, state["previous_norm"] = limit_norm_growth(update, state["previous_norm"], group["limiter"])
+
+        lr = group["lr"]  # Block 4
+        weights.mul_(1 - lr * group["weight_decay"])
+        weights.add_(project_back(update, basis, side), alpha=-lr * group["scale"])
+        if group["complement_scale"] and side != "full":
+            complement = grad - project_back(reduced_grad, basis, side)  # (I − Q Qᵀ) G
+            weights.add_(complement, alpha=-lr * group["complement_scale"])

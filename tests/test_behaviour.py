@@ -1,0 +1,357 @@
+"""What users rely on from any optimizer of the library: resume, errors, schedulers, dtypes."""
+
+import copy
+import io
+
+import pytest
+import torch
+from torch import nn
+
+import sumo_optim
+from sumo_optim import SUMO, param_groups
+
+# name -> factory(params) building a small-rank configuration that refreshes often.
+OPTIMIZERS = {
+    "sumo": lambda params: SUMO(params, lr=0.02, rank=3, update_freq=4),
+    "sumo-randomized-limiter": lambda params: SUMO(
+        params, lr=0.02, rank=3, update_freq=4, refresh="randomized", limiter=1.1, weight_decay=0.01, seed=5
+    ),
+}
+
+
+class TinyNet(nn.Module):
+    """Embedding → two linear layers with a norm and biases → head: every routing case."""
+
+    def __init__(self, vocab=20, width=16, classes=4):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width)
+        self.hidden = nn.Linear(6 * width, 24)
+        self.norm = nn.LayerNorm(24)
+        self.out = nn.Linear(24, width, bias=False)
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, tokens):
+        x = self.embed(tokens).flatten(1)
+        x = self.out(torch.relu(self.norm(self.hidden(x))))
+        return self.head(x)
+
+
+def make_batches(n, seed=0, batch=32):
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, 20, (n, batch, 6), generator=g)
+    labels = 2 * (tokens[..., 0] < 10) + (tokens[..., 1] < 10)  # a learnable rule on two positions
+    return list(zip(tokens, labels))
+
+
+def train(model, optimizer, batches, scheduler=None):
+    losses = []
+    for tokens, labels in batches:
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(model(tokens), labels)
+        loss.backward()
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        losses.append(loss.item())
+    return losses
+
+
+def build(name, seed=0, dtype=torch.float32):
+    torch.manual_seed(seed)
+    model = TinyNet().to(dtype)
+    return model, OPTIMIZERS[name](param_groups(model, lr=0.02))
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_trains_a_small_model_and_moves_adamw_params(name):
+    model, optimizer = build(name)
+    embed_before = model.embed.weight.detach().clone()
+    norm_before = model.norm.weight.detach().clone()
+    losses = train(model, optimizer, make_batches(150))
+    assert sum(losses[-10:]) / 10 < 0.6 * sum(losses[:10]) / 10
+    assert not torch.equal(model.embed.weight, embed_before)
+    assert not torch.equal(model.norm.weight, norm_before)
+    assert "basis" in optimizer.state[model.hidden.weight]
+    assert "exp_avg" in optimizer.state[model.embed.weight] and "moment" not in optimizer.state[model.embed.weight]
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_state_dict_resume_is_bit_exact(name):
+    batches = make_batches(22, seed=1)
+    model, optimizer = build(name)
+    train(model, optimizer, batches)
+    uninterrupted = [p.detach().clone() for p in model.parameters()]
+
+    model, optimizer = build(name)
+    train(model, optimizer, batches[:9])
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, buffer)
+    buffer.seek(0)
+    checkpoint = torch.load(buffer, weights_only=True)
+    model, optimizer = build(name, seed=123)  # different init: everything must come from the checkpoint
+    model.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    train(model, optimizer, batches[9:])
+    for resumed, expected in zip(model.parameters(), uninterrupted):
+        assert torch.equal(resumed, expected)
+
+
+def test_bf16_resume_keeps_float32_states_and_is_bit_exact():
+    batches = make_batches(12, seed=2)
+    model, optimizer = build("sumo", dtype=torch.bfloat16)
+    train(model, optimizer, batches)
+    uninterrupted = [p.detach().clone() for p in model.parameters()]
+    model, optimizer = build("sumo", dtype=torch.bfloat16)
+    train(model, optimizer, batches[:5])
+    saved = copy.deepcopy(optimizer.state_dict())
+    model2, optimizer2 = build("sumo", seed=9, dtype=torch.bfloat16)
+    model2.load_state_dict(model.state_dict())
+    optimizer2.load_state_dict(saved)
+    assert optimizer2.state[model2.hidden.weight]["moment"].dtype == torch.float32
+    assert optimizer2.state[model2.embed.weight]["exp_avg"].dtype == torch.float32
+    train(model2, optimizer2, batches[5:])
+    for resumed, expected in zip(model2.parameters(), uninterrupted):
+        assert resumed.dtype == torch.bfloat16 and torch.equal(resumed, expected)
+
+
+def test_bf16_step_equals_float32_step_rounded_once():
+    torch.manual_seed(0)
+    weight = torch.randn(12, 30)
+    grad = torch.randn(12, 30)
+    results = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        param = nn.Parameter(weight.to(dtype))
+        param.grad = grad.to(dtype)
+        SUMO([param], rank=4, lr=0.01).step()
+        results[dtype] = param.detach()
+    grad_rounded = grad.bfloat16().float()
+    param = nn.Parameter(weight.bfloat16().float())
+    param.grad = grad_rounded
+    SUMO([param], rank=4, lr=0.01).step()
+    assert torch.equal(results[torch.bfloat16], param.detach().bfloat16())
+
+
+def test_corrupt_or_mismatched_state_dict_is_refused():
+    model, optimizer = build("sumo")
+    train(model, optimizer, make_batches(3))
+    state = copy.deepcopy(optimizer.state_dict())
+    key = next(k for k, v in state["state"].items() if "moment" in v)
+    state["state"][key]["moment"] = state["state"][key]["moment"][:, :1]
+    _, fresh = build("sumo")
+    with pytest.raises(ValueError, match="moment"):
+        fresh.load_state_dict(state)
+    with pytest.raises(ValueError, match="state dict"):
+        fresh.load_state_dict({"param_groups": []})
+    bad_step = copy.deepcopy(optimizer.state_dict())
+    bad_step["state"][key]["step"] = -3
+    with pytest.raises(ValueError, match="step"):
+        build("sumo")[1].load_state_dict(bad_step)
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_lr_scheduler_drives_the_step_size(name):
+    """A LambdaLR that zeroes the lr after 3 steps freezes every weight from then on."""
+    model, optimizer = build(name)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 if step < 3 else 0.0)
+    batches = make_batches(6)
+    train(model, optimizer, batches[:3], scheduler)
+    frozen = [p.detach().clone() for p in model.parameters()]
+    train(model, optimizer, batches[3:], scheduler)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), frozen))
+    assert optimizer.param_groups[0]["lr"] == 0.0
+
+
+def test_gradient_accumulation_equals_the_full_batch():
+    ((tokens, labels),) = make_batches(1, batch=32)
+    results = []
+    for chunks in (1, 4):
+        model, optimizer = build("sumo")
+        optimizer.zero_grad()
+        for t, y in zip(tokens.chunk(chunks), labels.chunk(chunks)):
+            (nn.functional.cross_entropy(model(t), y, reduction="sum") / 32).backward()
+        optimizer.step()
+        results.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_closure_is_called_and_its_loss_returned():
+    model, optimizer = build("sumo")
+    ((tokens, labels),) = make_batches(1)
+
+    def closure():
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(model(tokens), labels)
+        loss.backward()
+        return loss
+
+    loss = optimizer.step(closure)
+    assert torch.is_tensor(loss) and loss.item() > 0
+    assert optimizer.state[model.hidden.weight]["step"] == 1
+
+
+def test_zero_grad_and_missing_grads_skip_parameters():
+    model, optimizer = build("sumo")
+    ((tokens, labels),) = make_batches(1)
+    nn.functional.cross_entropy(model(tokens), labels).backward()
+    optimizer.zero_grad()
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer.step()
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), before))
+    assert len(optimizer.state) == 0
+
+
+def test_autocast_and_grad_scaler_on_cpu():
+    model, optimizer = build("sumo")
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    losses = []
+    for tokens, labels in make_batches(60):
+        optimizer.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = nn.functional.cross_entropy(model(tokens), labels)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        losses.append(loss.item())
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in model.parameters())
+    assert sum(losses[-10:]) < 0.8 * sum(losses[:10])
+
+
+def test_zero_gradient_gives_zero_update():
+    param = nn.Parameter(torch.randn(8, 12))
+    before = param.detach().clone()
+    optimizer = SUMO([param], rank=3)
+    for _ in range(3):
+        param.grad = torch.zeros_like(param)
+        optimizer.step()
+    assert torch.equal(param.detach(), before)
+    assert torch.isfinite(optimizer.state[param]["moment"]).all()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nonfinite_gradient_raises_before_any_weight_changes(bad):
+    model, optimizer = build("sumo")
+    train(model, optimizer, make_batches(2))
+    ((tokens, labels),) = make_batches(1, seed=3)
+    optimizer.zero_grad()
+    nn.functional.cross_entropy(model(tokens), labels).backward()
+    model.out.weight.grad[0, 0] = bad
+    before = [p.detach().clone() for p in model.parameters()]
+    state_before = copy.deepcopy(optimizer.state_dict())
+    with pytest.raises(ValueError, match="non-finite"):
+        optimizer.step()
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), before))
+    assert str(optimizer.state_dict()) == str(state_before)
+
+
+def test_nonfinite_gradient_skip_mode_counts_and_updates_the_rest():
+    torch.manual_seed(0)
+    model = TinyNet()
+    optimizer = SUMO(param_groups(model), rank=3, nonfinite="skip")
+    ((tokens, labels),) = make_batches(1)
+    nn.functional.cross_entropy(model(tokens), labels).backward()
+    model.out.weight.grad[1, 2] = float("nan")
+    out_before, hidden_before = model.out.weight.detach().clone(), model.hidden.weight.detach().clone()
+    optimizer.step()
+    assert torch.equal(model.out.weight, out_before)
+    assert not torch.equal(model.hidden.weight, hidden_before)
+    assert optimizer.state[model.out.weight]["skipped_steps"] == 1
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(lr=-1.0), "lr"),
+        (dict(lr=float("nan")), "lr"),
+        (dict(lr=torch.tensor(0.1)), "lr"),
+        (dict(rank=0), "rank"),
+        (dict(rank=-4), "rank"),
+        (dict(rank=2.5), "rank"),
+        (dict(update_freq=0), "update_freq"),
+        (dict(momentum=1.0), "momentum"),
+        (dict(momentum=-0.1), "momentum"),
+        (dict(weight_decay=-0.1), "weight_decay"),
+        (dict(scale=-1.0), "scale"),
+        (dict(limiter=0.5), "limiter"),
+        (dict(refresh="qr"), "refresh"),
+        (dict(orthogonalization="polar"), "orthogonalization"),
+        (dict(adamw_betas=(0.9, 1.0)), "adamw_betas"),
+        (dict(adamw_eps=-1e-8), "adamw_eps"),
+        (dict(nonfinite="ignore"), "nonfinite"),
+        (dict(complement_scale=-1.0), "complement_scale"),
+        (dict(seed=-1), "seed"),
+    ],
+)
+def test_bad_hyperparameters_are_named(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SUMO([nn.Parameter(torch.randn(4, 4))], **kwargs)
+
+
+def test_bad_group_override_is_named():
+    with pytest.raises(ValueError, match="rank"):
+        SUMO([{"params": [nn.Parameter(torch.randn(4, 4))], "rank": 0}])
+
+
+def test_sparse_and_complex_gradients_are_refused():
+    embedding = nn.Embedding(10, 4, sparse=True)
+    optimizer = SUMO(embedding.parameters())
+    embedding(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(RuntimeError, match="sparse"):
+        optimizer.step()
+    with pytest.raises(ValueError, match="complex"):
+        SUMO([nn.Parameter(torch.randn(3, 3, dtype=torch.complex64))])
+
+
+def test_conv_weights_are_treated_as_matrices():
+    conv = nn.Conv2d(3, 8, 3)
+    optimizer = SUMO([conv.weight], rank=2)
+    conv(torch.randn(2, 3, 8, 8)).square().mean().backward()
+    before = conv.weight.detach().clone()
+    optimizer.step()
+    assert optimizer.state[conv.weight]["basis"].shape == (8, 2)  # (out=8) × (3·3·3=27): left side
+    assert not torch.equal(conv.weight, before)
+
+
+def test_adamw_route_equals_torch_adamw():
+    torch.manual_seed(0)
+    params = [nn.Parameter(torch.randn(5, 7)), nn.Parameter(torch.randn(7))]
+    reference = [nn.Parameter(p.detach().clone()) for p in params]
+    ours = SUMO([{"params": params, "subspace": False}], lr=0.01, weight_decay=0.1, adamw_eps=1e-6)
+    theirs = torch.optim.AdamW(reference, lr=0.01, weight_decay=0.1, eps=1e-6, foreach=False)
+    for _ in range(10):
+        grads = [torch.randn_like(p) for p in params]
+        for p, q, g in zip(params, reference, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        ours.step()
+        theirs.step()
+    for p, q in zip(params, reference):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+def test_param_groups_routes_modules():
+    model = TinyNet()
+    model.head.weight = model.embed.weight if model.head.weight.shape == model.embed.weight.shape else model.head.weight
+    groups = param_groups(model, rank=8, adamw_options={"lr": 1e-3})
+    low_rank, rest = groups
+    assert low_rank["subspace"] and low_rank["rank"] == 8
+    assert {id(p) for p in low_rank["params"]} == {id(model.hidden.weight), id(model.out.weight)}
+    assert not rest["subspace"] and rest["lr"] == 1e-3
+    assert len(low_rank["params"]) + len(rest["params"]) == len(list(model.parameters()))
+    only_hidden = param_groups(model, include=["hidden"])
+    assert [id(p) for p in only_hidden[0]["params"]] == [id(model.hidden.weight)]
+    assert param_groups(model, exclude=["*"])[0]["subspace"] is False
+
+
+def test_tied_output_head_goes_to_adamw():
+    embed = nn.Embedding(10, 6)
+    lm_head = nn.Linear(6, 10, bias=False)
+    lm_head.weight = embed.weight
+    model = nn.ModuleDict({"embed": embed, "proj": nn.Linear(6, 6), "decoder": lm_head})
+    low_rank = param_groups(model)[0]
+    assert [id(p) for p in low_rank["params"]] == [id(model["proj"].weight)]
+
+
+def test_public_api():
+    assert sumo_optim.SUMO is SUMO
+    assert isinstance(SUMO([nn.Parameter(torch.randn(3, 3))]), torch.optim.Optimizer)

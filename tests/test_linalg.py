@@ -1,0 +1,139 @@
+"""Orthogonalization and basis choice against float64 references on fresh random inputs."""
+
+import pytest
+import torch
+
+from sumo_optim import orthogonalize, orthogonalize_newton_schulz, random_orthonormal, top_singular_vectors
+
+
+def matrix_with_spectrum(singular_values, rows, cols, generator, dtype=torch.float64):
+    """rows×cols matrix U diag(s) Vᵀ with random orthonormal U, V."""
+    k = len(singular_values)
+    u, _ = torch.linalg.qr(torch.randn(rows, k, generator=generator, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(cols, k, generator=generator, dtype=torch.float64))
+    s = torch.as_tensor(singular_values, dtype=torch.float64)
+    return ((u * s) @ v.T).to(dtype)
+
+
+def reference_polar(matrix):
+    """U Vᵀ of the float64 value of ``matrix``, every non-zero singular value kept."""
+    u, _, vh = torch.linalg.svd(matrix.double(), full_matrices=False)
+    return u @ vh
+
+
+def relative_error(value, reference):
+    return ((value.double() - reference).norm() / reference.norm()).item()
+
+
+@pytest.mark.parametrize("shape", [(32, 96), (96, 32), (48, 48)])
+@pytest.mark.parametrize("condition", [1e0, 1e2, 1e4, 1e6])
+def test_orthogonalize_matches_float64_svd(shape, condition):
+    g = torch.Generator().manual_seed(hash((shape, condition)) % 2**31)
+    k = min(shape)
+    spectrum = torch.logspace(0, -torch.log10(torch.tensor(condition)).item(), k)
+    matrix = matrix_with_spectrum(spectrum, *shape, g, dtype=torch.float32) * 3.7
+    result = orthogonalize(matrix)
+    assert result.dtype == torch.float32 and result.shape == matrix.shape
+    assert relative_error(result, reference_polar(matrix)) < 1e-5
+    gram = result.double().T @ result.double() if shape[0] >= shape[1] else result.double() @ result.double().T
+    assert (gram - torch.eye(k, dtype=torch.float64)).abs().max() < 1e-5
+
+
+def test_orthogonalize_condition_1e8_float64():
+    g = torch.Generator().manual_seed(1)
+    matrix = matrix_with_spectrum(torch.logspace(0, -8, 24), 24, 64, g)
+    assert relative_error(orthogonalize(matrix), reference_polar(matrix)) < 1e-8
+
+
+def test_orthogonalize_rank_deficient_keeps_only_nonzero_directions():
+    g = torch.Generator().manual_seed(2)
+    for dtype in (torch.float32, torch.float64):
+        matrix = matrix_with_spectrum([5.0, 2.0, 0.5], 16, 40, g, dtype=dtype)  # rank 3
+        result = orthogonalize(matrix).double()
+        singular_values = torch.linalg.svdvals(result)
+        assert torch.allclose(singular_values[:3], torch.ones(3, dtype=torch.float64), atol=1e-5)
+        assert singular_values[3:].abs().max() < 1e-5
+        u, _, vh = torch.linalg.svd(matrix.double())
+        assert relative_error(result, u[:, :3] @ vh[:3]) < 1e-5
+
+
+def test_orthogonalize_zero_and_tiny_inputs():
+    assert torch.equal(orthogonalize(torch.zeros(8, 20)), torch.zeros(8, 20))
+    g = torch.Generator().manual_seed(3)
+    tiny = matrix_with_spectrum(torch.linspace(1, 0.5, 8), 8, 20, g, dtype=torch.float32) * 1e-30
+    result = orthogonalize(tiny)
+    assert torch.isfinite(result).all()
+    assert relative_error(result, reference_polar(tiny)) < 1e-5
+
+
+def test_orthogonalize_batched_equals_one_by_one():
+    batch = torch.randn(5, 12, 30)
+    stacked = orthogonalize(batch)
+    for i in range(5):
+        torch.testing.assert_close(stacked[i], orthogonalize(batch[i]))
+
+
+def test_orthogonalize_rejects_vectors():
+    with pytest.raises(ValueError, match="matrix"):
+        orthogonalize(torch.randn(5))
+
+
+def test_newton_schulz_is_approximate_and_degrades_with_condition():
+    """Muon's iteration leaves singular values in roughly [0.7, 1.2]; SVD is exact (the paper's claim)."""
+    g = torch.Generator().manual_seed(4)
+    errors = []
+    for condition in (1e1, 1e4):
+        matrix = matrix_with_spectrum(torch.logspace(0, -torch.log10(torch.tensor(condition)).item(), 32), 32, 128, g)
+        stored = matrix.float()
+        reference = reference_polar(stored)
+        errors.append(relative_error(orthogonalize_newton_schulz(stored), reference))
+        assert relative_error(orthogonalize(stored), reference) < 1e-6
+    assert 0.01 < errors[0] < errors[1]
+    singular_values = torch.linalg.svdvals(orthogonalize_newton_schulz(torch.randn(32, 128)).double())
+    assert singular_values.min() > 0.5 and singular_values.max() < 1.3
+
+
+def test_newton_schulz_tall_matches_transpose_of_wide():
+    matrix = torch.randn(64, 16)
+    torch.testing.assert_close(
+        orthogonalize_newton_schulz(matrix, compute_dtype=torch.float32),
+        orthogonalize_newton_schulz(matrix.T, compute_dtype=torch.float32).T,
+    )
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("method", ["svd", "randomized"])
+def test_top_singular_vectors_span_the_top_subspace(side, method):
+    g = torch.Generator().manual_seed(5)
+    spectrum = torch.cat([torch.linspace(10, 5, 6), torch.logspace(-1, -3, 24)])  # clear gap after 6
+    matrix = matrix_with_spectrum(spectrum, 40, 30, g, dtype=torch.float32)
+    basis = top_singular_vectors(matrix, 6, side=side, method=method, generator=torch.Generator().manual_seed(0))
+    u, _, vh = torch.linalg.svd(matrix.double())
+    exact = u[:, :6] if side == "left" else vh[:6].T
+    assert basis.shape == exact.shape
+    assert torch.allclose(basis.double().T @ basis.double(), torch.eye(6, dtype=torch.float64), atol=1e-5)
+    projector_gap = basis.double() @ basis.double().T - exact @ exact.T
+    assert projector_gap.norm() < 1e-4
+
+
+def test_top_singular_vectors_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="side"):
+        top_singular_vectors(torch.randn(4, 5), 2, side="up")
+    with pytest.raises(ValueError, match="method"):
+        top_singular_vectors(torch.randn(4, 5), 2, method="qr")
+
+
+def test_random_orthonormal_is_orthonormal_and_seeded():
+    q = random_orthonormal(50, 7, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    assert torch.allclose(q.T @ q, torch.eye(7, dtype=torch.float64), atol=1e-12)
+    again = random_orthonormal(50, 7, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    assert torch.equal(q, again)
+
+
+def test_random_orthonormal_is_haar_distributed():
+    """E[Q Qᵀ] = (r/n) I for a Haar-uniform Stiefel point; a sign-biased QR fails the mean test."""
+    generator = torch.Generator().manual_seed(7)
+    draws = torch.stack([random_orthonormal(6, 2, dtype=torch.float64, generator=generator) for _ in range(4000)])
+    mean_projector = (draws @ draws.mT).mean(0)
+    assert torch.allclose(mean_projector, torch.eye(6, dtype=torch.float64) / 3, atol=0.03)
+    assert draws[:, 0, 0].mean().abs() < 0.05  # no sign bias in the first entry
