@@ -355,3 +355,14 @@ def test_tied_output_head_goes_to_adamw():
 def test_public_api():
     assert sumo_optim.SUMO is SUMO
     assert isinstance(SUMO([nn.Parameter(torch.randn(3, 3))]), torch.optim.Optimizer)
+
+
+def test_create_by_name_and_clear_errors():
+    model = TinyNet()
+    optimizer = sumo_optim.create("SUMO", param_groups(model), lr=0.01, rank=4)
+    assert isinstance(optimizer, SUMO) and optimizer.defaults["rank"] == 4
+    assert isinstance(sumo_optim.create("adamw", model.parameters(), lr=1e-3), torch.optim.AdamW)
+    with pytest.raises(ValueError, match="choose one of: .*sumo"):
+        sumo_optim.create("sgd-deluxe", model.parameters())
+    with pytest.raises(ValueError, match="does not take rnak"):
+        sumo_optim.create("sumo", model.parameters(), rnak=4)

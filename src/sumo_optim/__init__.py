@@ -3,15 +3,19 @@
 from .base import SubspaceOptimizer
 from .grouping import param_groups
 from .linalg import orthogonalize, orthogonalize_newton_schulz, random_orthonormal, top_singular_vectors
+from .registry import available, create, register
 from .sumo import SUMO
 
 __all__ = [
     "SUMO",
     "SubspaceOptimizer",
+    "available",
+    "create",
     "orthogonalize",
     "orthogonalize_newton_schulz",
     "param_groups",
     "random_orthonormal",
+    "register",
     "top_singular_vectors",
 ]
 
