@@ -362,7 +362,7 @@ def test_create_by_name_and_clear_errors():
     optimizer = sumo_optim.create("SUMO", param_groups(model), lr=0.01, rank=4)
     assert isinstance(optimizer, SUMO) and optimizer.defaults["rank"] == 4
     assert isinstance(sumo_optim.create("adamw", model.parameters(), lr=1e-3), torch.optim.AdamW)
-    with pytest.raises(ValueError, match="choose one of: .*sumo"):
+    with pytest.raises(ValueError, match=r"choose one of: .*sumo"):
         sumo_optim.create("sgd-deluxe", model.parameters())
     with pytest.raises(ValueError, match="does not take rnak"):
         sumo_optim.create("sumo", model.parameters(), rnak=4)
