@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from sumo_optim import orthogonalize, orthogonalize_newton_schulz, random_orthonormal, top_singular_vectors
+from sumo_optim.linalg import orthogonalize_cholesky
 
 
 def matrix_with_spectrum(singular_values, rows, cols, generator, dtype=torch.float64):
@@ -137,3 +138,34 @@ def test_random_orthonormal_is_haar_distributed():
     mean_projector = (draws @ draws.mT).mean(0)
     assert torch.allclose(mean_projector, torch.eye(6, dtype=torch.float64) / 3, atol=0.03)
     assert draws[:, 0, 0].mean().abs() < 0.05  # no sign bias in the first entry
+
+
+@pytest.mark.parametrize("shape", [(3, 24, 80), (2, 80, 24), (16, 16)])
+@pytest.mark.parametrize("condition", [1e0, 1e3, 1e6])
+def test_cholesky_path_matches_float64_svd(shape, condition):
+    """The batched Cholesky-QR2 + Newton–Schulz route computes the same U Vᵀ (issue 5's 1e-4 bar at κ ≤ 1e6)."""
+    g = torch.Generator().manual_seed(int(condition) % 1000 + len(shape))
+    k = min(shape[-2:])
+    spectrum = torch.logspace(0, -torch.log10(torch.tensor(condition)).item(), k)
+    batch = [
+        matrix_with_spectrum(spectrum, *shape[-2:], g, dtype=torch.float32)
+        for _ in range(shape[0] if len(shape) == 3 else 1)
+    ]
+    matrix = torch.stack(batch) if len(shape) == 3 else batch[0]
+    result = orthogonalize_cholesky(matrix)
+    assert result.shape == matrix.shape and result.dtype == torch.float32
+    assert relative_error(result, reference_polar(matrix)) < 1e-6
+    assert relative_error(result, orthogonalize(matrix).double()) < 1e-6
+
+
+def test_cholesky_path_falls_back_for_rank_deficient_zero_and_nonfinite():
+    g = torch.Generator().manual_seed(8)
+    good = matrix_with_spectrum(torch.linspace(1, 0.1, 6), 6, 30, g, dtype=torch.float32)
+    rank_two = matrix_with_spectrum([3.0, 1.0], 6, 30, g, dtype=torch.float32)
+    beyond_threshold = matrix_with_spectrum(torch.logspace(0, -8, 6), 6, 30, g, dtype=torch.float32)
+    batch = torch.stack([good, rank_two, torch.zeros(6, 30), beyond_threshold])
+    result = orthogonalize_cholesky(batch)
+    expected = orthogonalize(batch)
+    torch.testing.assert_close(result, expected, rtol=0, atol=1e-6)
+    assert torch.linalg.matrix_rank(result[1].double(), atol=1e-4) == 2
+    assert torch.equal(result[2], torch.zeros(6, 30))

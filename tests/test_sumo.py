@@ -87,6 +87,9 @@ SETTINGS = {
     "no-momentum": dict(momentum=0.0, weight_decay=0.0, limiter=None, complement_scale=0.0, scale=1.0),
     "decay+limiter": dict(momentum=0.95, weight_decay=0.1, limiter=1.01, complement_scale=0.0, scale=2.0),
     "algorithm1-complement": dict(momentum=0.9, weight_decay=0.05, limiter=1.1, complement_scale=1.0, scale=1.0),
+    "batched-cholesky": dict(
+        momentum=0.9, weight_decay=0.0, limiter=None, complement_scale=0.0, scale=1.0, orthogonalization="cholesky"
+    ),
 }
 
 
@@ -99,7 +102,9 @@ def test_sumo_matches_float64_algorithm_1(case, setting):
     weight = torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     gradient_at = make_gradient_at(shape, seed)
     steps = 50
-    expected = reference_sumo(weight, gradient_at, steps, **options)
+    expected = reference_sumo(
+        weight, gradient_at, steps, **{k: v for k, v in options.items() if k != "orthogonalization"}
+    )
     start_distance = (weight - expected).norm()
 
     result64, _ = run_sumo(weight, gradient_at, steps, dtype=torch.float64, **options)
@@ -170,3 +175,25 @@ def test_randomized_refresh_equals_exact_on_low_rank_gradients():
             optimizer.step()
         results[refresh] = param.detach().clone()
     torch.testing.assert_close(results["randomized"], results["svd"], rtol=1e-4, atol=1e-5)
+
+
+def test_batched_step_equals_one_matrix_at_a_time():
+    """step() orthogonalizes equal-shape moments as one stack; the per-parameter path must agree."""
+    torch.manual_seed(0)
+    weights = [torch.randn(12, 30) for _ in range(3)] + [torch.randn(30, 12)]
+    grads = [[torch.randn_like(w) for w in weights] for _ in range(6)]
+    results = []
+    for batched in (True, False):
+        params = [torch.nn.Parameter(w.clone()) for w in weights]
+        optimizer = SUMO(params, rank=4, update_freq=2, lr=0.05, orthogonalization="cholesky")
+        for step_grads in grads:
+            for p, g in zip(params, step_grads):
+                p.grad = g.clone()
+            if batched:
+                optimizer.step()
+            else:
+                for index, p in enumerate(params):
+                    optimizer._update_parameter(p, optimizer.param_groups[0], index)
+        results.append([p.detach() for p in params])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

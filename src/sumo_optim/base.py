@@ -160,32 +160,52 @@ class SubspaceOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         work = self._parameters_with_grad()
+        ready = []
         for (p, group, index), ok in zip(work, self._finite_gradients(work)):
             if ok:
-                self._update_parameter(p, group, index)
+                ready.append((p, group, index))
             else:
                 state = self.state[p]
                 state["skipped_steps"] = state.get("skipped_steps", 0) + 1
+        self._update_parameters(ready)
         return loss
+
+    def _update_parameters(self, work: list[tuple[Tensor, dict[str, Any], int]]) -> None:
+        """Updates parameters whose gradients have been checked; subclasses may batch this."""
+        for p, group, index in work:
+            self._update_parameter(p, group, index)
 
     def _update_parameter(self, p: Tensor, group: dict[str, Any], index: int) -> None:
         """Applies this step's rule to one parameter whose gradient has been checked."""
-        state = self.state[p]
-        dtype = torch.promote_types(p.dtype, torch.float32)
-        weights = p.to(dtype)
-        if not weights.is_contiguous():
-            weights = weights.contiguous()
-        grad = p.grad.to(dtype)
-        if not state:
-            state["step"] = 0
-            state["seed"] = group["seed"] * 1_000_003 + index
-        state["step"] += 1
+        weights, grad, state = self._begin_update(p, group, index)
         if self._uses_matrix_rule(p, group):
             self._matrix_step(weights.view(p.shape[0], -1), grad.reshape(p.shape[0], -1), state, group)
         else:
             adamw_update(
                 weights, grad, state, group["lr"], group["adamw_betas"], group["adamw_eps"], group["weight_decay"]
             )
+        self._end_update(p, weights)
+
+    def _begin_update(self, p: Tensor, group: dict[str, Any], index: int) -> tuple[Tensor, Tensor, dict[str, Any]]:
+        """Working copies of the weights and gradient, and the state with this step counted."""
+        return self._working_copy(p), self._working_copy(p.grad), self._count_step(p, group, index)
+
+    @staticmethod
+    def _working_copy(tensor: Tensor) -> Tensor:
+        """``tensor`` itself when already contiguous in the state dtype (≥ float32), else a copy."""
+        working = tensor.to(torch.promote_types(tensor.dtype, torch.float32))
+        return working if working.is_contiguous() else working.contiguous()
+
+    def _count_step(self, p: Tensor, group: dict[str, Any], index: int) -> dict[str, Any]:
+        state = self.state[p]
+        if not state:
+            state["step"] = 0
+            state["seed"] = group["seed"] * 1_000_003 + index
+        state["step"] += 1
+        return state
+
+    def _end_update(self, p: Tensor, weights: Tensor) -> None:
+        """Writes the working copy back, rounding once to the parameter's dtype."""
         if weights is not p:
             p.copy_(weights)
 

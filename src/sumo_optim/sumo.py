@@ -23,13 +23,13 @@ import torch
 from torch import Tensor
 
 from .base import SubspaceOptimizer, _is_number
-from .linalg import orthogonalize, orthogonalize_newton_schulz
+from .linalg import orthogonalize, orthogonalize_cholesky, orthogonalize_newton_schulz
 from .subspace import choose_side, compute_basis, is_refresh_step, project, project_back, transport
 
 __all__ = ["SUMO", "limit_norm_growth"]
 
 REFRESH_METHODS = ("svd", "randomized")
-ORTHOGONALIZATIONS = ("svd", "newton_schulz")
+ORTHOGONALIZATIONS = ("exact", "svd", "cholesky", "newton_schulz")
 
 
 def limit_norm_growth(update: Tensor, previous_norm: Tensor, growth_limit: float) -> tuple[Tensor, Tensor]:
@@ -66,8 +66,11 @@ class SUMO(SubspaceOptimizer):
         complement_scale: β, weight of the gradient's orthogonal complement ``(I − QQᵀ) G``
             in the update. Algorithm 1's Block 4 uses 1; the default 0 takes the step in the
             subspace only (the project's spec, and GaLore-class methods).
-        orthogonalization: ``"svd"`` (exact, the paper) or ``"newton_schulz"`` (Muon's
-            5-step iteration, the paper's ablation).
+        orthogonalization: ``"exact"`` (default: ``U Vᵀ`` to float64 accuracy, by one SVD per
+            matrix on CPU and by the batched Cholesky-QR2 + Newton–Schulz route of
+            :func:`~sumo_optim.linalg.orthogonalize_cholesky` on GPUs; both give the same
+            result), ``"svd"`` or ``"cholesky"`` to force one route, or ``"newton_schulz"``
+            (Muon's 5-step approximation, the paper's ablation).
         adamw_betas, adamw_eps: AdamW's (β1, β2) and ε for the non-matrix parameters.
         nonfinite: ``"raise"`` (default) raises on a NaN/Inf gradient before any weight
             changes; ``"skip"`` skips that parameter's step and counts it in
@@ -92,7 +95,7 @@ class SUMO(SubspaceOptimizer):
         refresh: str = "svd",
         power_iterations: int = 2,
         complement_scale: float = 0.0,
-        orthogonalization: str = "svd",
+        orthogonalization: str = "exact",
         adamw_betas: tuple[float, float] = (0.9, 0.999),
         adamw_eps: float = 1e-8,
         nonfinite: str = "raise",
@@ -152,11 +155,40 @@ class SUMO(SubspaceOptimizer):
         return {"moment": (m, n)}
 
     def _matrix_step(self, weights: Tensor, grad: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+        moment = self._update_moment(grad, state, group)
+        self._apply_update(weights, grad, _orthogonalizer(group, moment.device)(moment), state, group)
+
+    def _update_parameters(self, work: list[tuple[Tensor, dict[str, Any], int]]) -> None:
+        """Blocks 1–2 per matrix, then Block 2's orthogonalization once per stack of equal-shape
+        moments (one batched call instead of one SVD per matrix), then Blocks 3–4 per matrix."""
+        pending = []
+        for p, group, index in work:
+            if not self._uses_matrix_rule(p, group):
+                self._update_parameter(p, group, index)
+                continue
+            state = self._count_step(p, group, index)
+            moment = self._update_moment(self._working_copy(p.grad).view(p.shape[0], -1), state, group)
+            pending.append((p, state, group, moment))
+        stacks: dict[tuple, list[int]] = {}
+        for i, (*_, group, moment) in enumerate(pending):
+            method = _orthogonalizer(group, moment.device)
+            stacks.setdefault((method, moment.shape, moment.dtype, moment.device), []).append(i)
+        updates: list[Tensor | None] = [None] * len(pending)
+        for (method, *_), members in stacks.items():
+            orthogonalized = method(torch.stack([pending[i][-1] for i in members]))
+            for i, update in zip(members, orthogonalized):
+                updates[i] = update
+        for (p, state, group, _), update in zip(pending, updates):
+            weights, grad = self._working_copy(p), self._working_copy(p.grad)
+            self._apply_update(weights.view(p.shape[0], -1), grad.view(p.shape[0], -1), update, state, group)
+            self._end_update(p, weights)
+
+    def _update_moment(self, grad: Tensor, state: dict[str, Any], group: dict[str, Any]) -> Tensor:
+        """Blocks 1, 1.1 and 2 up to the orthogonalization: refresh Q, transport M, M ← μ M + Qᵀ G."""
         rank, side = group["rank"], choose_side(grad.shape, group["rank"])
         if "moment" not in state:
-            state["moment"] = torch.zeros(
-                self._expected_state_shapes(grad.shape, group, state)["moment"], dtype=grad.dtype, device=grad.device
-            )
+            moment_shape = self._expected_state_shapes(grad.shape, group, state)["moment"]
+            state["moment"] = torch.zeros(moment_shape, dtype=grad.dtype, device=grad.device)
             if group["limiter"] is not None:
                 state["previous_norm"] = torch.zeros((), dtype=grad.dtype, device=grad.device)
         basis = state.get("basis")
@@ -172,20 +204,30 @@ class SUMO(SubspaceOptimizer):
             )
             if basis is not None:  # Block 1.1
                 state["moment"] = transport(state["moment"], basis, new_basis, side)
-            state["basis"] = basis = new_basis
+            state["basis"] = new_basis
+        reduced_grad = project(grad, state.get("basis"), side)  # Ĝ = Qᵀ G
+        return state["moment"].mul_(group["momentum"]).add_(reduced_grad)  # M ← μ M + Ĝ
 
-        reduced_grad = project(grad, basis, side)  # Ĝ = Qᵀ G
-        moment = state["moment"].mul_(group["momentum"]).add_(reduced_grad)  # M ← μ M + Ĝ
-        if group["orthogonalization"] == "svd":
-            update = orthogonalize(moment)  # O = U Vᵀ
-        else:
-            update = orthogonalize_newton_schulz(moment)
-        if group["limiter"] is not None:  # Block 3
+    def _apply_update(
+        self, weights: Tensor, grad: Tensor, update: Tensor, state: dict[str, Any], group: dict[str, Any]
+    ) -> None:
+        """Blocks 3 and 4: optional norm-growth limiter, then W ← W − η (α Q O + β (I − QQᵀ) G) − η λ W."""
+        side, basis = choose_side(grad.shape, group["rank"]), state.get("basis")
+        if group["limiter"] is not None:
             update, state["previous_norm"] = limit_norm_growth(update, state["previous_norm"], group["limiter"])
-
-        lr = group["lr"]  # Block 4
+        lr = group["lr"]
         weights.mul_(1 - lr * group["weight_decay"])
         weights.add_(project_back(update, basis, side), alpha=-lr * group["scale"])
         if group["complement_scale"] and side != "full":
-            complement = grad - project_back(reduced_grad, basis, side)  # (I − Q Qᵀ) G
+            complement = grad - project_back(project(grad, basis, side), basis, side)  # (I − Q Qᵀ) G
             weights.add_(complement, alpha=-lr * group["complement_scale"])
+
+
+def _orthogonalizer(group: dict[str, Any], device: torch.device):
+    """The orthogonalization a group asks for; ``"exact"`` takes the batched Cholesky path on GPUs."""
+    method = group["orthogonalization"]
+    if method == "exact":
+        method = "svd" if device.type == "cpu" else "cholesky"
+    return {"svd": orthogonalize, "cholesky": orthogonalize_cholesky, "newton_schulz": orthogonalize_newton_schulz}[
+        method
+    ]
