@@ -192,8 +192,9 @@ def test_batched_step_equals_one_matrix_at_a_time():
             if batched:
                 optimizer.step()
             else:
-                for index, p in enumerate(params):
-                    optimizer._update_parameter(p, optimizer.param_groups[0], index)
+                with torch.no_grad():
+                    for index, p in enumerate(params):
+                        optimizer._update_parameter(p, optimizer.param_groups[0], index)
         results.append([p.detach() for p in params])
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
