@@ -132,7 +132,8 @@ class SubspaceOptimizer(Optimizer):
                 raise RuntimeError(
                     f"gradient of parameter {index} has shape {tuple(p.grad.shape)}, expected {tuple(p.shape)}"
                 )
-            flags.append(torch.isfinite(p.grad).all())
+            # max |g| is NaN or Inf iff some entry is: one reduction pass, no temporaries.
+            flags.append(torch.isfinite(torch.linalg.vector_norm(p.grad, float("inf"))))
         finite = [True] * len(flags)
         by_device: dict[torch.device, list[int]] = {}
         for i, flag in enumerate(flags):

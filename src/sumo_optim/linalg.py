@@ -70,7 +70,7 @@ def _polar_of_square(factor: Tensor, smallest_singular_value: float) -> Tensor:
     for _ in range(max(0, math.ceil(math.log(0.5 / smallest_singular_value) / math.log(a)))):
         gram = x @ x.mT
         x = a * x + (b * gram + c * gram @ gram) @ x
-    for _ in range(8):
+    for _ in range(6):  # from [0.68, 1.2]: error 0.32 → 0.14 → 0.03 → 1e-3 → 2e-6 → 1e-11 → 1e-16
         x = 1.5 * x - 0.5 * (x @ x.mT) @ x
     return x
 
@@ -102,11 +102,11 @@ def orthogonalize_cholesky(matrix: Tensor, rtol: float | None = None) -> Tensor:
     lower1, info1 = torch.linalg.cholesky_ex(gram)
     rows_1 = torch.linalg.solve_triangular(lower1, batch, upper=False)
     lower2, info2 = torch.linalg.cholesky_ex(rows_1 @ rows_1.mT)
-    orthonormal_rows = torch.linalg.solve_triangular(lower2, rows_1, upper=False)
     factor = lower1 @ lower2
     polar = _polar_of_square(factor, rtol / math.sqrt(rows))
-    result = polar @ orthonormal_rows
     identity = torch.eye(rows, dtype=torch.float64, device=polar.device)
+    # Y = L₂⁻¹ Y₁ and L₂ is well conditioned (κ ≈ 1), so polar(R) L₂⁻¹ Y₁ is one product.
+    result = (polar @ torch.linalg.solve_triangular(lower2, identity, upper=False)) @ rows_1
     residual = (polar @ polar.mT - identity).abs().amax(dim=(-2, -1))
     # Rank test: H = polar(R)ᵀ R is symmetric positive definite with M's singular values as
     # eigenvalues; H − rtol·σ_max·I has a Cholesky factor iff every σ_i > rtol·σ_max.

@@ -170,17 +170,18 @@ class SUMO(SubspaceOptimizer):
             moment = self._update_moment(self._working_copy(p.grad).view(p.shape[0], -1), state, group)
             pending.append((p, state, group, moment))
         stacks: dict[tuple, list[int]] = {}
-        for i, (*_, group, moment) in enumerate(pending):
+        for i, (_, _, group, moment) in enumerate(pending):
             method = _orthogonalizer(group, moment.device)
             stacks.setdefault((method, moment.shape, moment.dtype, moment.device), []).append(i)
         updates: list[Tensor | None] = [None] * len(pending)
         for (method, *_), members in stacks.items():
             orthogonalized = method(torch.stack([pending[i][-1] for i in members]))
-            for i, update in zip(members, orthogonalized):
+            for i, update in zip(members, orthogonalized.unbind()):
                 updates[i] = update
         for (p, state, group, _), update in zip(pending, updates):
-            weights, grad = self._working_copy(p), self._working_copy(p.grad)
-            self._apply_update(weights.view(p.shape[0], -1), grad.view(p.shape[0], -1), update, state, group)
+            weights = self._working_copy(p)
+            grad = self._working_copy(p.grad) if group["complement_scale"] else None
+            self._apply_update(weights.view(p.shape[0], -1), grad, update, state, group)
             self._end_update(p, weights)
 
     def _update_moment(self, grad: Tensor, state: dict[str, Any], group: dict[str, Any]) -> Tensor:
@@ -209,15 +210,24 @@ class SUMO(SubspaceOptimizer):
         return state["moment"].mul_(group["momentum"]).add_(reduced_grad)  # M ← μ M + Ĝ
 
     def _apply_update(
-        self, weights: Tensor, grad: Tensor, update: Tensor, state: dict[str, Any], group: dict[str, Any]
+        self, weights: Tensor, grad: Tensor | None, update: Tensor, state: dict[str, Any], group: dict[str, Any]
     ) -> None:
-        """Blocks 3 and 4: optional norm-growth limiter, then W ← W − η (α Q O + β (I − QQᵀ) G) − η λ W."""
-        side, basis = choose_side(grad.shape, group["rank"]), state.get("basis")
+        """Blocks 3 and 4: optional norm-growth limiter, then W ← W − η (α Q O + β (I − QQᵀ) G) − η λ W.
+
+        The decay and the back-projection are one fused ``addmm_``; ``grad`` is needed only
+        when ``complement_scale`` is non-zero.
+        """
+        side, basis = choose_side(weights.shape, group["rank"]), state.get("basis")
         if group["limiter"] is not None:
             update, state["previous_norm"] = limit_norm_growth(update, state["previous_norm"], group["limiter"])
         lr = group["lr"]
-        weights.mul_(1 - lr * group["weight_decay"])
-        weights.add_(project_back(update, basis, side), alpha=-lr * group["scale"])
+        decay, step = 1 - lr * group["weight_decay"], -lr * group["scale"]
+        if side == "left":
+            weights.addmm_(basis, update, beta=decay, alpha=step)
+        elif side == "right":
+            weights.addmm_(update, basis.mT, beta=decay, alpha=step)
+        else:
+            weights.mul_(decay).add_(update, alpha=step)
         if group["complement_scale"] and side != "full":
             complement = grad - project_back(project(grad, basis, side), basis, side)  # (I − Q Qᵀ) G
             weights.add_(complement, alpha=-lr * group["complement_scale"])
