@@ -7,6 +7,7 @@ error against the exact top-r singular subspace: ‖P − P_exact‖_F / √(2r)
 
 from __future__ import annotations
 
+import functools
 import statistics
 
 import torch
@@ -56,24 +57,20 @@ def main() -> None:
         _, vecs = torch.linalg.eigh(b @ b.T)
         return q @ vecs[:, -r:].flip(-1).float()
 
-    rows = []
-    rows.append(
-        (
-            "exact SVD (torch.linalg.svd, fp32)",
-            median_ms(lambda: torch.linalg.svd(grad, full_matrices=False), 3),
-            error(exact),
-        )
-    )
+    rows = [("exact SVD (torch.linalg.svd, fp32)", median_ms(lambda: torch.linalg.svd(grad), 3), error(exact))]
     for q_iter in (1, 2):
-        rows.append((f"sketch k={r + p}, q={q_iter} (QR)", median_ms(lambda: sketch(q_iter, r + p)), None))
         q = sketch(q_iter, r + p)
-        rows.append((f"  + truncate by SVD of B (k×n)", median_ms(lambda: truncate_svd(q)), error(truncate_svd(q))))
-        rows.append(
-            (f"  + truncate by fp64 eigh of B Bᵀ", median_ms(lambda: truncate_eigh(q)), error(truncate_eigh(q)))
-        )
-        rows.append(
-            (f"sketch k={r}, q={q_iter}, no truncation", median_ms(lambda: sketch(q_iter, r)), error(sketch(q_iter, r)))
-        )
+        small = sketch(q_iter, r)
+        rows += [
+            (f"sketch k={r + p}, q={q_iter} (QR)", median_ms(functools.partial(sketch, q_iter, r + p)), None),
+            ("  + truncate by SVD of B (k×n)", median_ms(functools.partial(truncate_svd, q)), error(truncate_svd(q))),
+            (
+                "  + truncate by fp64 eigh of B Bᵀ",
+                median_ms(functools.partial(truncate_eigh, q)),
+                error(truncate_eigh(q)),
+            ),
+            (f"sketch k={r}, q={q_iter}, no truncation", median_ms(functools.partial(sketch, q_iter, r)), error(small)),
+        ]
     stack = torch.randn(96, r + p, r + p, device=device, dtype=torch.float64)
     stack = stack @ stack.mT
     rows.append(("batched fp64 eigh, 96 × 136×136", median_ms(lambda: torch.linalg.eigh(stack), 3), None))
