@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from sumo_optim import orthogonalize, orthogonalize_newton_schulz, random_orthonormal, top_singular_vectors
-from sumo_optim.linalg import orthogonalize_cholesky
+from sumo_optim.linalg import orthogonalize_cholesky, orthonormal_columns
 
 
 def matrix_with_spectrum(singular_values, rows, cols, generator, dtype=torch.float64):
@@ -169,3 +169,17 @@ def test_cholesky_path_falls_back_for_rank_deficient_zero_and_nonfinite():
     torch.testing.assert_close(result, expected, rtol=0, atol=1e-6)
     assert torch.linalg.matrix_rank(result[1].double(), atol=1e-4) == 2
     assert torch.equal(result[2], torch.zeros(6, 30))
+
+
+def test_orthonormal_columns_spans_the_input():
+    g = torch.Generator().manual_seed(10)
+    for condition in (1e0, 1e3):
+        y = matrix_with_spectrum(
+            torch.logspace(0, -torch.log10(torch.tensor(condition)).item(), 12), 300, 12, g, dtype=torch.float32
+        )
+        q = orthonormal_columns(y).double()
+        assert torch.allclose(q.T @ q, torch.eye(12, dtype=torch.float64), atol=1e-5)
+        assert ((q @ q.T @ y.double() - y.double()).norm() / y.norm()) < 1e-5
+    dependent = torch.ones(50, 3)
+    q = orthonormal_columns(dependent)  # Cholesky fails: Householder fallback, no NaN
+    assert torch.isfinite(q).all()

@@ -19,7 +19,9 @@ from torch import Tensor
 __all__ = [
     "NEWTON_SCHULZ_COEFFICIENTS",
     "orthogonalize",
+    "orthogonalize_cholesky",
     "orthogonalize_newton_schulz",
+    "orthonormal_columns",
     "random_orthonormal",
     "top_singular_vectors",
 ]
@@ -162,8 +164,8 @@ def top_singular_vectors(
     ``side="left"`` returns ``U[:, :r]`` (m×r), ``side="right"`` returns ``V[:, :r]`` (n×r).
     ``method="svd"`` takes a truncated SVD (float32, or float64 for a float64 input);
     ``method="randomized"`` the randomized range finder of Halko, Martinsson & Tropp
-    (2011, Alg. 4.4: ``Y = (A Aᵀ)^q A Ω``, re-orthonormalized after each product),
-    then the SVD of the small projected matrix, which costs O(mn(r+p)) instead of O(mn·min(m, n)).
+    (2011, Alg. 4.4: ``Y = (A Aᵀ)^q A Ω``, re-orthonormalized after each product), then
+    Rayleigh–Ritz on the small projected matrix, which costs O(mn(r+p)) instead of O(mn·min(m, n)).
     """
     if side not in ("left", "right"):
         raise ValueError(f"side must be 'left' or 'right', got {side!r}")
@@ -179,12 +181,29 @@ def top_singular_vectors(
         raise ValueError(f"method must be 'svd' or 'randomized', got {method!r}")
     sketch_size = min(rank + oversample, m, n)
     omega = torch.randn(n, sketch_size, device=a.device, dtype=a.dtype, generator=generator)
-    q, _ = torch.linalg.qr(a @ omega)
+    q = orthonormal_columns(a @ omega)
     for _ in range(power_iterations):
-        q, _ = torch.linalg.qr(a.mT @ q)
-        q, _ = torch.linalg.qr(a @ q)
-    u_small, _, _ = torch.linalg.svd(q.mT @ a, full_matrices=False)
-    return (q @ u_small[:, :rank]).contiguous()
+        q = orthonormal_columns(a @ orthonormal_columns(a.mT @ q))
+    # Rayleigh–Ritz: the top-r eigenvectors of B Bᵀ (B = Qᵀ A, k×k, float64) rotate the sketch.
+    small = (q.mT @ a).to(torch.float64)
+    _, eigenvectors = torch.linalg.eigh(small @ small.mT)
+    return (q @ eigenvectors[:, -rank:].flip(-1).to(q.dtype)).contiguous()
+
+
+def orthonormal_columns(matrix: Tensor) -> Tensor:
+    """An orthonormal basis of the column space of a tall full-rank ``matrix`` (m×k, m ≥ k).
+
+    CholeskyQR2 with a float64 Gram matrix (two Cholesky factorizations and triangular solves:
+    fast on GPUs where Householder QR is not); falls back to Householder QR when the columns
+    are too close to dependent for Cholesky.
+    """
+    q = matrix
+    for _ in range(2):  # Q = Y R⁻¹ with R = Lᵀ, L = chol(YᵀY); the second pass restores orthogonality
+        lower, info = torch.linalg.cholesky_ex((q.mT @ q).to(torch.float64))
+        if bool(info.any()):
+            return torch.linalg.qr(matrix)[0]
+        q = torch.linalg.solve_triangular(lower.mT.to(q.dtype), q, upper=True, left=False)
+    return q
 
 
 def random_orthonormal(

@@ -61,8 +61,10 @@ class SUMO(SubspaceOptimizer):
             "projection back scale").
         weight_decay: decoupled weight decay λ (``W ← W − η λ W``), for AdamW params too.
         limiter: γ of the norm-growth limiter (the paper uses 1.1); ``None`` disables it.
-        refresh: ``"svd"`` (exact truncated SVD) or ``"randomized"`` (randomized range finder
-            with ``power_iterations``, as in the paper) for choosing Q.
+        refresh: how Q is chosen: ``"randomized"`` (default, as in Algorithm 1: a randomized
+            range finder with ``power_iterations`` and Rayleigh–Ritz, milliseconds per matrix
+            on a GPU) or ``"svd"`` (the exact truncated SVD; 260 ms per 2048×5461 matrix on
+            an H100, so a LLaMA-1B refresh takes ~40 s).
         complement_scale: β, weight of the gradient's orthogonal complement ``(I − QQᵀ) G``
             in the update. Algorithm 1's Block 4 uses 1; the default 0 takes the step in the
             subspace only (the project's spec, and GaLore-class methods).
@@ -92,7 +94,7 @@ class SUMO(SubspaceOptimizer):
         scale: float = 1.0,
         weight_decay: float = 0.0,
         limiter: float | None = None,
-        refresh: str = "svd",
+        refresh: str = "randomized",
         power_iterations: int = 2,
         complement_scale: float = 0.0,
         orthogonalization: str = "exact",
