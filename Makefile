@@ -12,6 +12,8 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH_SPEC)"
 	$(BIN)/pip install -q -e ".[dev,train]"
+	# galore-torch 1.0 is the tests' oracle; --no-deps skips bitsandbytes, which its AdamW does not use
+	$(BIN)/pip install -q --no-deps galore-torch==1.0
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -20,19 +20,16 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import functools
-import importlib.util
 import json
 import statistics
-import sys
 import time
-import types
 from pathlib import Path
 
 import torch
 
 import sumo_optim
 from sumo_optim.linalg import orthogonalize_cholesky
+from sumo_optim.testing import galore_torch_adamw
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -54,34 +51,25 @@ def matrix_shapes(model: str, layers: int | None = None) -> list[tuple[int, int]
     return block * (layers or total)
 
 
-@functools.cache
-def load_galore_torch():
-    """galore-torch 1.0's GaLoreAdamW, imported without its package __init__ (which needs bitsandbytes)."""
-    spec = importlib.util.find_spec("galore_torch")
-    if spec is None:
-        return None
-    package = types.ModuleType("galore_torch")
-    package.__path__ = list(spec.submodule_search_locations)
-    sys.modules["galore_torch"] = package
-    from galore_torch.adamw import AdamW
-
-    return AdamW
-
-
 def build(name: str, params: list[torch.Tensor], rank: int, gap: int):
     if name == "adamw-fused":
         return torch.optim.AdamW(params, lr=1e-3, fused=True)
     if name == "muon":
         return torch.optim.Muon(params, lr=0.02)
     if name == "galore-torch":
-        galore = load_galore_torch()
+        galore = galore_torch_adamw()
         group = {"params": params, "rank": rank, "update_proj_gap": gap, "scale": 0.25, "proj_type": "std"}
         return galore([group], lr=1e-2)
     if name in ("sumo", "sumo-tf32"):
         return sumo_optim.SUMO(params, lr=0.02, rank=rank, update_freq=gap)
     if name == "sumo-svd":
         return sumo_optim.SUMO(params, lr=0.02, rank=rank, update_freq=gap, orthogonalization="svd")
-    return sumo_optim.create(name, params, lr=1e-2, rank=rank, update_proj_gap=gap)
+    if name == "mofasgd":
+        return sumo_optim.MoFaSGD(params, lr=0.02, rank=rank)
+    if name == "golore":
+        return sumo_optim.GoLore(params, total_steps=10**6, lr=1e-2, rank=rank, update_proj_gap=gap, scale=0.25)
+    refresh = "randomized" if name.endswith("randomized") else "svd"
+    return sumo_optim.GaLoreAdamW(params, lr=1e-2, rank=rank, update_proj_gap=gap, scale=0.25, refresh=refresh)
 
 
 def force_refresh_next(optimizer: torch.optim.Optimizer, gap: int) -> None:
@@ -214,7 +202,10 @@ def main() -> None:
     parser.add_argument("--models", default="60m,130m,350m,1b,7b")
     parser.add_argument("--ranks", default="128")
     parser.add_argument("--update-freq", type=int, default=200)
-    parser.add_argument("--optimizers", default="adamw-fused,muon,galore-torch,sumo,sumo-tf32,galore,golore,mofasgd")
+    parser.add_argument(
+        "--optimizers",
+        default="adamw-fused,muon,galore-torch,sumo,sumo-tf32,galore,galore-randomized,golore,mofasgd",
+    )
     parser.add_argument("--layers-7b", type=int, default=4, help="7B blocks timed (scaled to 32 in the table)")
     parser.add_argument("--steps", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=3)
@@ -227,8 +218,8 @@ def main() -> None:
     ranks = [8] if args.smoke else [int(r) for r in args.ranks.split(",")]
     names = []
     for name in args.optimizers.split(","):
-        known = name in ("adamw-fused", "muon", "sumo", "sumo-tf32", "sumo-svd")
-        if name == "galore-torch" and load_galore_torch() is None:
+        known = name in ("adamw-fused", "muon", "sumo", "sumo-tf32", "sumo-svd", "galore-randomized")
+        if name == "galore-torch" and galore_torch_adamw() is None:
             print("skipping galore-torch: not installed (pip install galore-torch==1.0 --no-deps)")
         elif not known and name != "galore-torch" and name not in sumo_optim.available():
             print(f"skipping {name}: not in sumo_optim.available()")

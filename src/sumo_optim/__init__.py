@@ -1,13 +1,19 @@
 """sumo-optim: memory-efficient low-rank optimizers for training large language models."""
 
 from .base import SubspaceOptimizer
+from .galore import GaLoreAdamW
+from .golore import GoLore
 from .grouping import param_groups
 from .linalg import orthogonalize, orthogonalize_newton_schulz, random_orthonormal, top_singular_vectors
+from .mofasgd import MoFaSGD
 from .registry import available, create, register
 from .sumo import SUMO
 
 __all__ = [
     "SUMO",
+    "GaLoreAdamW",
+    "GoLore",
+    "MoFaSGD",
     "SubspaceOptimizer",
     "available",
     "create",

@@ -67,9 +67,36 @@ class SubspaceOptimizer(Optimizer):
     ``subspace``, ``adamw_betas``, ``adamw_eps``, ``nonfinite`` and ``seed``.
     """
 
-    def __init__(self, params: Any, defaults: dict[str, Any]) -> None:
+    def __init__(self, params: Any, defaults: dict[str, Any], layerwise: bool = False) -> None:
         defaults = {"subspace": True, "nonfinite": "raise", "seed": 0, **defaults}
         super().__init__(params, defaults)
+        self.layerwise = layerwise
+        if layerwise:
+            self._register_layerwise_hooks()
+
+    def _register_layerwise_hooks(self) -> None:
+        """Layer-wise mode (GaLore, §4.3): each parameter is updated in a post-accumulate-grad hook
+        as soon as its gradient is ready, and the gradient is freed at once, so at most a few
+        gradients exist at any time. ``step()`` then only runs the closure; gradient accumulation
+        over several backward passes is not possible in this mode."""
+        index = 0
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.requires_grad:
+                    p.register_post_accumulate_grad_hook(self._layerwise_hook(group, index))
+                index += 1
+
+    def _layerwise_hook(self, group: dict[str, Any], index: int) -> Callable[[Tensor], None]:
+        def hook(p: Tensor) -> None:
+            with torch.no_grad():
+                work = [(p, group, index)]
+                if self._finite_gradients(work)[0]:
+                    self._update_parameter(p, group, index)
+                else:
+                    self.state[p]["skipped_steps"] = self.state[p].get("skipped_steps", 0) + 1
+            p.grad = None
+
+        return hook
 
     # ----------------------------------------------------------------- validation
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -160,6 +187,8 @@ class SubspaceOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self.layerwise:
+            return loss
         work = self._parameters_with_grad()
         ready = []
         for (p, group, index), ok in zip(work, self._finite_gradients(work)):
@@ -182,10 +211,12 @@ class SubspaceOptimizer(Optimizer):
         if self._uses_matrix_rule(p, group):
             self._matrix_step(weights.view(p.shape[0], -1), grad.reshape(p.shape[0], -1), state, group)
         else:
-            adamw_update(
-                weights, grad, state, group["lr"], group["adamw_betas"], group["adamw_eps"], group["weight_decay"]
-            )
+            self._vector_step(weights, grad, state, group)
         self._end_update(p, weights)
+
+    def _vector_step(self, weights: Tensor, grad: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+        """The rule for everything that is not a low-rank matrix: AdamW."""
+        adamw_update(weights, grad, state, group["lr"], group["adamw_betas"], group["adamw_eps"], group["weight_decay"])
 
     def _begin_update(self, p: Tensor, group: dict[str, Any], index: int) -> tuple[Tensor, Tensor, dict[str, Any]]:
         """Working copies of the weights and gradient, and the state with this step counted."""

@@ -170,13 +170,13 @@ def top_singular_vectors(
     if side not in ("left", "right"):
         raise ValueError(f"side must be 'left' or 'right', got {side!r}")
     a = matrix if matrix.dtype == torch.float64 else matrix.float()
+    rank = min(rank, *a.shape)
+    if method == "svd":  # U[:, :r] or Vh[:r]ᵀ of one SVD of the matrix itself, as galore-torch takes them
+        u, _, vh = torch.linalg.svd(a, full_matrices=False)
+        return (u[:, :rank] if side == "left" else vh[:rank].mT).contiguous()
     if side == "right":
         a = a.mT
     m, n = a.shape
-    rank = min(rank, m, n)
-    if method == "svd":
-        u, _, _ = torch.linalg.svd(a, full_matrices=False)
-        return u[:, :rank].contiguous()
     if method != "randomized":
         raise ValueError(f"method must be 'svd' or 'randomized', got {method!r}")
     sketch_size = min(rank + oversample, m, n)

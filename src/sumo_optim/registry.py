@@ -8,6 +8,9 @@ from typing import Any
 
 import torch
 
+from .galore import GaLoreAdamW
+from .golore import GoLore
+from .mofasgd import MoFaSGD
 from .sumo import SUMO
 
 __all__ = ["available", "create", "register"]
@@ -44,4 +47,7 @@ def create(name: str, params: Any, **kwargs: Any) -> torch.optim.Optimizer:
 
 
 register("sumo", SUMO)
+register("galore", GaLoreAdamW)
+register("golore", GoLore)
+register("mofasgd", MoFaSGD)
 register("adamw", torch.optim.AdamW)

@@ -79,6 +79,8 @@ class SUMO(SubspaceOptimizer):
             ``state["skipped_steps"]``.
         seed: seeds the randomized refresh; each matrix's draws depend only on
             (seed, its index, step), so resumed and data-parallel runs draw the same.
+        layerwise: update each parameter in a post-accumulate-grad hook and free its gradient
+            at once (see :class:`~sumo_optim.base.SubspaceOptimizer`).
 
     States (``self.state[p]``): ``basis`` Q, ``moment`` M, ``step``, ``seed``, and
     ``previous_norm`` with the limiter; float32 for bf16/fp16 parameters.
@@ -102,6 +104,7 @@ class SUMO(SubspaceOptimizer):
         adamw_eps: float = 1e-8,
         nonfinite: str = "raise",
         seed: int = 0,
+        layerwise: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -120,7 +123,7 @@ class SUMO(SubspaceOptimizer):
             nonfinite=nonfinite,
             seed=seed,
         )
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, layerwise=layerwise)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         super()._validate_group(group)

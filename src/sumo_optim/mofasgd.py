@@ -1,0 +1,116 @@
+"""MoFaSGD: low-rank momentum factorization (Mahdavinia & Mahdavi, TMLR 2025, arXiv 2507.08091).
+
+The momentum of a matrix is kept as a rank-r factorization ``M ≈ U diag(σ) Vᵀ`` and updated
+every step without a full SVD ("UMF", Algorithm 1). With ``Ĝ = UUᵀG + GVVᵀ − UUᵀGVVᵀ`` the
+projection of G onto the tangent space of the rank-r manifold at (U, V):
+
+    [U, G V] = U' R_U,   [V, Gᵀ U] = V' R_V                      (two thin QRs)
+    β M + Ĝ = U' · R_U [[β diag(σ) − UᵀGV, I], [I, 0]] R_Vᵀ · V'ᵀ  (a 2r×2r core S)
+    U, σ, V ← U' U_S[:, :r],  σ_S[:r],  V' V_S[:, :r]             (SVD of the core, top r)
+
+The step is spectrally normalized: ``W ← W − η α U Vᵀ − η λ W``. The first step sets
+(U, σ, V) to the top-r SVD of the first gradient (``M₁ = β·0 + G₁`` truncated to rank r).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .base import SubspaceOptimizer, _is_number
+
+__all__ = ["MoFaSGD", "update_momentum_factors"]
+
+
+def update_momentum_factors(
+    u: Tensor, sigma: Tensor, v: Tensor, grad: Tensor, beta: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Rank-r factors of ``β U diag(σ) Vᵀ + Ĝ`` (Ĝ: G projected on the tangent space at U, V)."""
+    rank = u.shape[1]
+    grad_v, grad_t_u = grad @ v, grad.mT @ u
+    left, left_r = torch.linalg.qr(torch.cat([u, grad_v], dim=1))
+    right, right_r = torch.linalg.qr(torch.cat([v, grad_t_u], dim=1))
+    identity = torch.eye(rank, dtype=u.dtype, device=u.device)
+    core = torch.cat(
+        [
+            torch.cat([beta * torch.diag(sigma) - u.mT @ grad_v, identity], dim=1),
+            torch.cat([identity, torch.zeros_like(identity)], dim=1),
+        ]
+    )
+    core_u, core_sigma, core_vh = torch.linalg.svd(left_r @ core @ right_r.mT)
+    return left @ core_u[:, :rank], core_sigma[:rank], right @ core_vh[:rank].mT
+
+
+class MoFaSGD(SubspaceOptimizer):
+    """SGD with a low-rank factorized momentum and spectrally normalized steps.
+
+    Args:
+        params: parameters or groups (matrices get MoFaSGD; the rest AdamW, see
+            :class:`~sumo_optim.base.SubspaceOptimizer`).
+        lr: η. rank: r, capped at ``min(m, n) // 2`` so the 2r-wide QRs exist.
+        beta: momentum decay β in ``M ← β M + Ĝ``.
+        scale: α, the scale of ``U Vᵀ``.
+        weight_decay: decoupled λ. adamw_betas, adamw_eps, nonfinite, seed, layerwise: as in SUMO.
+    """
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float = 0.02,
+        rank: int = 128,
+        beta: float = 0.95,
+        scale: float = 1.0,
+        weight_decay: float = 0.0,
+        adamw_betas: tuple[float, float] = (0.9, 0.999),
+        adamw_eps: float = 1e-8,
+        nonfinite: str = "raise",
+        seed: int = 0,
+        layerwise: bool = False,
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            rank=rank,
+            beta=beta,
+            scale=scale,
+            weight_decay=weight_decay,
+            adamw_betas=adamw_betas,
+            adamw_eps=adamw_eps,
+            nonfinite=nonfinite,
+            seed=seed,
+        )
+        super().__init__(params, defaults, layerwise=layerwise)
+
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        super()._validate_group(group)
+        self._check_positive_int(group, "rank")
+        if not _is_number(group["beta"]) or not 0 <= group["beta"] < 1:
+            raise ValueError(f"beta must be in [0, 1), got {group['beta']!r}")
+        if not _is_number(group["scale"]) or group["scale"] < 0:
+            raise ValueError(f"scale must be a finite number >= 0, got {group['scale']!r}")
+
+    @staticmethod
+    def _rank(shape: tuple[int, int], group: dict[str, Any]) -> int:
+        return max(1, min(group["rank"], min(shape) // 2))
+
+    def _expected_state_shapes(
+        self, shape: tuple[int, int], group: dict[str, Any], state: dict[str, Any]
+    ) -> dict[str, tuple[int, ...]]:
+        rank = self._rank(shape, group)
+        return {"left": (shape[0], rank), "singular_values": (rank,), "right": (shape[1], rank)}
+
+    def _matrix_step(self, weights: Tensor, grad: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+        rank = self._rank(grad.shape, group)
+        if "left" not in state:
+            u, sigma, vh = torch.linalg.svd(grad, full_matrices=False)
+            state["left"], state["singular_values"], state["right"] = u[:, :rank], sigma[:rank], vh[:rank].mT
+        else:
+            state["left"], state["singular_values"], state["right"] = update_momentum_factors(
+                state["left"], state["singular_values"], state["right"], grad, group["beta"]
+            )
+        u, sigma, v = state["left"], state["singular_values"], state["right"]
+        tolerance = max(4 * torch.finfo(sigma.dtype).eps, torch.finfo(torch.float64).eps * max(grad.shape))
+        nonzero = (sigma > tolerance * sigma.amax()).to(sigma.dtype)  # a zero momentum gives a zero step
+        weights.mul_(1 - group["lr"] * group["weight_decay"])
+        weights.addmm_(u * nonzero, v.mT, alpha=-group["lr"] * group["scale"])

@@ -1,0 +1,179 @@
+"""GaLore against galore-torch, GoLore's counter-example, MoFaSGD's factorized momentum."""
+
+import pytest
+import torch
+
+from sumo_optim import GaLoreAdamW, GoLore, MoFaSGD
+from sumo_optim.testing import galore_torch_adamw
+
+
+@pytest.mark.parametrize("proj_type", ["std", "reverse_std", "left", "right"])
+def test_galore_adamw_equals_galore_torch(proj_type):
+    oracle = galore_torch_adamw()
+    if oracle is None:
+        pytest.skip("galore-torch is not installed (make test installs it)")
+    g = torch.Generator().manual_seed(len(proj_type))
+    shapes = [(20, 12), (12, 20), (16, 16), (9,)]
+    start = [torch.randn(s, generator=g) for s in shapes]
+    theirs = [torch.nn.Parameter(w.clone()) for w in start]
+    ours = [torch.nn.Parameter(w.clone()) for w in start]
+
+    def groups(params):
+        return [
+            {"params": params[:3], "rank": 4, "update_proj_gap": 5, "scale": 0.25, "proj_type": proj_type},
+            {"params": params[3:]},
+        ]
+
+    reference = oracle(groups(theirs), lr=0.01, weight_decay=0.1, no_deprecation_warning=True)
+    optimizer = GaLoreAdamW(groups(ours), lr=0.01, weight_decay=0.1)
+    for _ in range(17):  # refreshes at steps 1, 6, 11, 16
+        grads = [torch.randn(s, generator=g) for s in shapes]
+        for a, b, grad in zip(theirs, ours, grads):
+            a.grad, b.grad = grad.clone(), grad.clone()
+        reference.step()
+        optimizer.step()
+    for a, b in zip(theirs, ours):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
+        assert not torch.equal(b, torch.zeros_like(b))
+
+
+def test_galore_state_is_low_rank_and_rejects_full_proj_type():
+    param = torch.nn.Parameter(torch.randn(40, 24))
+    optimizer = GaLoreAdamW([{"params": [param], "rank": 4}])
+    param.grad = torch.randn(40, 24)
+    optimizer.step()
+    state = optimizer.state[param]
+    assert state["exp_avg"].shape == (40, 4) and state["basis"].shape == (24, 4)
+    with pytest.raises(ValueError, match="full"):
+        GaLoreAdamW([{"params": [param], "rank": 4, "proj_type": "full"}])
+    with pytest.raises(ValueError, match="update_proj_gap"):
+        GaLoreAdamW([param], rank=4, update_proj_gap=0)
+
+
+def counter_example(random_fraction, steps=3000, lr=0.05, gap=20, sigma=1.0):
+    """GoLore's counter-example (authors' exp/main.py, scaled down): f(X) = ½‖AX‖² + ⟨B, X⟩ with
+    A = [I₆ 0], B non-zero only in its top-left 6×6 block, and noise ±σ on the bottom-right 4×4
+    diagonal. Returns ‖∇f(X_T)‖ after rank-4 left-projected SGD."""
+    g = torch.Generator().manual_seed(42)
+    n, top = 10, 6
+    b = torch.zeros(n, n, dtype=torch.float64)
+    b[:top, :top] = sigma * torch.randn(top, top, generator=g, dtype=torch.float64)
+    x0 = torch.zeros(n, n, dtype=torch.float64)
+    x0[:top, :top] = sigma / 2 * torch.eye(top, dtype=torch.float64)
+    x0[top:] = sigma * torch.randn(n - top, n, generator=g, dtype=torch.float64)
+    noise = torch.zeros(n, n, dtype=torch.float64)
+    noise[top:, top:] = sigma * torch.eye(n - top, dtype=torch.float64)
+    x = torch.nn.Parameter(x0)
+    optimizer = GoLore(
+        [x],
+        total_steps=steps,
+        lr=lr,
+        random_fraction=random_fraction,
+        inner="sgd",
+        rank=4,
+        update_proj_gap=gap,
+        proj_type="left",
+        seed=1,
+    )
+
+    def true_gradient():
+        grad = x.detach().clone()
+        grad[top:] = 0
+        return grad + b
+
+    for _ in range(steps):
+        sign = 1.0 if torch.rand(1, generator=g).item() < 0.5 else -1.0
+        x.grad = true_gradient() + sign * noise
+        optimizer.step()
+    return true_gradient().norm().item()
+
+
+def test_golore_converges_where_galore_stalls():
+    galore = counter_example(random_fraction=0.0)
+    golore = counter_example(random_fraction=1.0)
+    golore_20 = counter_example(random_fraction=0.2)
+    assert galore > 1.0  # stuck at the noise level σ
+    assert golore < 0.25 * galore and golore_20 < 0.25 * galore
+
+
+def test_golore_schedule_switches_basis_kind():
+    param = torch.nn.Parameter(torch.zeros(12, 30))
+    optimizer = GoLore([param], total_steps=10, random_fraction=0.5, rank=3, update_proj_gap=1, seed=3)
+    g = torch.Generator().manual_seed(0)
+    fixed = torch.randn(12, 30, generator=g)
+    bases = []
+    for _ in range(10):
+        param.grad = fixed.clone()
+        optimizer.step()
+        bases.append(optimizer.state[param]["basis"].clone())
+    u = torch.linalg.svd(fixed)[0][:, :3]
+    for basis in bases[:5]:  # GaLore phase: the gradient's own top subspace
+        assert (basis @ basis.T - u @ u.T).norm() < 1e-4
+    for basis in bases[5:]:  # random phase: not the gradient's subspace, orthonormal, redrawn
+        assert (basis @ basis.T - u @ u.T).norm() > 0.5
+        torch.testing.assert_close(basis.T @ basis, torch.eye(3), atol=1e-5, rtol=0)
+    assert not torch.equal(bases[6], bases[7])
+    with pytest.raises(ValueError, match="random_fraction"):
+        GoLore([param], total_steps=10, random_fraction=1.5)
+    with pytest.raises(ValueError, match="inner"):
+        GoLore([param], total_steps=10, inner="lion")
+
+
+def momentum_run(rank, gradients, beta=0.9):
+    shape = gradients[0].shape
+    param = torch.nn.Parameter(torch.zeros(shape, dtype=torch.float64))
+    optimizer = MoFaSGD([param], rank=rank, beta=beta, lr=0.0)
+    full = torch.zeros(shape, dtype=torch.float64)
+    for grad in gradients:
+        full = beta * full + grad
+        param.grad = grad.clone()
+        optimizer.step()
+    state = optimizer.state[param]
+    return state, full
+
+
+def test_mofasgd_momentum_is_exact_for_gradients_of_rank_at_most_r():
+    g = torch.Generator().manual_seed(0)
+    a = torch.linalg.qr(torch.randn(30, 4, generator=g, dtype=torch.float64))[0]
+    b = torch.linalg.qr(torch.randn(20, 4, generator=g, dtype=torch.float64))[0]
+    gradients = [a @ torch.randn(4, 4, generator=g, dtype=torch.float64) @ b.T for _ in range(25)]
+    state, full = momentum_run(6, gradients)
+    factorized = state["left"] * state["singular_values"] @ state["right"].T
+    assert (factorized - full).norm() / full.norm() < 1e-12
+    eye = torch.eye(6, dtype=torch.float64)
+    torch.testing.assert_close(state["left"].T @ state["left"], eye, atol=1e-12, rtol=0)
+    torch.testing.assert_close(state["right"].T @ state["right"], eye, atol=1e-12, rtol=0)
+
+
+def test_mofasgd_momentum_error_is_bounded_and_shrinks_with_rank():
+    g = torch.Generator().manual_seed(1)
+    a = torch.linalg.qr(torch.randn(30, 4, generator=g, dtype=torch.float64))[0]
+    b = torch.linalg.qr(torch.randn(20, 4, generator=g, dtype=torch.float64))[0]
+    gradients = [
+        3 * a @ torch.randn(4, 4, generator=g, dtype=torch.float64) @ b.T
+        + 0.3 * torch.randn(30, 20, generator=g, dtype=torch.float64)
+        for _ in range(30)
+    ]
+    errors = []
+    for rank in (2, 5, 9):
+        state, full = momentum_run(rank, gradients)
+        factorized = state["left"] * state["singular_values"] @ state["right"].T
+        errors.append(((factorized - full).norm() / full.norm()).item())
+        best = torch.linalg.svdvals(full)[rank:].norm() / full.norm()
+        assert best - 1e-12 <= errors[-1] < 1.0  # never better than the best rank-r approximation
+    assert errors[0] > errors[1] > errors[2]
+
+
+def test_mofasgd_step_is_spectrally_normalized():
+    param = torch.nn.Parameter(torch.zeros(16, 24, dtype=torch.float64))
+    optimizer = MoFaSGD([param], rank=5, lr=1.0)
+    for _ in range(3):
+        param.grad = torch.randn(16, 24, dtype=torch.float64)
+        before = param.detach().clone()
+        optimizer.step()
+    step = before - param.detach()
+    singular_values = torch.linalg.svdvals(step)
+    torch.testing.assert_close(singular_values[:5], torch.ones(5, dtype=torch.float64), atol=1e-10, rtol=0)
+    assert singular_values[5:].max() < 1e-10
+    with pytest.raises(ValueError, match="beta"):
+        MoFaSGD([param], beta=1.0)
