@@ -1,0 +1,94 @@
+"""``sumo-train``: pre-train, fine-tune, compare optimizers, redraw plots.
+
+    sumo-train pretrain --preset tiny --optimizer sumo --steps 300
+    sumo-train finetune --optimizer galore --rank 8 --steps 200
+    sumo-train compare --optimizers sumo,galore,adamw --preset tiny --steps 300
+    sumo-train plot runs/compare/sumo runs/compare/adamw --out curves.png
+
+Every field of the run configuration is an option (``--lr``, ``--rank``, ``--seq-len`` …) and
+can also come from ``--config run.yaml`` (or .toml/.json); the command line wins.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from pathlib import Path
+
+from .config import FIELDS, load_config
+from .report import comparison_table, plot_runs
+
+
+def _add_config_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML, TOML or JSON file with run fields")
+    for name in FIELDS:
+        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _overrides(args: argparse.Namespace) -> dict:
+    return {name: getattr(args, name) for name in FIELDS if getattr(args, name) is not None}
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded at run time
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    parser = argparse.ArgumentParser(prog="sumo-train", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    fields_help = "run fields: " + ", ".join(f"--{n.replace('_', '-')}" for n in FIELDS)
+    for name in ("pretrain", "finetune"):
+        sub = commands.add_parser(name, help=f"{name} one model", epilog=fields_help)
+        _add_config_options(sub)
+        sub.add_argument("--resume", action="store_true", help="continue from the run directory's last checkpoint")
+    compare = commands.add_parser(
+        "compare", help="train one model per optimizer, same data and seed", epilog=fields_help
+    )
+    _add_config_options(compare)
+    compare.add_argument("--optimizers", default="sumo,galore,adamw")
+    plot = commands.add_parser("plot", help="redraw loss curves from run directories")
+    plot.add_argument("runs", nargs="+", type=Path)
+    plot.add_argument("--out", type=Path, default=Path("loss_curves.png"))
+    args = parser.parse_args(argv)
+
+    from .checkpoint import CheckpointError
+    from .train import train
+
+    try:
+        if args.command == "plot":
+            print(plot_runs(args.runs, args.out))
+            return 0
+        overrides = _overrides(args)
+        if args.command in ("pretrain", "finetune"):
+            config = load_config(args.config, {**overrides, "task": args.command})
+            summary = train(config, resume=args.resume, progress=not args.no_progress)
+            print(json.dumps(summary, indent=2))
+            return 0
+        base = load_config(args.config, {"run_dir": "runs/compare", **overrides})
+        root = Path(base.run_dir)
+        summaries, run_dirs = [], []
+        names = [name.strip() for name in args.optimizers.split(",") if name.strip()]
+        if base.lr is not None and len(names) > 1:
+            print("note: --lr applies to every optimizer of the comparison", file=sys.stderr)
+        for name in names:
+            config = dataclasses.replace(base, optimizer=name, run_dir=str(root / name))
+            summaries.append(train(config.validate(), progress=not args.no_progress))
+            run_dirs.append(Path(config.run_dir))
+        table = comparison_table(summaries)
+        metric = "val accuracy" if base.task == "finetune" else "val loss"
+        title = f"{base.task} {base.preset}, {base.steps} steps, {summaries[0]['device']}"
+        plot_path = plot_runs(run_dirs, root / "loss_curves.png", title=title)
+        (root / "comparison.md").write_text(f"{title}\n\n{table}\n")
+        (root / "comparison.json").write_text(json.dumps({"config": base.to_dict(), "runs": summaries}, indent=2))
+        print(f"\n{title} ({metric} on the full validation split)\n\n{table}\n")
+        print(f"plot: {plot_path}\ntable: {root / 'comparison.md'}")
+        return 0
+    except (ValueError, FileNotFoundError, CheckpointError) as error:
+        print(f"sumo-train: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

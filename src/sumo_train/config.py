@@ -1,0 +1,139 @@
+"""One record of everything a run depends on: defaults, a YAML/TOML file, then command-line values."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .models import PRESETS
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10
+    import tomli as tomllib
+
+# Per-optimizer learning rates that work at small scale (GaLore's LLaMA scripts: lr 0.01, scale
+# 0.25 for GaLore; Muon-style spectral steps take ~0.02; AdamW 1e-3 for the small presets).
+DEFAULT_LR = {"sumo": 0.02, "galore": 0.01, "golore": 0.01, "mofasgd": 0.02, "adamw": 1e-3, "muon": 0.02}
+
+
+@dataclass
+class RunConfig:
+    task: str = "pretrain"  # pretrain | finetune
+    optimizer: str = "sumo"
+    lr: float | None = None  # None: DEFAULT_LR[optimizer]
+    adamw_lr: float = 1e-3  # embeddings, norms, head (the AdamW group of low-rank optimizers)
+    weight_decay: float = 0.0
+    rank: int = 128
+    update_freq: int = 200  # K (SUMO) / update_proj_gap (GaLore family)
+    scale: float | None = None  # None: 0.25 for the GaLore family, 1 otherwise
+    optimizer_options: dict[str, Any] = field(default_factory=dict)  # anything else the optimizer takes
+    preset: str = "tiny"
+    corpus: str = "shakespeare"
+    vocab_size: int = 8192
+    seq_len: int = 256
+    batch_size: int = 32
+    steps: int = 1000
+    warmup_fraction: float = 0.1
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+    eval_every: int = 100
+    eval_batches: int = 20
+    final_eval_batches: int = 0  # 0: the whole validation split at the end
+    log_every: int = 10
+    checkpoint_every: int = 0  # 0: only at the end
+    seed: int = 0
+    device: str = "auto"
+    cache_dir: str = ".cache/sumo-train"
+    run_dir: str = "runs/run"
+    max_length: int = 64  # finetune: tokens per sentence
+
+    def resolved_lr(self) -> float:
+        return self.lr if self.lr is not None else DEFAULT_LR.get(self.optimizer, 1e-3)
+
+    def resolved_scale(self) -> float:
+        if self.scale is not None:
+            return self.scale
+        return 0.25 if self.optimizer in ("galore", "golore") else 1.0
+
+    def validate(self) -> RunConfig:
+        errors = []
+        if self.task not in ("pretrain", "finetune"):
+            errors.append(f"task must be 'pretrain' or 'finetune', got {self.task!r}")
+        if self.preset not in PRESETS:
+            errors.append(f"preset must be one of {', '.join(PRESETS)}, got {self.preset!r}")
+        for name in (
+            "rank",
+            "update_freq",
+            "seq_len",
+            "batch_size",
+            "steps",
+            "eval_every",
+            "eval_batches",
+            "log_every",
+            "vocab_size",
+            "max_length",
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                errors.append(f"{name} must be an int >= 1, got {value!r}")
+        for name in ("warmup_fraction", "min_lr_ratio"):
+            if not 0 <= getattr(self, name) <= 1:
+                errors.append(f"{name} must be in [0, 1], got {getattr(self, name)!r}")
+        if self.lr is not None and not self.lr > 0:
+            errors.append(f"lr must be > 0, got {self.lr!r}")
+        if self.grad_clip < 0 or self.weight_decay < 0:
+            errors.append("grad_clip and weight_decay must be >= 0")
+        if errors:
+            raise ValueError("bad run configuration: " + "; ".join(errors))
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """Typed value for a field from a string (command line) or a parsed file value."""
+    kind = FIELDS[name].type
+    if not isinstance(value, str) or kind == "str":
+        return value
+    if name == "optimizer_options":
+        return json.loads(value)
+    if value.lower() in ("none", "null") and "None" in kind:
+        return None
+    if kind.startswith("int"):
+        return int(value)
+    if kind.startswith("float"):
+        return float(value)
+    return value
+
+
+def load_config(path: str | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Defaults ← file (``.yaml``/``.yml``/``.toml``/``.json``) ← overrides; unknown keys are named."""
+    values: dict[str, Any] = {}
+    if path:
+        text = Path(path).read_text()
+        if path.endswith(".toml"):
+            values = tomllib.loads(text)
+        elif path.endswith((".yaml", ".yml")):
+            import yaml
+
+            values = yaml.safe_load(text) or {}
+        else:
+            values = json.loads(text)
+        if not isinstance(values, dict):
+            raise ValueError(f"{path}: expected a mapping of field names to values")
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    unknown = sorted(set(values) - set(FIELDS))
+    if unknown:
+        raise ValueError(f"unknown configuration field(s): {', '.join(unknown)}; valid: {', '.join(FIELDS)}")
+    try:
+        return RunConfig(**{k: _coerce(k, v) for k, v in values.items()}).validate()
+    except (TypeError, ValueError) as error:
+        raise ValueError(str(error)) from error

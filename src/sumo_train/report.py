@@ -1,0 +1,66 @@
+"""Comparison tables and loss-curve plots from run directories."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: not a run directory")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_runs(run_dirs: list[Path], out: Path, title: str = "") -> Path:
+    """Training loss (left) and validation loss (right) against step, one line per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (train_axis, val_axis) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for run_dir in run_dirs:
+        metrics = read_metrics(run_dir)
+        label = json.loads((Path(run_dir) / "config.json").read_text()).get("optimizer", Path(run_dir).name)
+        train_points = [(m["step"], m["loss"]) for m in metrics if "loss" in m]
+        val_points = [(m["step"], m["val_loss"]) for m in metrics if "val_loss" in m]
+        if train_points:
+            train_axis.plot(*zip(*train_points), label=label, linewidth=1.2)
+        if val_points:
+            val_axis.plot(*zip(*val_points), marker="o", markersize=3, label=label)
+    for axis, name in ((train_axis, "training loss"), (val_axis, "validation loss")):
+        axis.set_xlabel("step")
+        axis.set_ylabel(name)
+        axis.grid(alpha=0.3)
+        axis.legend()
+    if title:
+        figure.suptitle(title)
+    figure.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out, dpi=120)
+    plt.close(figure)
+    return out
+
+
+def comparison_table(summaries: list[dict[str, Any]]) -> str:
+    """Markdown table of final metrics, wall time, peak memory and optimizer-state bytes."""
+    accuracy = any("val_accuracy" in s for s in summaries)
+    quality = "| val accuracy |" if accuracy else "| val loss | val ppl |"
+    lines = [
+        f"| optimizer {quality} wall time | peak memory | optimizer state |",
+        "|---|" + ("---:|" if accuracy else "---:|---:|") + "---:|---:|---:|",
+    ]
+    for s in summaries:
+        metric = f"{s['val_accuracy']:.4f} |" if accuracy else f"{s['val_loss']:.4f} | {s['val_ppl']:.2f} |"
+        if s.get("peak_memory_bytes") is not None:
+            memory = f"{s['peak_memory_bytes'] / 2**20:,.0f} MiB"
+        elif s.get("process_peak_rss_bytes"):
+            memory = f"{s['process_peak_rss_bytes'] / 2**20:,.0f} MiB RSS (process, CPU)"
+        else:
+            memory = "n/a"
+        state = f"{s['optimizer_state_bytes'] / 2**20:.2f} MiB"
+        lines.append(f"| {s['optimizer']} | {metric} {s['wall_s']:.1f} s | {memory} | {state} |")
+    return "\n".join(lines)

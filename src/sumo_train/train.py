@@ -1,0 +1,283 @@
+"""The training loop: pre-train a LLaMA-style LM or fine-tune a sentence classifier with any optimizer.
+
+Read top to bottom: build data, model and optimizer from a :class:`RunConfig`, optionally
+resume from the run's last checkpoint, then step with a cosine schedule (linear warm-up over
+the first ``warmup_fraction`` of steps, decaying to ``min_lr_ratio`` of the peak), gradient
+clipping and, on a GPU, bf16 autocast. Metrics go to ``metrics.jsonl`` and TensorBoard.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import sumo_optim
+
+from . import data as data_lib
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import RunConfig
+from .models import build_llama
+
+
+def _peak_rss_bytes() -> int | None:
+    """Peak resident memory of this process so far (Linux/macOS); covers everything the process did."""
+    try:
+        import resource
+        import sys
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak if sys.platform == "darwin" else peak * 1024
+    except ImportError:
+        return None
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def build_optimizers(config: RunConfig, model: nn.Module) -> list[torch.optim.Optimizer]:
+    """The run's optimizer(s): low-rank ones over ``sumo_optim.param_groups`` (linear weights in
+    the subspace, the rest AdamW at ``adamw_lr``); ``muon`` is ``torch.optim.Muon`` on the same
+    matrices plus ``torch.optim.AdamW`` on the rest; ``adamw`` is ``torch.optim.AdamW``."""
+    name, lr, decay = config.optimizer, config.resolved_lr(), config.weight_decay
+    if name == "adamw":
+        return [torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=decay, **config.optimizer_options)]
+    groups = sumo_optim.param_groups(model, adamw_options={"lr": config.adamw_lr})
+    if name == "muon":
+        if not hasattr(torch.optim, "Muon"):
+            raise ValueError(f"optimizer 'muon' needs torch.optim.Muon (PyTorch >= 2.9); this is {torch.__version__}")
+        matrices = [p for g in groups if g["subspace"] for p in g["params"]]
+        rest = [p for g in groups if not g["subspace"] for p in g["params"]]
+        return [
+            torch.optim.Muon(matrices, lr=lr, weight_decay=decay, **config.optimizer_options),
+            torch.optim.AdamW(rest, lr=config.adamw_lr, weight_decay=decay),
+        ]
+    options: dict[str, Any] = {"rank": config.rank}
+    if name == "sumo":
+        options.update(update_freq=config.update_freq, scale=config.resolved_scale(), seed=config.seed)
+    elif name in ("galore", "golore"):
+        options.update(update_proj_gap=config.update_freq, scale=config.resolved_scale(), seed=config.seed)
+        if name == "golore":
+            options["total_steps"] = config.steps
+    elif name == "mofasgd":
+        options.update(scale=config.resolved_scale())
+    options.update(config.optimizer_options)
+    return [sumo_optim.create(name, groups, lr=lr, weight_decay=decay, **options)]
+
+
+def lr_factor(config: RunConfig):
+    """Cosine schedule with linear warm-up, decaying to ``min_lr_ratio`` of the peak."""
+    warmup = max(1, int(config.warmup_fraction * config.steps))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, config.steps - warmup))
+        return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def optimizer_state_bytes(optimizers: list[torch.optim.Optimizer]) -> int:
+    return sum(
+        v.numel() * v.element_size()
+        for optimizer in optimizers
+        for state in optimizer.state.values()
+        for v in state.values()
+        if isinstance(v, torch.Tensor)
+    )
+
+
+class Task:
+    """What differs between pre-training and fine-tuning: data, model, loss, evaluation."""
+
+    def __init__(self, config: RunConfig, device: torch.device):
+        self.config, self.device = config, device
+        if config.task == "pretrain":
+            self.tokens = data_lib.prepare_tokens(config.corpus, config.cache_dir, config.vocab_size)
+            self.model = build_llama(config.preset, self.tokens.vocab_size, config.seq_len)
+            self.tokens_per_batch = config.batch_size * config.seq_len
+        else:
+            from transformers import AutoTokenizer, BertForSequenceClassification
+
+            directory = data_lib.minilm_directory()
+            self.tokenizer = AutoTokenizer.from_pretrained(str(directory))
+            self.model = BertForSequenceClassification.from_pretrained(str(directory), num_labels=2)
+            self.train_examples, self.val_examples = data_lib.rotten_tomatoes()
+            self.tokens_per_batch = config.batch_size * config.max_length
+        self.model.to(device)
+
+    def _sentences(self, examples: list[tuple[str, int]]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        encoded = self.tokenizer(
+            [text for text, _ in examples],
+            padding=True,
+            truncation=True,
+            max_length=self.config.max_length,
+            return_tensors="pt",
+        )
+        labels = torch.tensor([label for _, label in examples])
+        return {k: v.to(self.device) for k, v in encoded.items()}, labels.to(self.device)
+
+    def loss(self, index: int) -> torch.Tensor:
+        """Training loss of batch number ``index`` (the batch depends only on seed and index)."""
+        config = self.config
+        if config.task == "pretrain":
+            x, y = data_lib.token_batch(self.tokens.train, config.batch_size, config.seq_len, config.seed, index)
+            logits = self.model(input_ids=x.to(self.device)).logits
+            return nn.functional.cross_entropy(logits.flatten(0, 1).float(), y.to(self.device).flatten())
+        generator = torch.Generator().manual_seed(config.seed * 1_000_003 + index)
+        picks = torch.randint(0, len(self.train_examples), (config.batch_size,), generator=generator).tolist()
+        inputs, labels = self._sentences([self.train_examples[i] for i in picks])
+        return nn.functional.cross_entropy(self.model(**inputs).logits.float(), labels)
+
+    @torch.no_grad()
+    def evaluate(self, full: bool = False) -> dict[str, float]:
+        config = self.config
+        limit = config.final_eval_batches if full and config.final_eval_batches else None
+        if limit:
+            full, config = False, dataclasses.replace(config, eval_batches=limit)
+        self.model.eval()
+        try:
+            if config.task == "pretrain":
+                losses = [
+                    nn.functional.cross_entropy(
+                        self.model(input_ids=x.to(self.device)).logits.flatten(0, 1).float(),
+                        y.to(self.device).flatten(),
+                    ).item()
+                    for x, y in data_lib.validation_batches(
+                        self.tokens.val, config.batch_size, config.seq_len, 10**9 if full else config.eval_batches
+                    )
+                ]
+                loss = sum(losses) / len(losses)
+                return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50))}
+            examples = self.val_examples if full else self.val_examples[: config.eval_batches * config.batch_size]
+            correct, total_loss = 0, 0.0
+            for i in range(0, len(examples), config.batch_size):
+                inputs, labels = self._sentences(examples[i : i + config.batch_size])
+                logits = self.model(**inputs).logits.float()
+                total_loss += nn.functional.cross_entropy(logits, labels, reduction="sum").item()
+                correct += (logits.argmax(-1) == labels).sum().item()
+            return {"val_loss": total_loss / len(examples), "val_accuracy": correct / len(examples)}
+        finally:
+            self.model.train()
+
+
+def train(config: RunConfig, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Runs (or resumes) one training run; returns its final metrics."""
+    from torch.utils.tensorboard import SummaryWriter
+    from tqdm.auto import tqdm
+
+    device = pick_device(config.device)
+    run_dir = Path(config.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(config.seed)
+    task = Task(config, device)
+    model = task.model
+    optimizers = build_optimizers(config, model)
+    schedulers = [torch.optim.lr_scheduler.LambdaLR(o, lr_factor(config)) for o in optimizers]
+    record = config.to_dict()
+    (run_dir / "config.json").write_text(json.dumps(record, indent=2))
+
+    start = 0
+    metrics_path = run_dir / "metrics.jsonl"
+    if resume:
+        checkpoint = latest_checkpoint(run_dir)
+        if checkpoint is None:
+            raise FileNotFoundError(f"--resume: no checkpoint in {run_dir}")
+        weights, state = load_checkpoint(checkpoint, record)
+        model.load_state_dict(weights)
+        for optimizer, saved in zip(optimizers, state["optimizers"], strict=True):
+            optimizer.load_state_dict(saved)
+        for scheduler, saved in zip(schedulers, state["schedulers"], strict=True):
+            scheduler.load_state_dict(saved)
+        torch.set_rng_state(state["rng"]["torch"])
+        if device.type == "cuda" and state["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        start = state["step"]
+        if metrics_path.exists():  # keep the history up to the checkpoint, drop what came after
+            kept = [line for line in metrics_path.read_text().splitlines() if json.loads(line)["step"] <= start]
+            metrics_path.write_text("".join(line + "\n" for line in kept))
+    elif metrics_path.exists():
+        metrics_path.unlink()
+
+    writer = SummaryWriter(str(run_dir / "tensorboard"))
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    )
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+    def log(entry: dict[str, Any]) -> None:
+        with metrics_path.open("a") as file:
+            file.write(json.dumps(entry) + "\n")
+        for key, value in entry.items():
+            if key != "step" and isinstance(value, (int, float)):
+                writer.add_scalar(key, value, entry["step"])
+
+    bar = tqdm(
+        range(start, config.steps),
+        initial=start,
+        total=config.steps,
+        disable=not progress,
+        desc=f"{config.task} {config.optimizer}",
+        unit="step",
+    )
+    began, window_start, window_tokens = time.perf_counter(), time.perf_counter(), 0
+    for step in bar:
+        with autocast:
+            loss = task.loss(step)
+        loss.backward()
+        if config.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        for optimizer in optimizers:
+            optimizer.step()
+        for scheduler in schedulers:
+            scheduler.step()
+        for optimizer in optimizers:
+            optimizer.zero_grad(set_to_none=True)
+        window_tokens += task.tokens_per_batch
+        done = step + 1
+        if done % config.log_every == 0 or done == config.steps:
+            elapsed = time.perf_counter() - window_start
+            rate = window_tokens / max(elapsed, 1e-9)
+            log({"step": done, "loss": loss.item(), "lr": schedulers[0].get_last_lr()[0], "tokens_per_s": rate})
+            bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{rate:,.0f}")
+            window_start, window_tokens = time.perf_counter(), 0
+        if done % config.eval_every == 0 and done != config.steps:
+            log({"step": done, **task.evaluate()})
+            window_start = time.perf_counter()  # validation time is not training throughput
+        if (config.checkpoint_every and done % config.checkpoint_every == 0) or done == config.steps:
+            training_state = {
+                "step": done,
+                "optimizers": [o.state_dict() for o in optimizers],
+                "schedulers": [s.state_dict() for s in schedulers],
+                "rng": {
+                    "torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None,
+                },
+            }
+            save_checkpoint(run_dir, done, model, training_state, record)
+    final = {"step": config.steps, **task.evaluate(full=True)}
+    log(final)
+    writer.close()
+    summary = {
+        **final,
+        "optimizer": config.optimizer,
+        "wall_s": time.perf_counter() - began,
+        "peak_memory_bytes": torch.cuda.max_memory_allocated() if device.type == "cuda" else None,
+        "process_peak_rss_bytes": _peak_rss_bytes(),
+        "optimizer_state_bytes": optimizer_state_bytes(optimizers),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "CPU",
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary

