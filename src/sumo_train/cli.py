@@ -66,7 +66,9 @@ def main(argv: list[str] | None = None) -> int:
             summary = train(config, resume=args.resume, progress=not args.no_progress)
             print(json.dumps(summary, indent=2))
             return 0
-        base = load_config(args.config, {"run_dir": "runs/compare", **overrides})
+        base = load_config(args.config, overrides)
+        if base.run_dir == FIELDS["run_dir"].default:  # neither the file nor the command line chose one
+            base = dataclasses.replace(base, run_dir="runs/compare")
         root = Path(base.run_dir)
         summaries, run_dirs = [], []
         names = [name.strip() for name in args.optimizers.split(",") if name.strip()]
