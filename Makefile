@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml Makefile
 setup: $(STAMP)
 
 compare: $(STAMP)
-	$(BIN)/sumo-train compare --config configs/tiny-cpu.yaml --optimizers sumo,galore,adamw
+	$(BIN)/sumo-train compare --config configs/tiny-cpu.yaml --optimizers sumo,galore,adamw@3e-3
 
 test: $(STAMP)
 	$(BIN)/python -m ruff check src tests benchmarks

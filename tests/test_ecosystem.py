@@ -1,4 +1,4 @@
-"""Using the optimizers from the transformers Trainer (Lightning's pattern is the same, see README)."""
+"""Using the optimizers from the transformers Trainer and from Lightning's configure_optimizers."""
 
 import pytest
 import torch
@@ -62,3 +62,41 @@ def test_trainer_runs_with_sumo(tmp_path, how):
     assert not torch.equal(before, model.model.layers[0].mlp.up_proj.weight)
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert losses[-1] < losses[0] and result.global_step == 12
+
+
+def test_lightning_configure_optimizers_with_sumo_and_a_scheduler():
+    pl = pytest.importorskip("pytorch_lightning")
+
+    class CountingLM(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model = tiny_llama()
+
+        def training_step(self, batch, batch_idx):
+            loss = self.model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
+            self.losses.append(loss.item())
+            return loss
+
+        def configure_optimizers(self):
+            groups = sumo_optim.param_groups(self.model, rank=4, update_freq=5, adamw_options={"lr": 3e-3})
+            optimizer = sumo_optim.SUMO(groups, lr=0.02)
+            schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / 24)
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    module = CountingLM()
+    module.losses = []
+    loader = torch.utils.data.DataLoader(dataset(), batch_size=8)
+    trainer = pl.Trainer(
+        max_steps=12,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module, loader)
+    optimizer = trainer.optimizers[0]
+    assert isinstance(optimizer, sumo_optim.SUMO)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.02 * (1 - 12 / 24))  # the scheduler stepped
+    assert "basis" in optimizer.state[module.model.model.layers[0].mlp.up_proj.weight]
+    assert trainer.global_step == 12 and module.losses[-1] < module.losses[0]

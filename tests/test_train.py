@@ -127,6 +127,8 @@ def test_bad_configuration_fields_are_named(tmp_path, capsys):
     config_file.write_text("optimizer: sumo\nlearning_rate: 0.1\n")
     assert cli(["pretrain", "--config", str(config_file)]) == 2
     assert "learning_rate" in capsys.readouterr().err
+    assert cli(["compare", "--optimizers", "sumo,adamw@fast"]) == 2
+    assert "'adamw@fast' is not NAME or NAME@LR" in capsys.readouterr().err
     toml = tmp_path / "run.toml"
     toml.write_text('optimizer = "galore"\nrank = 16\nsteps = 5\n')
     config = load_config(str(toml), {"rank": "4"})
@@ -139,7 +141,7 @@ def test_compare_writes_table_and_plot_then_plot_redraws(corpus, cache, tmp_path
         [
             "compare",
             "--optimizers",
-            "sumo,adamw",
+            "sumo, adamw@0.005",
             "--preset",
             "test",
             "--corpus",
@@ -173,6 +175,7 @@ def test_compare_writes_table_and_plot_then_plot_redraws(corpus, cache, tmp_path
     assert (root / "loss_curves.png").stat().st_size > 10_000
     runs = json.loads((root / "comparison.json").read_text())["runs"]
     assert [r["optimizer"] for r in runs] == ["sumo", "adamw"]
+    assert [r["lr"] for r in runs] == [0.02, 0.005]  # sumo's default, adamw's own
     assert runs[0]["optimizer_state_bytes"] < runs[1]["optimizer_state_bytes"]  # low rank keeps less state
     redrawn = tmp_path / "again.png"
     assert cli(["plot", str(root / "sumo"), str(root / "adamw"), "--out", str(redrawn)]) == 0

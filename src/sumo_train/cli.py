@@ -47,7 +47,11 @@ def main(argv: list[str] | None = None) -> int:
         "compare", help="train one model per optimizer, same data and seed", epilog=fields_help
     )
     _add_config_options(compare)
-    compare.add_argument("--optimizers", default="sumo,galore,adamw")
+    compare.add_argument(
+        "--optimizers",
+        default="sumo,galore,adamw",
+        help="comma-separated names, each optionally with its own learning rate: sumo,galore,adamw@3e-3",
+    )
     plot = commands.add_parser("plot", help="redraw loss curves from run directories")
     plot.add_argument("runs", nargs="+", type=Path)
     plot.add_argument("--out", type=Path, default=Path("loss_curves.png"))
@@ -71,11 +75,11 @@ def main(argv: list[str] | None = None) -> int:
             base = dataclasses.replace(base, run_dir="runs/compare")
         root = Path(base.run_dir)
         summaries, run_dirs = [], []
-        names = [name.strip() for name in args.optimizers.split(",") if name.strip()]
-        if base.lr is not None and len(names) > 1:
-            print("note: --lr applies to every optimizer of the comparison", file=sys.stderr)
-        for name in names:
-            config = dataclasses.replace(base, optimizer=name, run_dir=str(root / name))
+        entries = parse_optimizer_list(args.optimizers)
+        if base.lr is not None and len(entries) > 1:
+            print("note: --lr applies to every optimizer of the comparison without its own @lr", file=sys.stderr)
+        for name, lr in entries:
+            config = dataclasses.replace(base, optimizer=name, lr=lr or base.lr, run_dir=str(root / name))
             summaries.append(train(config.validate(), progress=not args.no_progress))
             run_dirs.append(Path(config.run_dir))
         table = comparison_table(summaries)
@@ -90,6 +94,20 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, CheckpointError) as error:
         print(f"sumo-train: error: {error}", file=sys.stderr)
         return 2
+
+
+def parse_optimizer_list(text: str) -> list[tuple[str, float | None]]:
+    """``"sumo,adamw@3e-3"`` → ``[("sumo", None), ("adamw", 0.003)]`` (None: the config's lr)."""
+    entries = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, _, lr = item.partition("@")
+        try:
+            entries.append((name.strip(), float(lr) if lr else None))
+        except ValueError:
+            raise ValueError(f"--optimizers: {item!r} is not NAME or NAME@LR") from None
+    if not entries:
+        raise ValueError("--optimizers names no optimizer")
+    return entries
 
 
 if __name__ == "__main__":

@@ -50,8 +50,8 @@ def comparison_table(summaries: list[dict[str, Any]]) -> str:
     accuracy = any("val_accuracy" in s for s in summaries)
     quality = "| val accuracy |" if accuracy else "| val loss | val ppl |"
     lines = [
-        f"| optimizer {quality} wall time | peak memory | optimizer state |",
-        "|---|" + ("---:|" if accuracy else "---:|---:|") + "---:|---:|---:|",
+        f"| optimizer | lr {quality} wall time | peak memory | optimizer state |",
+        "|---|---:|" + ("---:|" if accuracy else "---:|---:|") + "---:|---:|---:|",
     ]
     for s in summaries:
         metric = f"{s['val_accuracy']:.4f} |" if accuracy else f"{s['val_loss']:.4f} | {s['val_ppl']:.2f} |"
@@ -62,5 +62,6 @@ def comparison_table(summaries: list[dict[str, Any]]) -> str:
         else:
             memory = "n/a"
         state = f"{s['optimizer_state_bytes'] / 2**20:.2f} MiB"
-        lines.append(f"| {s['optimizer']} | {metric} {s['wall_s']:.1f} s | {memory} | {state} |")
+        lr = f"{s['lr']:g}" if s.get("lr") is not None else "n/a"
+        lines.append(f"| {s['optimizer']} | {lr} | {metric} {s['wall_s']:.1f} s | {memory} | {state} |")
     return "\n".join(lines)

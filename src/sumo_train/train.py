@@ -272,6 +272,7 @@ def train(config: RunConfig, resume: bool = False, progress: bool = True) -> dic
     summary = {
         **final,
         "optimizer": config.optimizer,
+        "lr": config.resolved_lr(),
         "wall_s": time.perf_counter() - began,
         "peak_memory_bytes": torch.cuda.max_memory_allocated() if device.type == "cuda" else None,
         "process_peak_rss_bytes": _peak_rss_bytes(),
