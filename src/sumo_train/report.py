@@ -14,17 +14,18 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def plot_runs(run_dirs: list[Path], out: Path, title: str = "") -> Path:
-    """Training loss (left) and validation loss (right) against step, one line per run."""
+def plot_runs(run_dirs: list[Path], out: Path, title: str = "", labels: list[str] | None = None) -> Path:
+    """Training loss (left) and validation loss (right) against step, one line per run
+    (labelled by ``labels`` or the run's optimizer)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     figure, (train_axis, val_axis) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for run_dir in run_dirs:
+    for index, run_dir in enumerate(run_dirs):
         metrics = read_metrics(run_dir)
-        label = json.loads((Path(run_dir) / "config.json").read_text()).get("optimizer", Path(run_dir).name)
+        label = labels[index] if labels else json.loads((Path(run_dir) / "config.json").read_text())["optimizer"]
         train_points = [(m["step"], m["loss"]) for m in metrics if "loss" in m]
         val_points = [(m["step"], m["val_loss"]) for m in metrics if "val_loss" in m]
         if train_points:

@@ -253,7 +253,7 @@ def train(config: RunConfig, resume: bool = False, progress: bool = True) -> dic
             bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{rate:,.0f}")
             window_start, window_tokens = time.perf_counter(), 0
         if done % config.eval_every == 0 and done != config.steps:
-            log({"step": done, **task.evaluate()})
+            log({"step": done, **task.evaluate(), "elapsed_s": time.perf_counter() - began})
             window_start = time.perf_counter()  # validation time is not training throughput
         if (config.checkpoint_every and done % config.checkpoint_every == 0) or done == config.steps:
             training_state = {
@@ -266,7 +266,7 @@ def train(config: RunConfig, resume: bool = False, progress: bool = True) -> dic
                 },
             }
             save_checkpoint(run_dir, done, model, training_state, record)
-    final = {"step": config.steps, **task.evaluate(full=True)}
+    final = {"step": config.steps, **task.evaluate(full=True), "elapsed_s": time.perf_counter() - began}
     log(final)
     writer.close()
     summary = {

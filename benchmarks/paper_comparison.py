@@ -1,0 +1,221 @@
+"""The SUMO paper's comparison at small scale: every optimizer, a small learning-rate sweep each,
+the best run of each reported (docs/results.md is made from this script's output).
+
+    python benchmarks/paper_comparison.py pretrain --preset 20m --rank 128 --parallel 6 --out docs/results/pretrain-20m
+    python benchmarks/paper_comparison.py finetune --ranks 4,8 --steps 400 --parallel 6 --out docs/results/finetune
+    python benchmarks/paper_comparison.py pretrain --smoke --out /tmp/smoke     # CPU, seconds: does it run end to end
+
+Each run is one ``sumo-train`` process (several at once with ``--parallel``: on a GPU the small
+models leave it mostly idle); a run whose ``summary.json`` exists is not run again, so the sweep
+can be continued across sessions. Writes ``results.md``/``results.json`` and the best runs'
+loss curves (``loss_curves.png``) under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from sumo_train.data import prepare_tokens  # noqa: E402
+from sumo_train.report import plot_runs, read_metrics  # noqa: E402
+
+# Three learning rates per optimizer around each method's published setting.
+PRETRAIN_GRID = {
+    "adamw": (1e-3, 3e-3, 1e-2),
+    "muon": (0.01, 0.02, 0.05),
+    "galore": (0.005, 0.01, 0.02),
+    "golore": (0.005, 0.01, 0.02),
+    "mofasgd": (0.005, 0.02, 0.05),
+    "sumo": (0.01, 0.02, 0.05),
+}
+FINETUNE_GRID = {"adamw": (2e-5, 5e-5, 1e-4), "galore": (1e-4, 3e-4, 1e-3), "sumo": (1e-3, 3e-3, 1e-2)}
+
+
+def run_one(run_dir: Path, fields: dict[str, Any], task: str) -> dict[str, Any]:
+    summary_path = run_dir / "summary.json"
+    if not summary_path.exists():
+        command = [sys.executable, "-m", "sumo_train.cli", task, "--no-progress", "--run-dir", str(run_dir)]
+        for name, value in fields.items():
+            value = json.dumps(value) if isinstance(value, dict) else str(value)
+            command += [f"--{name.replace('_', '-')}", value]
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with open(run_dir / "stdout.log", "w") as log:
+            code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=_environment()).returncode
+        if code != 0:
+            return {"run_dir": str(run_dir), "failed": code, **fields}
+    return {"run_dir": str(run_dir), **fields, **json.loads(summary_path.read_text())}
+
+
+def _environment() -> dict[str, str]:
+    import os
+
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT / "src") + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("OMP_NUM_THREADS", "2")
+    return env
+
+
+def first_reaching(run_dir: str, key: str, target: float, higher_is_better: bool) -> tuple[int | None, float | None]:
+    """(step, elapsed seconds) of the first validation whose ``key`` is as good as ``target``."""
+    for entry in read_metrics(Path(run_dir)):
+        if key in entry and (entry[key] >= target if higher_is_better else entry[key] <= target):
+            return entry["step"], entry.get("elapsed_s")
+    return None, None
+
+
+def plan(args: argparse.Namespace) -> list[tuple[str, str, dict[str, Any]]]:
+    """(label, optimizer, run fields) for every run of the sweep."""
+    common = {"seed": args.seed, "steps": args.steps, "preset": args.preset, "cache_dir": args.cache_dir}
+    if args.task == "pretrain":
+        common |= {
+            "seq_len": args.seq_len,
+            "batch_size": args.batch_size,
+            "update_freq": args.update_freq,
+            "eval_every": args.eval_every,
+            "eval_batches": args.eval_batches,
+            "vocab_size": args.vocab_size,
+            "adamw_lr": args.adamw_lr or 3e-3,
+            "corpus": args.corpus,
+        }
+        grid = {name: PRETRAIN_GRID[name] for name in args.optimizers.split(",")}
+        settings = [(name, name, {"rank": args.rank}) for name in grid]
+    else:
+        common = {
+            "cache_dir": args.cache_dir,
+            "seed": args.seed,
+            "steps": args.steps,
+            "batch_size": args.batch_size,
+            "eval_every": args.eval_every,
+            "eval_batches": args.eval_batches,
+            "update_freq": args.update_freq,
+            "adamw_lr": args.adamw_lr or 5e-5,
+        }
+        grid = FINETUNE_GRID
+        settings = [("adamw (full)", "adamw", {})]
+        settings += [
+            (f"{name} r={rank}", name, {"rank": rank})
+            for rank in map(int, args.ranks.split(","))
+            for name in grid
+            if name != "adamw"
+        ]
+    if args.smoke:
+        common |= {
+            "preset": "test",
+            "steps": 6,
+            "eval_every": 3,
+            "eval_batches": 1,
+            "batch_size": 4,
+            "final_eval_batches": 2,
+        }
+        if args.task == "pretrain":
+            common |= {"seq_len": 32, "vocab_size": 512, "rank": 8}
+    runs = []
+    for label, name, extra in settings:
+        lrs = grid[name][:1] if args.smoke else grid[name]
+        for lr in lrs:
+            runs.append((label, name, {**common, **extra, "optimizer": name, "lr": lr}))
+    return runs
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("task", choices=("pretrain", "finetune"))
+    parser.add_argument("--preset", default="20m")
+    parser.add_argument("--optimizers", default=",".join(PRETRAIN_GRID))
+    parser.add_argument("--rank", type=int, default=128)
+    parser.add_argument("--ranks", default="4,8", help="finetune: the low ranks to compare with full fine-tuning")
+    parser.add_argument("--update-freq", type=int, default=200)
+    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--vocab-size", type=int, default=8192)
+    parser.add_argument("--eval-every", type=int, default=50)
+    parser.add_argument("--eval-batches", type=int, default=10)
+    parser.add_argument(
+        "--adamw-lr", type=float, default=None, help="lr of the AdamW-trained non-matrix params (3e-3 / 5e-5)"
+    )
+    parser.add_argument("--corpus", default="shakespeare")
+    parser.add_argument("--cache-dir", default=".cache/sumo-train")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--parallel", type=int, default=1)
+    parser.add_argument("--smoke", action="store_true", help="tiny CPU version: one lr each, a few steps")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+
+    runs = plan(args)
+    if args.task == "pretrain":  # tokenize once, before the runs start side by side
+        first = runs[0][2]
+        prepare_tokens(first["corpus"], first["cache_dir"], first["vocab_size"])
+    with ThreadPoolExecutor(args.parallel) as pool:
+        jobs = [
+            pool.submit(run_one, args.out / "runs" / f"{label.replace(' ', '_')}-lr{fields['lr']:g}", fields, args.task)
+            for label, _, fields in runs
+        ]
+        results = [{"label": label, **job.result()} for (label, _, _), job in zip(runs, jobs)]
+    failed = [r for r in results if "failed" in r]
+    for r in failed:
+        print(f"failed ({r['failed']}): {r['run_dir']}, see its stdout.log", file=sys.stderr)
+    done = [r for r in results if "failed" not in r]
+    if not done:
+        return 1
+    higher_is_better = args.task == "finetune"
+    key = "val_accuracy" if higher_is_better else "val_loss"
+    best: dict[str, dict[str, Any]] = {}
+    for r in done:
+        if r["label"] not in best or (r[key] > best[r["label"]][key]) == higher_is_better:
+            best[r["label"]] = r
+    reference_label = "adamw (full)" if higher_is_better else "galore"
+    reference = best.get(reference_label)
+    lines = [
+        "| optimizer | best lr (of 3) | "
+        + ("val accuracy | val loss" if higher_is_better else "val loss | val ppl")
+        + f" | steps to {reference_label}'s best | time to it | wall | peak GPU memory | optimizer state |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for label, r in best.items():
+        if higher_is_better:
+            quality = f"{r['val_accuracy']:.4f} | {r['val_loss']:.4f}"
+        else:
+            quality = f"{r['val_loss']:.4f} | {r['val_ppl']:.2f}"
+        step, seconds = (
+            first_reaching(r["run_dir"], key, reference[key], higher_is_better) if reference else (None, None)
+        )
+        reach = f"{step} | {seconds:.0f} s" if step is not None and seconds is not None else "not reached | –"
+        memory = f"{r['peak_memory_bytes'] / 2**20:,.0f} MiB" if r.get("peak_memory_bytes") else "n/a (CPU)"
+        lines.append(
+            f"| {label} | {r['lr']:g} | {quality} | {reach} | {r['wall_s']:.0f} s | {memory} | "
+            f"{r['optimizer_state_bytes'] / 2**20:.2f} MiB |"
+        )
+    table = "\n".join(lines)
+    device = done[0]["device"]
+    model = f"LLaMA {done[0]['preset']}" if args.task == "pretrain" else "MiniLM-L6 on Rotten Tomatoes"
+    title = f"{args.task} {model}, {done[0]['steps']} steps, {device}"
+    args.out.mkdir(parents=True, exist_ok=True)
+    labels = list(best)
+    plot = plot_runs(
+        [Path(best[label]["run_dir"]) for label in labels],
+        args.out / "loss_curves.png",
+        title=title + " (best lr of each)",
+        labels=labels,
+    )
+    all_runs = "\n".join(f"| {r['label']} | {r['lr']:g} | {r.get(key, float('nan')):.4f} |" for r in done)
+    (args.out / "results.md").write_text(
+        f"{title}\n\n{table}\n\nEvery run of the sweep:\n\n| optimizer | lr | {key} |\n|---|---:|---:|\n{all_runs}\n"
+    )
+    (args.out / "results.json").write_text(
+        json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "runs": results}, indent=2)
+    )
+    print(f"{title}\n\n{table}\n\nplot: {plot}\ntable: {args.out / 'results.md'}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
