@@ -1,5 +1,6 @@
 """sumo-optim: memory-efficient low-rank optimizers for training large language models."""
 
+from .adafactor import GaLoreAdafactor
 from .base import SubspaceOptimizer
 from .galore import GaLoreAdamW
 from .golore import GoLore
@@ -11,6 +12,7 @@ from .sumo import SUMO
 
 __all__ = [
     "SUMO",
+    "GaLoreAdafactor",
     "GaLoreAdamW",
     "GoLore",
     "MoFaSGD",

@@ -109,17 +109,25 @@ class SubspaceOptimizer(Optimizer):
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         """One clear ``ValueError`` per bad hyperparameter, naming it."""
-        if isinstance(group["lr"], Tensor):
-            raise ValueError("lr must be a Python float, not a Tensor")
-        if not _is_number(group["lr"]) or group["lr"] < 0:
-            raise ValueError(f"lr must be a finite number >= 0, got {group['lr']!r}")
-        if not _is_number(group["weight_decay"]) or group["weight_decay"] < 0:
-            raise ValueError(f"weight_decay must be a finite number >= 0, got {group['weight_decay']!r}")
+        self._validate_lr(group["lr"])
         betas = group["adamw_betas"]
         if len(betas) != 2 or not all(_is_number(b) and 0 <= b < 1 for b in betas):
             raise ValueError(f"adamw_betas must be two numbers in [0, 1), got {betas!r}")
         if not _is_number(group["adamw_eps"]) or group["adamw_eps"] < 0:
             raise ValueError(f"adamw_eps must be a finite number >= 0, got {group['adamw_eps']!r}")
+        self._validate_common(group)
+
+    @staticmethod
+    def _validate_lr(lr: Any) -> None:
+        if isinstance(lr, Tensor):
+            raise ValueError("lr must be a Python float, not a Tensor")
+        if not _is_number(lr) or lr < 0:
+            raise ValueError(f"lr must be a finite number >= 0, got {lr!r}")
+
+    def _validate_common(self, group: dict[str, Any]) -> None:
+        """The checks every optimizer needs, whatever its rule for non-matrix parameters."""
+        if not _is_number(group["weight_decay"]) or group["weight_decay"] < 0:
+            raise ValueError(f"weight_decay must be a finite number >= 0, got {group['weight_decay']!r}")
         if group["nonfinite"] not in NONFINITE_POLICIES:
             raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {group['nonfinite']!r}")
         if not isinstance(group["seed"], int) or isinstance(group["seed"], bool) or group["seed"] < 0:
@@ -256,6 +264,12 @@ class SubspaceOptimizer(Optimizer):
         """Shapes the matrix rule's state tensors must have for an m×n matrix (for checks)."""
         return {}
 
+    def _expected_vector_state_shapes(
+        self, shape: tuple[int, ...], group: dict[str, Any]
+    ) -> dict[str, tuple[int, ...]]:
+        """Shapes the state tensors of the rule for everything else (AdamW) must have."""
+        return {"exp_avg": shape, "exp_avg_sq": shape}
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Loads a state dict, keeping each saved state tensor's dtype (float32 moments of a bf16
         parameter stay float32) and refusing states whose shapes do not fit the parameters."""
@@ -282,7 +296,7 @@ class SubspaceOptimizer(Optimizer):
         if self._uses_matrix_rule(p, group):
             expected = self._expected_state_shapes((p.shape[0], math.prod(p.shape[1:])), group, state)
         else:
-            expected = {"exp_avg": tuple(p.shape), "exp_avg_sq": tuple(p.shape)}
+            expected = self._expected_vector_state_shapes(tuple(p.shape), group)
         for name, shape in expected.items():
             value = state.get(name)
             if value is not None and tuple(value.shape) != shape:

@@ -25,7 +25,7 @@ from torch import Tensor
 from .base import SubspaceOptimizer, _is_number
 from .subspace import BASIS_METHODS, choose_side, compute_basis, is_refresh_step, project, project_back, transport
 
-__all__ = ["GaLoreAdamW", "galore_adam_update"]
+__all__ = ["GaLoreAdamW", "galore_adam_update", "validate_galore_options"]
 
 
 def galore_adam_update(
@@ -44,6 +44,23 @@ def galore_adam_update(
     weights.add_(direction_of(exp_avg / denom), alpha=-step_size)
     if group["weight_decay"] > 0.0:
         weights.add_(weights, alpha=-group["lr"] * group["weight_decay"])
+
+
+def validate_galore_options(group: dict[str, Any]) -> None:
+    """Checks a group's ``rank`` (``None``: full space), ``update_proj_gap``, ``scale``,
+    ``proj_type`` and ``refresh``, with one clear ``ValueError`` each."""
+    if group["rank"] is not None:
+        SubspaceOptimizer._check_positive_int(group, "rank")
+    SubspaceOptimizer._check_positive_int(group, "update_proj_gap")
+    if not _is_number(group["scale"]) or group["scale"] < 0:
+        raise ValueError(f"scale must be a finite number >= 0, got {group['scale']!r}")
+    if group["proj_type"] not in ("std", "reverse_std", "left", "right"):
+        raise ValueError(
+            f"proj_type must be 'std', 'reverse_std', 'left' or 'right', got {group['proj_type']!r}"
+            + (" (galore-torch's two-sided 'full' is not supported)" if group["proj_type"] == "full" else "")
+        )
+    if group["refresh"] not in BASIS_METHODS:
+        raise ValueError(f"refresh must be one of {BASIS_METHODS}, got {group['refresh']!r}")
 
 
 class GaLoreAdamW(SubspaceOptimizer):
@@ -103,18 +120,7 @@ class GaLoreAdamW(SubspaceOptimizer):
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         super()._validate_group(group)
-        if group["rank"] is not None:
-            self._check_positive_int(group, "rank")
-        self._check_positive_int(group, "update_proj_gap")
-        if not _is_number(group["scale"]) or group["scale"] < 0:
-            raise ValueError(f"scale must be a finite number >= 0, got {group['scale']!r}")
-        if group["proj_type"] not in ("std", "reverse_std", "left", "right"):
-            raise ValueError(
-                f"proj_type must be 'std', 'reverse_std', 'left' or 'right', got {group['proj_type']!r}"
-                + (" (galore-torch's two-sided 'full' is not supported)" if group["proj_type"] == "full" else "")
-            )
-        if group["refresh"] not in BASIS_METHODS:
-            raise ValueError(f"refresh must be one of {BASIS_METHODS}, got {group['refresh']!r}")
+        validate_galore_options(group)
 
     def _uses_matrix_rule(self, param: Tensor, group: dict[str, Any]) -> bool:
         return group["subspace"] and group["rank"] is not None and param.ndim >= 2

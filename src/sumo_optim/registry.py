@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from .adafactor import GaLoreAdafactor
 from .galore import GaLoreAdamW
 from .golore import GoLore
 from .mofasgd import MoFaSGD
@@ -48,6 +49,7 @@ def create(name: str, params: Any, **kwargs: Any) -> torch.optim.Optimizer:
 
 register("sumo", SUMO)
 register("galore", GaLoreAdamW)
+register("galore_adafactor", GaLoreAdafactor)
 register("golore", GoLore)
 register("mofasgd", MoFaSGD)
 register("adamw", torch.optim.AdamW)

@@ -3,28 +3,41 @@
 from __future__ import annotations
 
 import functools
+import importlib
 import importlib.util
 import sys
 import types
 from typing import Any
 
-__all__ = ["galore_torch_adamw"]
+__all__ = ["galore_torch_adafactor", "galore_torch_adamw"]
+
+
+def _galore_torch_class(module: str, name: str) -> Any:
+    """``galore_torch.<module>.<name>``, or ``None`` when it cannot be imported.
+
+    Imported without running the package's ``__init__``, which needs bitsandbytes (for the
+    8-bit variant) even when only another variant is used.
+    """
+    if "galore_torch" not in sys.modules:
+        spec = importlib.util.find_spec("galore_torch")
+        if spec is None:
+            return None
+        package = types.ModuleType("galore_torch")
+        package.__path__ = list(spec.submodule_search_locations)
+        sys.modules["galore_torch"] = package
+    try:
+        return getattr(importlib.import_module(f"galore_torch.{module}"), name)
+    except ImportError:  # e.g. the Adafactor module needs transformers
+        return None
 
 
 @functools.cache
 def galore_torch_adamw() -> Any:
-    """galore-torch 1.0's ``GaLoreAdamW`` class, or ``None`` when the package is not installed.
+    """galore-torch 1.0's ``GaLoreAdamW`` class, or ``None`` when the package is not installed."""
+    return _galore_torch_class("adamw", "AdamW")
 
-    Imported without running the package's ``__init__``, which needs bitsandbytes (for the
-    8-bit variant) even when only the AdamW variant is used.
-    """
-    spec = importlib.util.find_spec("galore_torch") if "galore_torch" not in sys.modules else None
-    if spec is None and "galore_torch" not in sys.modules:
-        return None
-    if spec is not None:
-        package = types.ModuleType("galore_torch")
-        package.__path__ = list(spec.submodule_search_locations)
-        sys.modules["galore_torch"] = package
-    from galore_torch.adamw import AdamW
 
-    return AdamW
+@functools.cache
+def galore_torch_adafactor() -> Any:
+    """galore-torch 1.0's ``GaLoreAdafactor`` class, or ``None`` when it (or transformers) is missing."""
+    return _galore_torch_class("adafactor", "Adafactor")
