@@ -63,11 +63,26 @@ def _environment() -> dict[str, str]:
     return env
 
 
-def first_reaching(run_dir: str, key: str, target: float, higher_is_better: bool) -> tuple[int | None, float | None]:
-    """(step, elapsed seconds) of the first validation whose ``key`` is as good as ``target``."""
+def first_reaching(run_dir: str, key: str, target: float, higher_is_better: bool) -> tuple[float | None, float | None]:
+    """(step, elapsed seconds) at which ``key`` first gets as good as ``target``, interpolated
+    linearly between the two validations around the crossing (validations are sparse)."""
+    sign = -1.0 if higher_is_better else 1.0  # compare as "lower is better"
+    previous = None
     for entry in read_metrics(Path(run_dir)):
-        if key in entry and (entry[key] >= target if higher_is_better else entry[key] <= target):
-            return entry["step"], entry.get("elapsed_s")
+        if key not in entry:
+            continue
+        value = sign * entry[key]
+        if value <= sign * target:
+            if previous is None or previous[2] == value:
+                return float(entry["step"]), entry.get("elapsed_s")
+            step0, time0, value0 = previous
+            t = (value0 - sign * target) / (value0 - value)
+            step = step0 + t * (entry["step"] - step0)
+            elapsed = entry.get("elapsed_s")
+            if elapsed is not None and time0 is not None:
+                elapsed = time0 + t * (elapsed - time0)
+            return step, elapsed
+        previous = (entry["step"], entry.get("elapsed_s"), value)
     return None, None
 
 
@@ -98,7 +113,7 @@ def plan(args: argparse.Namespace) -> list[tuple[str, str, dict[str, Any]]]:
             "update_freq": args.update_freq,
             "adamw_lr": args.adamw_lr or 5e-5,
         }
-        grid = FINETUNE_GRID
+        grid = dict(FINETUNE_GRID)
         settings = [("adamw (full)", "adamw", {})]
         settings += [
             (f"{name} r={rank}", name, {"rank": rank})
@@ -117,6 +132,11 @@ def plan(args: argparse.Namespace) -> list[tuple[str, str, dict[str, Any]]]:
         }
         if args.task == "pretrain":
             common |= {"seq_len": 32, "vocab_size": 512, "rank": 8}
+    for setting in args.lrs:  # NAME=LR[,LR...]: another grid, e.g. one more point past an edge
+        name, _, values = setting.partition("=")
+        if name not in grid or not values:
+            raise SystemExit(f"--lrs {setting!r}: expected NAME=LR[,LR...] with NAME one of {', '.join(grid)}")
+        grid[name] = tuple(sorted(float(v) for v in values.split(",")))
     runs = []
     for label, name, extra in settings:
         lrs = grid[name][:1] if args.smoke else grid[name]
@@ -146,6 +166,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-dir", default=".cache/sumo-train")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--parallel", type=int, default=1)
+    parser.add_argument(
+        "--lrs",
+        action="append",
+        default=[],
+        metavar="NAME=LR[,LR...]",
+        help="another lr grid for NAME (repeatable)",
+    )
     parser.add_argument("--smoke", action="store_true", help="tiny CPU version: one lr each, a few steps")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
@@ -175,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     reference_label = "adamw (full)" if higher_is_better else "galore"
     reference = best.get(reference_label)
     lines = [
-        "| optimizer | best lr (of 3) | "
+        "| optimizer | best lr (of the sweep) | "
         + ("val accuracy | val loss" if higher_is_better else "val loss | val ppl")
         + f" | steps to {reference_label}'s best | time to it | wall | peak GPU memory | optimizer state |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -188,13 +215,16 @@ def main(argv: list[str] | None = None) -> int:
         step, seconds = (
             first_reaching(r["run_dir"], key, reference[key], higher_is_better) if reference else (None, None)
         )
-        reach = f"{step} | {seconds:.0f} s" if step is not None and seconds is not None else "not reached | –"
+        reach = f"{step:.0f} | {seconds:.0f} s" if step is not None and seconds is not None else "not reached | –"
         memory = f"{r['peak_memory_bytes'] / 2**20:,.0f} MiB" if r.get("peak_memory_bytes") else "n/a (CPU)"
+        tried = sorted(x["lr"] for x in done if x["label"] == label)
+        edge = " (edge)" if len(tried) > 1 and r["lr"] in (tried[0], tried[-1]) else ""
         lines.append(
-            f"| {label} | {r['lr']:g} | {quality} | {reach} | {r['wall_s']:.0f} s | {memory} | "
+            f"| {label} | {r['lr']:g}{edge} | {quality} | {reach} | {r['wall_s']:.0f} s | {memory} | "
             f"{r['optimizer_state_bytes'] / 2**20:.2f} MiB |"
         )
     table = "\n".join(lines)
+    table += "\n\n(edge): the best lr is the smallest or largest tried; extend the grid with --lrs NAME=LR,LR,..."
     device = done[0]["device"]
     model = f"LLaMA {done[0]['preset']}" if args.task == "pretrain" else "MiniLM-L6 on Rotten Tomatoes"
     title = f"{args.task} {model}, {done[0]['steps']} steps, {device}"

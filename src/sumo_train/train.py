@@ -111,7 +111,10 @@ class Task:
 
             directory = data_lib.minilm_directory()
             self.tokenizer = AutoTokenizer.from_pretrained(str(directory))
-            self.model = BertForSequenceClassification.from_pretrained(str(directory), num_labels=2)
+            # Train in float32 whatever dtype the weights are stored in (recent transformers keep a
+            # half-precision checkpoint's dtype, and torch's AdamW then divides by eps = 0 in fp16).
+            model = BertForSequenceClassification.from_pretrained(str(directory), num_labels=2)
+            self.model = model.to(torch.float32)
             self.train_examples, self.val_examples = data_lib.rotten_tomatoes()
             self.tokens_per_batch = config.batch_size * config.max_length
         self.model.to(device)
