@@ -177,3 +177,26 @@ def test_mofasgd_step_is_spectrally_normalized():
     assert singular_values[5:].max() < 1e-10
     with pytest.raises(ValueError, match="beta"):
         MoFaSGD([param], beta=1.0)
+
+
+def test_mofasgd_batched_factor_update_equals_one_matrix_at_a_time():
+    """Equal-shape matrices share one batched QR/SVD call; the step is the per-matrix rule."""
+    g = torch.Generator().manual_seed(2)
+    shapes = [(24, 16), (24, 16), (16, 24), (24, 16)]
+    batched = [torch.nn.Parameter(torch.randn(s, generator=g, dtype=torch.float64)) for s in shapes]
+    single = [torch.nn.Parameter(p.detach().clone()) for p in batched]
+    optimizer = MoFaSGD(batched, rank=4, beta=0.9, lr=0.1, weight_decay=0.01)
+    singles = [MoFaSGD([p], rank=4, beta=0.9, lr=0.1, weight_decay=0.01) for p in single]
+    for _ in range(6):
+        for a, b in zip(batched, single):
+            a.grad = torch.randn(a.shape, generator=g, dtype=torch.float64)
+            b.grad = a.grad.clone()
+        optimizer.step()
+        for opt in singles:
+            opt.step()
+    for a, b, opt in zip(batched, single, singles):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+        s_a, s_b = optimizer.state[a], opt.state[b]
+        torch.testing.assert_close(s_a["singular_values"], s_b["singular_values"], rtol=0, atol=1e-12)
+        momentum = s_a["left"] * s_a["singular_values"] @ s_a["right"].T
+        torch.testing.assert_close(momentum, s_b["left"] * s_b["singular_values"] @ s_b["right"].T, rtol=0, atol=1e-12)

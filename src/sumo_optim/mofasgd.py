@@ -27,20 +27,24 @@ __all__ = ["MoFaSGD", "update_momentum_factors"]
 def update_momentum_factors(
     u: Tensor, sigma: Tensor, v: Tensor, grad: Tensor, beta: float
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Rank-r factors of ``β U diag(σ) Vᵀ + Ĝ`` (Ĝ: G projected on the tangent space at U, V)."""
-    rank = u.shape[1]
+    """Rank-r factors of ``β U diag(σ) Vᵀ + Ĝ`` (Ĝ: G projected on the tangent space at U, V).
+
+    Works on one matrix or on a stack of equal-shape matrices (leading batch dimension).
+    """
+    rank = u.shape[-1]
     grad_v, grad_t_u = grad @ v, grad.mT @ u
-    left, left_r = torch.linalg.qr(torch.cat([u, grad_v], dim=1))
-    right, right_r = torch.linalg.qr(torch.cat([v, grad_t_u], dim=1))
-    identity = torch.eye(rank, dtype=u.dtype, device=u.device)
+    left, left_r = torch.linalg.qr(torch.cat([u, grad_v], dim=-1))
+    right, right_r = torch.linalg.qr(torch.cat([v, grad_t_u], dim=-1))
+    identity = torch.eye(rank, dtype=u.dtype, device=u.device).expand_as(grad_v.mT @ u)
     core = torch.cat(
         [
-            torch.cat([beta * torch.diag(sigma) - u.mT @ grad_v, identity], dim=1),
-            torch.cat([identity, torch.zeros_like(identity)], dim=1),
-        ]
+            torch.cat([beta * torch.diag_embed(sigma) - u.mT @ grad_v, identity], dim=-1),
+            torch.cat([identity, torch.zeros_like(identity)], dim=-1),
+        ],
+        dim=-2,
     )
     core_u, core_sigma, core_vh = torch.linalg.svd(left_r @ core @ right_r.mT)
-    return left @ core_u[:, :rank], core_sigma[:rank], right @ core_vh[:rank].mT
+    return left @ core_u[..., :rank], core_sigma[..., :rank], right @ core_vh[..., :rank, :].mT
 
 
 class MoFaSGD(SubspaceOptimizer):
@@ -100,6 +104,33 @@ class MoFaSGD(SubspaceOptimizer):
         rank = self._rank(shape, group)
         return {"left": (shape[0], rank), "singular_values": (rank,), "right": (shape[1], rank)}
 
+    def _update_parameters(self, work: list[tuple[Tensor, dict[str, Any], int]]) -> None:
+        """Per matrix, except the factor update (two QRs and the 2r×2r SVD), which runs once per
+        stack of equal-shape matrices: one batched call instead of three small ones per matrix."""
+        pending = []
+        for p, group, index in work:
+            state = self.state[p]
+            if not self._uses_matrix_rule(p, group) or "left" not in state:
+                self._update_parameter(p, group, index)  # vectors, and each matrix's first step
+                continue
+            self._count_step(p, group, index)
+            pending.append((p, group, state, self._working_copy(p.grad).view(p.shape[0], -1)))
+        stacks: dict[tuple, list[int]] = {}
+        for i, (_, group, state, grad) in enumerate(pending):
+            stacks.setdefault((grad.shape, grad.dtype, grad.device, group["beta"], state["left"].shape), []).append(i)
+        for (*_, beta, _), members in stacks.items():
+            factors = update_momentum_factors(
+                *(torch.stack([pending[i][2][name] for i in members]) for name in ("left", "singular_values", "right")),
+                torch.stack([pending[i][3] for i in members]),
+                beta,
+            )
+            for i, u, sigma, v in zip(members, *(f.unbind() for f in factors)):
+                pending[i][2]["left"], pending[i][2]["singular_values"], pending[i][2]["right"] = u, sigma, v
+        for p, group, state, _ in pending:
+            weights = self._working_copy(p)
+            self._apply_step(weights.view(p.shape[0], -1), state, group)
+            self._end_update(p, weights)
+
     def _matrix_step(self, weights: Tensor, grad: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
         rank = self._rank(grad.shape, group)
         if "left" not in state:
@@ -109,8 +140,13 @@ class MoFaSGD(SubspaceOptimizer):
             state["left"], state["singular_values"], state["right"] = update_momentum_factors(
                 state["left"], state["singular_values"], state["right"], grad, group["beta"]
             )
+        self._apply_step(weights, state, group)
+
+    @staticmethod
+    def _apply_step(weights: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+        """``W ← W − η α U Vᵀ − η λ W``, dropping directions whose σ is zero (a zero momentum)."""
         u, sigma, v = state["left"], state["singular_values"], state["right"]
-        tolerance = max(4 * torch.finfo(sigma.dtype).eps, torch.finfo(torch.float64).eps * max(grad.shape))
+        tolerance = max(4 * torch.finfo(sigma.dtype).eps, torch.finfo(torch.float64).eps * max(weights.shape))
         nonzero = (sigma > tolerance * sigma.amax()).to(sigma.dtype)  # a zero momentum gives a zero step
         weights.mul_(1 - group["lr"] * group["weight_decay"])
         weights.addmm_(u * nonzero, v.mT, alpha=-group["lr"] * group["scale"])
