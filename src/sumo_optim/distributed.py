@@ -11,10 +11,10 @@ gradients' all-reduce):
   its low-rank state, then broadcasts the new weights, as in Muon's distributed variant.
   Non-matrix parameters (AdamW) are updated on every rank.
 * **FSDP2** (``torch.distributed.fsdp.fully_shard``; parameters are ``DTensor``s sharded on
-  dim 0): automatic. The owner of a matrix gets the whole gradient and weight
-  (``full_tensor``), runs the matrix rule on them, and every rank receives its shard of the
-  new weight (``distribute_tensor(..., src_data_rank=owner)``). Non-matrix parameters are
-  updated shard by shard, their AdamW states being ``DTensor``s too.
+  dim 0): automatic. The owner of a matrix gathers the whole gradient and weight
+  (``dist.gather`` of the shards), runs the matrix rule on them, and scatters the new weight
+  back (``dist.scatter``), all asynchronous. Non-matrix parameters are updated shard by
+  shard, their AdamW states being ``DTensor``s too.
 
 In both owner modes low-rank states live on the owner only (state memory divided by the
 world size). Checkpoints (:func:`save_checkpoint`, :func:`load_checkpoint`) go through
@@ -25,7 +25,7 @@ another world size: owners are recomputed and each loads the states of the matri
 from __future__ import annotations
 
 import heapq
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -153,33 +153,81 @@ def owner_step(optimizer: SubspaceOptimizer, work: Work) -> None:
     rank, world_size = dist.get_rank(process_group), dist.get_world_size(process_group)
     owners = matrix_owners(optimizer, world_size)
     optimizer._update_parameters([item for item in work if item[2] not in owners])
-    matrices = [item for item in work if item[2] in owners]
+    matrices = [(p, group, index, owners[index]) for p, group, index in work if index in owners]
     # The owner's stand-in for a parameter: the parameter itself, or the whole gathered DTensor.
     stand_ins: dict[int, Tensor] = {}
-    for p, _, index in matrices:
+    gathered = []
+    for p, _, index, owner in matrices:
         if is_dtensor(p):
-            weights, grad = p.full_tensor(), p.grad.full_tensor()  # collectives: every rank joins
-            if owners[index] == rank:
-                weights.grad = grad
-                stand_ins[index] = weights
-        elif owners[index] == rank:
+            gathered.append((index, _gather_rows(p, owner, process_group), _gather_rows(p.grad, owner, process_group)))
+        elif owner == rank:
             stand_ins[index] = p
-    owned = [(stand_ins[index], group, index) for _, group, index in matrices if index in stand_ins]
-    _with_states_moved(optimizer, {index: p for p, _, index in matrices if index in stand_ins}, stand_ins, owned)
-    pending = []
-    for p, _, index in matrices:
+    for index, weights, grad in gathered:  # every rank waits; only the owner receives
+        whole_weights, whole_grad = weights(), grad()
+        if whole_weights is not None:
+            whole_weights.grad = whole_grad
+            stand_ins[index] = whole_weights
+    owned = [(stand_ins[index], group, index) for _, group, index, _ in matrices if index in stand_ins]
+    _with_states_moved(optimizer, {index: p for p, _, index, _ in matrices if index in stand_ins}, stand_ins, owned)
+    finish = []
+    for p, _, index, owner in matrices:
         if is_dtensor(p):
-            full = stand_ins.get(index)
-            if full is None:
-                full = torch.empty(p.shape, dtype=p.dtype, device=local_tensor(p).device)
-            shard = torch.distributed.tensor.distribute_tensor(
-                full, p.device_mesh, p.placements, src_data_rank=owners[index]
-            )
-            p.to_local().copy_(shard.to_local())
+            finish.append(_scatter_rows(stand_ins.get(index), p, owner, process_group))
         else:
-            pending.append(dist.broadcast(p, group=process_group, group_src=owners[index], async_op=True))
-    for handle in pending:
+            handle = dist.broadcast(p, group=process_group, group_src=owner, async_op=True)
+            finish.append(handle.wait)
+    for done in finish:
+        done()
+
+
+def _rows_per_rank(tensor: Tensor, world_size: int) -> int:
+    """Rows of each rank's (padded) shard of a ``Shard(0)`` DTensor: ``ceil(m / world_size)``."""
+    placements = tuple(tensor.placements)
+    if len(placements) != 1 or not placements[0].is_shard(0):
+        raise NotImplementedError(f"sumo_optim supports FSDP2 matrices sharded as (Shard(0),), got {placements}")
+    return -(-tensor.shape[0] // world_size)
+
+
+def _padded_rows(tensor: Tensor, rows: int) -> Tensor:
+    """``tensor`` with zero rows appended up to ``rows`` (itself, contiguous, when it has them)."""
+    if tensor.shape[0] == rows:
+        return tensor.contiguous()
+    padded = tensor.new_zeros((rows, *tensor.shape[1:]))
+    padded[: tensor.shape[0]] = tensor
+    return padded
+
+
+def _gather_rows(tensor: Tensor, owner: int, process_group: Any) -> Callable[[], Tensor | None]:
+    """Starts gathering a ``Shard(0)`` DTensor's shards on ``owner``; the returned function
+    waits and gives the whole tensor there (``None`` elsewhere)."""
+    world_size = dist.get_world_size(process_group)
+    rows = _rows_per_rank(tensor, world_size)
+    local = _padded_rows(tensor.to_local(), rows)
+    pieces = [torch.empty_like(local) for _ in range(world_size)] if dist.get_rank(process_group) == owner else None
+    handle = dist.gather(local, pieces, group=process_group, group_dst=owner, async_op=True)
+
+    def result() -> Tensor | None:
         handle.wait()
+        return None if pieces is None else torch.cat(pieces)[: tensor.shape[0]]
+
+    return result
+
+
+def _scatter_rows(full: Tensor | None, p: Tensor, owner: int, process_group: Any) -> Callable[[], None]:
+    """Starts sending each rank its rows of ``full`` (given on ``owner``) into ``p``'s local shard;
+    the returned function waits and copies."""
+    world_size = dist.get_world_size(process_group)
+    rows = _rows_per_rank(p, world_size)
+    local = p.to_local()
+    received = torch.empty((rows, *local.shape[1:]), dtype=local.dtype, device=local.device)
+    pieces = None if full is None else list(_padded_rows(full, rows * world_size).split(rows))
+    handle = dist.scatter(received, pieces, group=process_group, group_src=owner, async_op=True)
+
+    def finish() -> None:
+        handle.wait()
+        local.copy_(received[: local.shape[0]])
+
+    return finish
 
 
 def _with_states_moved(
