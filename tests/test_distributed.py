@@ -7,8 +7,11 @@ and on 1 rank (another world size). The reference is one process on the full bat
 
 from __future__ import annotations
 
+import json
 import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -184,3 +187,13 @@ def test_fsdp2_and_checkpoint_resume_on_same_and_other_world_size(tmp_path):
     spawn("fsdp_scenario", 2, tmp_path)
     spawn("resume_scenario", 2, tmp_path)
     spawn("resume_scenario", 1, tmp_path)
+
+
+def test_benchmark_smoke_runs_under_torchrun(tmp_path):
+    """benchmarks/distributed_step_time.py at CPU size, on 2 ranks launched as on a GPU host."""
+    script = Path(__file__).parents[1] / "benchmarks" / "distributed_step_time.py"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(script)]
+    subprocess.run([*command, "--smoke", "--out-dir", str(tmp_path)], check=True, capture_output=True, timeout=120)
+    result = json.loads((tmp_path / "distributed_step_time_smoke_ws2.json").read_text())
+    assert [row["mode"] for row in result["rows"]] == ["replicated", "sharded", "fsdp2"]
+    assert all(row["plain_ms"] > 0 for row in result["rows"])
