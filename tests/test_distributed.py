@@ -30,11 +30,15 @@ pytestmark = pytest.mark.skipif(
 STEPS, CHECKPOINT_STEP, BATCH = 6, 3, 8
 # Small ranks and refresh periods of 2, so bases are refreshed (and transported) in 6 steps.
 OPTIMIZERS = {
-    "sumo": dict(lr=0.02, rank=3, update_freq=2),
-    "sumo_svd_limiter": dict(lr=0.02, rank=3, update_freq=2, refresh="svd", limiter=1.1, weight_decay=0.01),
-    "galore": dict(lr=0.01, rank=3, update_proj_gap=2, weight_decay=0.01),
-    "golore": dict(lr=0.01, rank=3, update_proj_gap=2, total_steps=STEPS, random_fraction=0.5, seed=3),
-    "mofasgd": dict(lr=0.02, rank=3),
+    "sumo": ("sumo", dict(lr=0.02, rank=3, update_freq=2)),
+    "sumo_svd_limiter": (
+        "sumo",
+        dict(lr=0.02, rank=3, update_freq=2, refresh="svd", limiter=1.1, weight_decay=0.01),
+    ),
+    "galore": ("galore", dict(lr=0.01, rank=3, update_proj_gap=2, weight_decay=0.01)),
+    "golore": ("golore", dict(lr=0.01, rank=3, update_proj_gap=2, total_steps=STEPS, random_fraction=0.5, seed=3)),
+    "mofasgd": ("mofasgd", dict(lr=0.02, rank=3)),
+    "galore_adafactor": ("galore_adafactor", dict(rank=3, update_proj_gap=2, beta1=0.9)),
 }
 
 
@@ -58,8 +62,7 @@ def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def build(name: str, model: nn.Module) -> sumo_optim.SubspaceOptimizer:
-    options = dict(OPTIMIZERS[name])
-    algorithm = name.split("_")[0]
+    algorithm, options = OPTIMIZERS[name]
     return sumo_optim.create(algorithm, sumo_optim.param_groups(model), **options)
 
 

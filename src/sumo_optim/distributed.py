@@ -174,7 +174,7 @@ def owner_step(optimizer: SubspaceOptimizer, work: Work) -> None:
         if is_dtensor(p):
             finish.append(_scatter_rows(stand_ins.get(index), p, owner, process_group))
         else:
-            handle = dist.broadcast(p, group=process_group, group_src=owner, async_op=True)
+            handle = dist.broadcast(p, dist.get_global_rank(process_group, owner), group=process_group, async_op=True)
             finish.append(handle.wait)
     for done in finish:
         done()
@@ -204,7 +204,7 @@ def _gather_rows(tensor: Tensor, owner: int, process_group: Any) -> Callable[[],
     rows = _rows_per_rank(tensor, world_size)
     local = _padded_rows(tensor.to_local(), rows)
     pieces = [torch.empty_like(local) for _ in range(world_size)] if dist.get_rank(process_group) == owner else None
-    handle = dist.gather(local, pieces, group=process_group, group_dst=owner, async_op=True)
+    handle = dist.gather(local, pieces, dist.get_global_rank(process_group, owner), group=process_group, async_op=True)
 
     def result() -> Tensor | None:
         handle.wait()
@@ -221,7 +221,9 @@ def _scatter_rows(full: Tensor | None, p: Tensor, owner: int, process_group: Any
     local = p.to_local()
     received = torch.empty((rows, *local.shape[1:]), dtype=local.dtype, device=local.device)
     pieces = None if full is None else list(_padded_rows(full, rows * world_size).split(rows))
-    handle = dist.scatter(received, pieces, group=process_group, group_src=owner, async_op=True)
+    handle = dist.scatter(
+        received, pieces, dist.get_global_rank(process_group, owner), group=process_group, async_op=True
+    )
 
     def finish() -> None:
         handle.wait()
