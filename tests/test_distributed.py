@@ -111,24 +111,38 @@ def fsdp_model(world: int) -> nn.Module:
 
 # --------------------------------------------------------------------------- scenarios
 def ddp_scenario(rank: int, world: int, directory: Path) -> None:
+    """DDP, replicated and owner-sharded; each run saved at step 3 and resumed in the other mode
+    (so matrices change owners: all of them, or half)."""
     from torch.nn.parallel import DistributedDataParallel
+
+    def ddp_run(name: str, sharded: bool) -> tuple[nn.Module, sumo_optim.SubspaceOptimizer]:
+        torch.manual_seed(0)
+        model = DistributedDataParallel(MLP())
+        optimizer = build(name, model)
+        if sharded:
+            sumo_dist.shard_matrices(optimizer)
+        return model, optimizer
 
     for name in OPTIMIZERS:
         expected = reference(name)
         for sharded in (False, True):
-            torch.manual_seed(0)
-            model = DistributedDataParallel(MLP())
-            optimizer = build(name, model)
-            if sharded:
-                sumo_dist.shard_matrices(optimizer)
-            train(model, optimizer, range(STEPS), rank, world)
             label = f"{name} DDP {'sharded' if sharded else 'replicated'} rank {rank}"
+            model, optimizer = ddp_run(name, sharded)
+            train(model, optimizer, range(CHECKPOINT_STEP), rank, world)
+            checkpoint = str(directory / f"ddp-{name}-{sharded}")
+            sumo_dist.save_checkpoint(checkpoint, model, optimizer)
+            train(model, optimizer, range(CHECKPOINT_STEP, STEPS), rank, world)
             assert_close(full_parameters(model.module), expected, label)
             matrices = [p for p in model.parameters() if p.ndim == 2]
             with_state = torch.tensor(sum(bool(optimizer.state.get(p)) for p in matrices))
             dist.all_reduce(with_state)
             # Low-rank states live on the owner only in sharded mode, on every rank otherwise.
             assert with_state.item() == len(matrices) * (1 if sharded else world), label
+
+            model, optimizer = ddp_run(name, not sharded)
+            sumo_dist.load_checkpoint(checkpoint, model, optimizer)
+            train(model, optimizer, range(CHECKPOINT_STEP, STEPS), rank, world)
+            assert_close(full_parameters(model.module), expected, f"{label}, resumed in the other mode")
 
 
 def fsdp_scenario(rank: int, world: int, directory: Path) -> None:

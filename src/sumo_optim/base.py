@@ -91,6 +91,8 @@ class SubspaceOptimizer(Optimizer):
 
     def _layerwise_hook(self, group: dict[str, Any], index: int) -> Callable[[Tensor], None]:
         def hook(p: Tensor) -> None:
+            if distributed.is_dtensor(p) and self._uses_matrix_rule(p, group):
+                raise NotImplementedError("layerwise=True does not support FSDP2 (sharded) matrices")
             with torch.no_grad():
                 work = [(p, group, index)]
                 if self._finite_gradients(work)[0]:
