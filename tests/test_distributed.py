@@ -7,6 +7,7 @@ and on 1 rank (another world size). The reference is one process on the full bat
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import socket
@@ -159,6 +160,19 @@ def fsdp_scenario(rank: int, world: int, directory: Path) -> None:
         matrices = [p for p in model.parameters() if p.ndim == 2]
         assert sum(bool(optimizer.state.get(p)) for p in matrices) < len(matrices)  # owner-only states
 
+    # A NaN in one rank's shard of a gradient: every rank skips that matrix (nonfinite="skip").
+    model = fsdp_model(world)
+    optimizer = sumo_optim.SUMO(sumo_optim.param_groups(model), lr=0.02, rank=3, nonfinite="skip")
+    train(model, optimizer, range(1), rank, world)
+    before = full_parameters(model)
+    model(batch(0)[0]).sum().backward()
+    if rank == world - 1:
+        model.fc1.weight.grad.to_local()[0, 0] = float("nan")
+    optimizer.step()
+    after = full_parameters(model)
+    assert torch.equal(after["fc1.weight"], before["fc1.weight"])
+    assert not torch.equal(after["fc2.weight"], before["fc2.weight"])
+
 
 def resume_scenario(rank: int, world: int, directory: Path) -> None:
     """Fresh processes: load the step-3 checkpoint of the 2-rank FSDP2 run, finish, compare."""
@@ -174,7 +188,9 @@ def resume_scenario(rank: int, world: int, directory: Path) -> None:
 def _worker(rank: int, world: int, scenario: str, directory: str, store: str) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    # A short timeout turns a collective that some rank never joins into an error, not a hang.
+    timeout = datetime.timedelta(seconds=60)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world, timeout=timeout)
     try:
         globals()[scenario](rank, world, Path(directory))
     finally:

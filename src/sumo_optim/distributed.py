@@ -61,6 +61,7 @@ DTensor = _dtensor_type()
 
 
 def is_dtensor(tensor: Any) -> bool:
+    """True for a ``DTensor`` (an FSDP2 parameter or gradient)."""
     return DTensor is not None and isinstance(tensor, DTensor)
 
 
@@ -81,6 +82,8 @@ def shard_matrices(optimizer: SubspaceOptimizer, process_group: Any = None) -> S
 
     Each matrix is then updated by its owner only and broadcast; its state lives on the
     owner. Call it before the first step, on a model whose gradients are averaged (DDP).
+    ``optimizer.state_dict()`` then holds this rank's states only: checkpoint with
+    :func:`save_checkpoint`.
     """
     if optimizer.layerwise:
         raise ValueError("owner-sharded mode does not support layerwise=True")
@@ -92,7 +95,7 @@ def assign_owners(sizes: Sequence[int], world_size: int) -> list[int]:
     """Owner rank of each item: largest first, each to the least-loaded rank (ties: lowest rank).
 
     Deterministic, so every rank computes the same assignment without communicating; the
-    heaviest rank carries at most the mean load plus one item.
+    heaviest rank carries at most the mean load plus the largest item.
     """
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
@@ -290,7 +293,8 @@ def optimizer_state_dict(model: nn.Module, optimizer: SubspaceOptimizer) -> dict
 
 
 def save_checkpoint(checkpoint_id: str, model: nn.Module, optimizer: SubspaceOptimizer) -> None:
-    """Saves model and optimizer with ``torch.distributed.checkpoint`` (call on every rank)."""
+    """Saves model and optimizer into the directory ``checkpoint_id`` with
+    ``torch.distributed.checkpoint`` (call on every rank)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
