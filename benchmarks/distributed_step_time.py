@@ -11,7 +11,8 @@ gate, up 5461×2048; down 2048×5461), SUMO rank 128, random gradients, no model
 
 Per mode: the median of many plain steps and of refresh steps (CUDA events after warm-up,
 the slowest rank's median), amortized over K: ``plain + (refresh − plain) / K``; optimizer
-state and peak extra memory on the fullest rank.
+state and peak extra memory on the fullest rank; and, as a check of the communication, how
+far each matrix's norm after the same steps is from the first mode's.
 
 Run (NVLink multicast must stay off on shared machines, hence ``NCCL_NVLS_ENABLE=0``)::
 
@@ -132,6 +133,8 @@ def run_mode(mode: str, args: argparse.Namespace, shapes: list[tuple[int, int]],
         group["update_freq"] = 1  # every step refreshes
     refresh = statistics.median(timed_steps(optimizer, args.refresh_steps, device))
     plain, refresh = slowest(plain, device), slowest(refresh, device)
+    # Each matrix's norm after the same steps: the modes must agree (a check of the communication).
+    norms = torch.stack([(p.full_tensor() if sumo_dist.is_dtensor(p) else p).double().norm() for p in params])
     result = {
         "mode": mode,
         "plain_ms": plain,
@@ -139,6 +142,7 @@ def run_mode(mode: str, args: argparse.Namespace, shapes: list[tuple[int, int]],
         "amortized_ms": plain + (refresh - plain) / args.update_freq,
         "state_mib_per_rank": slowest(state_bytes(optimizer), device) / 2**20,
         "peak_extra_mib_per_rank": slowest(peak, device) / 2**20,
+        "norms": norms.cpu(),
     }
     del optimizer, params
     if device.type == "cuda":
@@ -152,14 +156,15 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         f"world size {meta['world_size']}; {meta['matrices']} matrices, {meta['parameters'] / 1e9:.2f} B "
         f"parameters; r = {meta['rank']}; K = {meta['update_freq']})",
         "",
-        "| mode | plain ms | refresh ms | amortized ms | state MiB/rank | peak extra MiB/rank |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| mode | plain ms | refresh ms | amortized ms | state MiB/rank | peak extra MiB/rank | Δ weights |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         lines.append(
             f"| {row['mode']} | {row['plain_ms']:.2f} | {row['refresh_ms']:.2f} | {row['amortized_ms']:.2f} "
-            f"| {row['state_mib_per_rank']:.1f} | {row['peak_extra_mib_per_rank']:.1f} |"
+            f"| {row['state_mib_per_rank']:.1f} | {row['peak_extra_mib_per_rank']:.1f} | {row['norm_difference']:.1e} |"
         )
+    lines += ["", "Δ weights: largest relative difference of a matrix's norm from the first mode's, same steps."]
     return "\n".join(lines) + "\n"
 
 
@@ -180,6 +185,9 @@ def main() -> None:
     rank, world_size, device = setup()
     shapes = matrix_shapes(64, 176, 2) if args.smoke else matrix_shapes(2048, 5461, 24)
     rows = [run_mode(mode, args, shapes, device) for mode in args.modes.split(",")]
+    reference = rows[0]["norms"]
+    for row in rows:
+        row["norm_difference"] = ((row.pop("norms") - reference).abs() / reference).max().item()
     meta = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
         "torch": torch.__version__,
