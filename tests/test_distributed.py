@@ -225,8 +225,9 @@ def test_fsdp2_and_checkpoint_resume_on_same_and_other_world_size(tmp_path):
 def test_benchmark_smoke_runs_under_torchrun(tmp_path):
     """benchmarks/distributed_step_time.py at CPU size, on 2 ranks launched as on a GPU host."""
     script = Path(__file__).parents[1] / "benchmarks" / "distributed_step_time.py"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(script)]
-    subprocess.run([*command, "--smoke", "--out-dir", str(tmp_path)], check=True, capture_output=True, timeout=120)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script)]
+    run = subprocess.run([*command, "--smoke", "--out-dir", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads((tmp_path / "distributed_step_time_smoke_ws2.json").read_text())
     assert [row["mode"] for row in result["rows"]] == ["replicated", "sharded", "fsdp2"]
     assert all(row["plain_ms"] > 0 and row["norm_difference"] < 1e-5 for row in result["rows"])

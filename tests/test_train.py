@@ -264,9 +264,10 @@ def test_torchrun_data_parallel_run_equals_one_process(corpus, cache, tmp_path):
     expected = train(one, progress=False)
     config = tmp_path / "ddp.json"
     config.write_text(json.dumps({**one.to_dict(), "run_dir": str(tmp_path / "ddp")}))
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     command = [*launcher, "-m", "sumo_train.cli", "pretrain", "--config", str(config), "--no-progress"]
-    subprocess.run(command, check=True, capture_output=True, timeout=300)
+    run = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
     got = json.loads((tmp_path / "ddp" / "summary.json").read_text())
     assert got["world_size"] == 2 and expected["world_size"] == 1
     assert got["val_loss"] == pytest.approx(expected["val_loss"], rel=1e-5)

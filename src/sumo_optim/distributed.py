@@ -25,6 +25,7 @@ another world size: owners are recomputed and each loads the states of the matri
 from __future__ import annotations
 
 import heapq
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -49,20 +50,13 @@ __all__ = [
 Work = list[tuple[Tensor, dict[str, Any], int]]
 
 
-def _dtensor_type() -> type | None:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch built without distributed support
-        return None
-    return DTensor
-
-
-DTensor = _dtensor_type()
-
-
 def is_dtensor(tensor: Any) -> bool:
-    """True for a ``DTensor`` (an FSDP2 parameter or gradient)."""
-    return DTensor is not None and isinstance(tensor, DTensor)
+    """True for a ``DTensor`` (an FSDP2 parameter or gradient).
+
+    Without importing ``torch.distributed.tensor`` (seconds): no DTensor exists before it is.
+    """
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(tensor, module.DTensor)
 
 
 def local_tensor(tensor: Tensor) -> Tensor:
