@@ -14,9 +14,11 @@ the slowest rank's median), amortized over K: ``plain + (refresh − plain) / K`
 state and peak extra memory on the fullest rank; and, as a check of the communication, how
 far each matrix's norm after the same steps is from the first mode's.
 
-Run (NVLink multicast must stay off on shared machines, hence ``NCCL_NVLS_ENABLE=0``)::
+Run (NVLink multicast must stay off on shared machines, hence ``NCCL_NVLS_ENABLE=0``, which
+the script also sets when it is unset)::
 
-    NCCL_NVLS_ENABLE=0 torchrun --nproc-per-node 2 benchmarks/distributed_step_time.py
+    NCCL_NVLS_ENABLE=0 torchrun --standalone --nproc-per-node 2 benchmarks/distributed_step_time.py
+    NCCL_NVLS_ENABLE=0 torchrun --standalone --nproc-per-node 1 benchmarks/distributed_step_time.py
 
 ``--smoke`` runs tiny shapes on CPU (gloo), also without torchrun. Writes JSON and a markdown
 table under benchmarks/results/ (``--out-dir`` to change).
@@ -49,12 +51,18 @@ def matrix_shapes(hidden: int, intermediate: int, layers: int) -> list[tuple[int
 
 
 def setup() -> tuple[int, int, torch.device]:
-    """Joins the process group torchrun describes (or a one-process group without torchrun)."""
+    """Joins the process group torchrun describes (or a one-process group without torchrun),
+    unless the caller already has one."""
+    if dist.is_initialized():
+        nccl = dist.get_backend() == "nccl"
+        device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+        return dist.get_rank(), dist.get_world_size(), device
     if "RANK" not in os.environ:
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             port = probe.getsockname()[1]
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast off (see the module's docstring)
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
@@ -168,7 +176,7 @@ def markdown(meta: dict, rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--rank", type=int, default=128)
@@ -178,10 +186,11 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU")
     parser.add_argument("--out-dir", default=str(RESULTS))
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.smoke:
         os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
         args.rank, args.steps, args.refresh_steps, args.warmup = 8, 2, 2, 1
+    owns_group = not dist.is_initialized()
     rank, world_size, device = setup()
     shapes = matrix_shapes(64, 176, 2) if args.smoke else matrix_shapes(2048, 5461, 24)
     rows = [run_mode(mode, args, shapes, device) for mode in args.modes.split(",")]
@@ -207,7 +216,8 @@ def main() -> None:
         stem.parent.mkdir(parents=True, exist_ok=True)
         stem.with_suffix(".json").write_text(json.dumps({**meta, "rows": rows}, indent=2) + "\n")
         stem.with_suffix(".md").write_text(table)
-    dist.destroy_process_group()
+    if owns_group:
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
