@@ -135,6 +135,10 @@ def ddp_scenario(rank: int, world: int, directory: Path) -> None:
             sumo_dist.save_checkpoint(checkpoint, model, optimizer)
             train(model, optimizer, range(CHECKPOINT_STEP, STEPS), rank, world)
             assert_close(full_parameters(model.module), expected, label)
+            flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+            copies = [torch.empty_like(flat) for _ in range(world)]
+            dist.all_gather(copies, flat)
+            assert all(torch.equal(copy, flat) for copy in copies), f"{label}: ranks differ"
             matrices = [p for p in model.parameters() if p.ndim == 2]
             with_state = torch.tensor(sum(bool(optimizer.state.get(p)) for p in matrices))
             dist.all_reduce(with_state)
