@@ -4,6 +4,8 @@ import importlib.util
 import json
 import math
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -254,3 +256,23 @@ def test_paper_comparison_smoke_runs_end_to_end(corpus, cache, tmp_path):
     finetune = out / "finetune"
     assert script.main(["finetune", "--ranks", "4", *common[:-1], str(finetune)]) == 0
     assert "| sumo r=4 |" in (finetune / "results.md").read_text()
+
+
+def test_torchrun_data_parallel_run_equals_one_process(corpus, cache, tmp_path):
+    """sumo-train under torchrun on 2 CPU processes (DDP, gloo) gives the one-process run."""
+    one = tiny(corpus, cache, tmp_path / "one", optimizer="sumo", steps=6, eval_every=100, log_every=3)
+    expected = train(one, progress=False)
+    config = tmp_path / "ddp.json"
+    config.write_text(json.dumps({**one.to_dict(), "run_dir": str(tmp_path / "ddp")}))
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    command = [*launcher, "-m", "sumo_train.cli", "pretrain", "--config", str(config), "--no-progress"]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    got = json.loads((tmp_path / "ddp" / "summary.json").read_text())
+    assert got["world_size"] == 2 and expected["world_size"] == 1
+    assert got["val_loss"] == pytest.approx(expected["val_loss"], rel=1e-5)
+    losses = [
+        [json.loads(line)["loss"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()[:2]]
+        for run in ("one", "ddp")
+    ]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)

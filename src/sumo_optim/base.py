@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from . import distributed
 from .subspace import refresh_generator
 
 __all__ = ["NONFINITE_POLICIES", "SubspaceOptimizer", "adamw_update"]
@@ -71,6 +72,8 @@ class SubspaceOptimizer(Optimizer):
         defaults = {"subspace": True, "nonfinite": "raise", "seed": 0, **defaults}
         super().__init__(params, defaults)
         self.layerwise = layerwise
+        # Owner-sharded mode under DDP (see :func:`sumo_optim.distributed.shard_matrices`).
+        self.sharding: distributed.MatrixSharding | None = None
         if layerwise:
             self._register_layerwise_hooks()
 
@@ -88,6 +91,8 @@ class SubspaceOptimizer(Optimizer):
 
     def _layerwise_hook(self, group: dict[str, Any], index: int) -> Callable[[Tensor], None]:
         def hook(p: Tensor) -> None:
+            if distributed.is_dtensor(p) and self._uses_matrix_rule(p, group):
+                raise NotImplementedError("layerwise=True does not support FSDP2 (sharded) matrices")
             with torch.no_grad():
                 work = [(p, group, index)]
                 if self._finite_gradients(work)[0]:
@@ -168,7 +173,8 @@ class SubspaceOptimizer(Optimizer):
                     f"gradient of parameter {index} has shape {tuple(p.grad.shape)}, expected {tuple(p.shape)}"
                 )
             # max |g| is NaN or Inf iff some entry is: one reduction pass, no temporaries.
-            flags.append(torch.isfinite(torch.linalg.vector_norm(p.grad, float("inf"))))
+            grad = distributed.local_tensor(p.grad)  # under FSDP2, this rank's shard
+            flags.append(torch.isfinite(torch.linalg.vector_norm(grad, float("inf"))))
         finite = [True] * len(flags)
         by_device: dict[torch.device, list[int]] = {}
         for i, flag in enumerate(flags):
@@ -176,6 +182,7 @@ class SubspaceOptimizer(Optimizer):
         for positions in by_device.values():
             for i, ok in zip(positions, torch.stack([flags[i] for i in positions]).tolist()):
                 finite[i] = ok
+        finite = distributed.agree_on_finite(finite, work)
         for (p, group, index), ok in zip(work, finite):
             if not ok and group["nonfinite"] == "raise":
                 raise ValueError(
@@ -205,7 +212,10 @@ class SubspaceOptimizer(Optimizer):
             else:
                 state = self.state[p]
                 state["skipped_steps"] = state.get("skipped_steps", 0) + 1
-        self._update_parameters(ready)
+        if distributed.uses_owners(self):  # owner-sharded DDP, or FSDP2
+            distributed.owner_step(self, ready)
+        else:
+            self._update_parameters(ready)
         return loss
 
     def _update_parameters(self, work: list[tuple[Tensor, dict[str, Any], int]]) -> None:

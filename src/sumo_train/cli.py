@@ -94,6 +94,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, CheckpointError) as error:
         print(f"sumo-train: error: {error}", file=sys.stderr)
         return 2
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():  # a torchrun launch (see train.join_torchrun)
+            dist.destroy_process_group()
 
 
 def parse_optimizer_list(text: str) -> list[tuple[str, float | None]]:

@@ -4,6 +4,10 @@ Read top to bottom: build data, model and optimizer from a :class:`RunConfig`, o
 resume from the run's last checkpoint, then step with a cosine schedule (linear warm-up over
 the first ``warmup_fraction`` of steps, decaying to ``min_lr_ratio`` of the peak), gradient
 clipping and, on a GPU, bf16 autocast. Metrics go to ``metrics.jsonl`` and TensorBoard.
+
+Launched by ``torchrun --nproc-per-node N``, the run is data-parallel (DDP): each rank takes
+its ``1/N`` of every batch, the optimizer is replicated (every rank computes the same update),
+and rank 0 alone writes metrics and checkpoints.
 """
 
 from __future__ import annotations
@@ -11,11 +15,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 import sumo_optim
@@ -42,6 +48,20 @@ def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def join_torchrun(device: torch.device) -> tuple[int, int, torch.device]:
+    """(rank, world size, device): joins torchrun's process group when it launched ``world size > 1``
+    processes (NCCL on GPUs, each process on its ``LOCAL_RANK``'s GPU; gloo on CPUs)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return 0, 1, device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
 
 
 def build_optimizers(config: RunConfig, model: nn.Module) -> list[torch.optim.Optimizer]:
@@ -100,8 +120,9 @@ def optimizer_state_bytes(optimizers: list[torch.optim.Optimizer]) -> int:
 class Task:
     """What differs between pre-training and fine-tuning: data, model, loss, evaluation."""
 
-    def __init__(self, config: RunConfig, device: torch.device):
+    def __init__(self, config: RunConfig, device: torch.device, rank: int = 0, world_size: int = 1):
         self.config, self.device = config, device
+        self.rank, self.world_size = rank, world_size
         if config.task == "pretrain":
             self.tokens = data_lib.prepare_tokens(config.corpus, config.cache_dir, config.vocab_size)
             self.model = build_llama(config.preset, self.tokens.vocab_size, config.seq_len)
@@ -118,6 +139,7 @@ class Task:
             self.train_examples, self.val_examples = data_lib.rotten_tomatoes()
             self.tokens_per_batch = config.batch_size * config.max_length
         self.model.to(device)
+        self.train_model: nn.Module = self.model  # the DDP wrapper in data-parallel runs
 
     def _sentences(self, examples: list[tuple[str, int]]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         encoded = self.tokenizer(
@@ -131,16 +153,18 @@ class Task:
         return {k: v.to(self.device) for k, v in encoded.items()}, labels.to(self.device)
 
     def loss(self, index: int) -> torch.Tensor:
-        """Training loss of batch number ``index`` (the batch depends only on seed and index)."""
+        """Training loss of this rank's part of batch number ``index`` (the batch depends only on
+        seed and index)."""
         config = self.config
         if config.task == "pretrain":
             x, y = data_lib.token_batch(self.tokens.train, config.batch_size, config.seq_len, config.seed, index)
-            logits = self.model(input_ids=x.to(self.device)).logits
+            x, y = x.chunk(self.world_size)[self.rank], y.chunk(self.world_size)[self.rank]
+            logits = self.train_model(input_ids=x.to(self.device)).logits
             return nn.functional.cross_entropy(logits.flatten(0, 1).float(), y.to(self.device).flatten())
         generator = torch.Generator().manual_seed(config.seed * 1_000_003 + index)
-        picks = torch.randint(0, len(self.train_examples), (config.batch_size,), generator=generator).tolist()
-        inputs, labels = self._sentences([self.train_examples[i] for i in picks])
-        return nn.functional.cross_entropy(self.model(**inputs).logits.float(), labels)
+        picks = torch.randint(0, len(self.train_examples), (config.batch_size,), generator=generator)
+        inputs, labels = self._sentences([self.train_examples[i] for i in picks.chunk(self.world_size)[self.rank]])
+        return nn.functional.cross_entropy(self.train_model(**inputs).logits.float(), labels)
 
     @torch.no_grad()
     def evaluate(self, full: bool = False) -> dict[str, float]:
@@ -179,16 +203,23 @@ def train(config: RunConfig, resume: bool = False, progress: bool = True) -> dic
     from torch.utils.tensorboard import SummaryWriter
     from tqdm.auto import tqdm
 
-    device = pick_device(config.device)
+    rank, world_size, device = join_torchrun(pick_device(config.device))
+    if config.batch_size % world_size:
+        raise ValueError(f"batch_size ({config.batch_size}) must be a multiple of the world size ({world_size})")
+    main_process = rank == 0
     run_dir = Path(config.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
-    task = Task(config, device)
+    task = Task(config, device, rank, world_size)
     model = task.model
+    if world_size > 1:
+        device_ids = [device.index] if device.type == "cuda" else None
+        task.train_model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
     optimizers = build_optimizers(config, model)
     schedulers = [torch.optim.lr_scheduler.LambdaLR(o, lr_factor(config)) for o in optimizers]
     record = config.to_dict()
-    (run_dir / "config.json").write_text(json.dumps(record, indent=2))
+    if main_process:
+        (run_dir / "config.json").write_text(json.dumps(record, indent=2))
 
     start = 0
     metrics_path = run_dir / "metrics.jsonl"
@@ -206,13 +237,13 @@ def train(config: RunConfig, resume: bool = False, progress: bool = True) -> dic
         if device.type == "cuda" and state["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
         start = state["step"]
-        if metrics_path.exists():  # keep the history up to the checkpoint, drop what came after
+        if main_process and metrics_path.exists():  # keep the history up to the checkpoint, drop what came after
             kept = [line for line in metrics_path.read_text().splitlines() if json.loads(line)["step"] <= start]
             metrics_path.write_text("".join(line + "\n" for line in kept))
-    elif metrics_path.exists():
+    elif main_process and metrics_path.exists():
         metrics_path.unlink()
 
-    writer = SummaryWriter(str(run_dir / "tensorboard"))
+    writer = SummaryWriter(str(run_dir / "tensorboard")) if main_process else None
     autocast = (
         torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     )
@@ -220,6 +251,8 @@ def train(config: RunConfig, resume: bool = False, progress: bool = True) -> dic
         torch.cuda.reset_peak_memory_stats()
 
     def log(entry: dict[str, Any]) -> None:
+        if not main_process:
+            return
         with metrics_path.open("a") as file:
             file.write(json.dumps(entry) + "\n")
         for key, value in entry.items():
@@ -230,7 +263,7 @@ def train(config: RunConfig, resume: bool = False, progress: bool = True) -> dic
         range(start, config.steps),
         initial=start,
         total=config.steps,
-        disable=not progress,
+        disable=not progress or not main_process,
         desc=f"{config.task} {config.optimizer}",
         unit="step",
     )
@@ -250,6 +283,10 @@ def train(config: RunConfig, resume: bool = False, progress: bool = True) -> dic
         window_tokens += task.tokens_per_batch
         done = step + 1
         if done % config.log_every == 0 or done == config.steps:
+            if world_size > 1:  # the whole batch's loss
+                loss = loss.detach().clone()
+                dist.all_reduce(loss)
+                loss /= world_size
             elapsed = time.perf_counter() - window_start
             rate = window_tokens / max(elapsed, 1e-9)
             log({"step": done, "loss": loss.item(), "lr": schedulers[0].get_last_lr()[0], "tokens_per_s": rate})
@@ -268,10 +305,12 @@ def train(config: RunConfig, resume: bool = False, progress: bool = True) -> dic
                     "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None,
                 },
             }
-            save_checkpoint(run_dir, done, model, training_state, record)
+            if main_process:  # the optimizer states are replicated: rank 0's are everyone's
+                save_checkpoint(run_dir, done, model, training_state, record)
     final = {"step": config.steps, **task.evaluate(full=True), "elapsed_s": time.perf_counter() - began}
     log(final)
-    writer.close()
+    if writer is not None:
+        writer.close()
     summary = {
         **final,
         "optimizer": config.optimizer,
@@ -282,6 +321,10 @@ def train(config: RunConfig, resume: bool = False, progress: bool = True) -> dic
         "optimizer_state_bytes": optimizer_state_bytes(optimizers),
         "parameters": sum(p.numel() for p in model.parameters()),
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "CPU",
+        "world_size": world_size,
     }
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    if main_process:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    if world_size > 1:
+        dist.barrier()  # no rank leaves (and may end the process group) while rank 0 still writes
     return summary
