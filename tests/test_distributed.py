@@ -152,7 +152,10 @@ def ddp_scenario(rank: int, world: int, directory: Path) -> None:
 
 
 def fsdp_scenario(rank: int, world: int, directory: Path) -> None:
-    for name in OPTIMIZERS:
+    default_bucket = sumo_dist.BUCKET_ELEMENTS
+    for i, name in enumerate(OPTIMIZERS):
+        # Every other optimizer gathers one matrix at a time (buckets of 100 elements).
+        sumo_dist.BUCKET_ELEMENTS = 100 if i % 2 else default_bucket
         model = fsdp_model(world)
         optimizer = build(name, model)
         train(model, optimizer, range(CHECKPOINT_STEP), rank, world)

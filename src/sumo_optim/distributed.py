@@ -143,14 +143,35 @@ def agree_on_finite(finite: list[bool], work: Work) -> list[bool]:
     return [bool(flag) for flag in flags.tolist()]
 
 
+# Elements of whole FSDP2 matrices in flight at once: bounds the gathered weights and gradients
+# an owner holds (2 × 4 B × 2**27 = 1 GiB in float32) instead of gathering every matrix at once.
+BUCKET_ELEMENTS = 2**27
+
+
 def owner_step(optimizer: SubspaceOptimizer, work: Work) -> None:
-    """One step in owner mode: the rest on every rank, each matrix on its owner, then the new
-    weights from the owners to every rank."""
+    """One step in owner mode: the rest on every rank, then the matrices bucket by bucket, each on
+    its owner, with the new weights sent from the owners to every rank."""
     process_group = _owner_group(optimizer)
-    rank, world_size = dist.get_rank(process_group), dist.get_world_size(process_group)
-    owners = matrix_owners(optimizer, world_size)
+    owners = matrix_owners(optimizer, dist.get_world_size(process_group))
     optimizer._update_parameters([item for item in work if item[2] not in owners])
-    matrices = [(p, group, index, owners[index]) for p, group, index in work if index in owners]
+    bucket, size = [], 0
+    for p, group, index in work:
+        if index not in owners:
+            continue
+        if bucket and size + p.numel() > BUCKET_ELEMENTS:
+            _owner_step_bucket(optimizer, bucket, process_group)
+            bucket, size = [], 0
+        bucket.append((p, group, index, owners[index]))
+        size += p.numel() if is_dtensor(p) else 0  # DDP's matrices are whole already: one bucket
+    if bucket:
+        _owner_step_bucket(optimizer, bucket, process_group)
+
+
+def _owner_step_bucket(
+    optimizer: SubspaceOptimizer, matrices: list[tuple[Tensor, dict[str, Any], int, int]], process_group: Any
+) -> None:
+    """Gather (FSDP2) or take (DDP) each matrix on its owner, update it there, send it back."""
+    rank = dist.get_rank(process_group)
     # The owner's stand-in for a parameter: the parameter itself, or the whole gathered DTensor.
     stand_ins: dict[int, Tensor] = {}
     gathered = []
