@@ -25,7 +25,7 @@ from torch import Tensor
 from .base import SubspaceOptimizer, _is_number
 from .subspace import BASIS_METHODS, choose_side, compute_basis, is_refresh_step, project, project_back, transport
 
-__all__ = ["GaLoreAdamW", "galore_adam_steps", "galore_adam_update", "validate_galore_options"]
+__all__ = ["GaLoreAdamW", "galore_adam_update", "validate_galore_options"]
 
 
 def galore_adam_update(
@@ -44,36 +44,6 @@ def galore_adam_update(
     weights.add_(direction_of(exp_avg / denom), alpha=-step_size)
     if group["weight_decay"] > 0.0:
         weights.add_(weights, alpha=-group["lr"] * group["weight_decay"])
-
-
-def galore_adam_steps(
-    weights: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]], sides: list[str], group: dict[str, Any]
-) -> None:
-    """:func:`galore_adam_update` for many matrices at once (states hold ``basis``, ``exp_avg``,
-    ``exp_avg_sq`` and the already counted ``step``): one projection per matrix, the Adam moments
-    with foreach kernels, and the back-projection, scale, step size and weight decay fused into
-    one ``addmm_`` per matrix: ``W ← (1 − ηλ)(W − η_t α P d)``."""
-    beta1, beta2 = group["adamw_betas"]
-    reduced = [project(g, state["basis"], side) for g, state, side in zip(grads, states, sides)]
-    exp_avgs = [state["exp_avg"] for state in states]
-    exp_avg_sqs = [state["exp_avg_sq"] for state in states]
-    torch._foreach_mul_(exp_avgs, beta1)
-    torch._foreach_add_(exp_avgs, reduced, alpha=1.0 - beta1)
-    torch._foreach_mul_(exp_avg_sqs, beta2)
-    torch._foreach_addcmul_(exp_avg_sqs, reduced, reduced, value=1.0 - beta2)
-    denominators = torch._foreach_sqrt(exp_avg_sqs)
-    torch._foreach_add_(denominators, group["adamw_eps"])
-    directions = torch._foreach_div(exp_avgs, denominators)
-    decay = 1.0 - group["lr"] * group["weight_decay"] if group["weight_decay"] > 0.0 else 1.0
-    for w, direction, state, side in zip(weights, directions, states, sides):
-        step_size = group["lr"]
-        if group["correct_bias"]:
-            step_size = step_size * math.sqrt(1.0 - beta2 ** state["step"]) / (1.0 - beta1 ** state["step"])
-        alpha = -step_size * group["scale"] * decay
-        if side == "left":
-            w.addmm_(state["basis"], direction, beta=decay, alpha=alpha)
-        else:
-            w.addmm_(direction, state["basis"].mT, beta=decay, alpha=alpha)
 
 
 def validate_galore_options(group: dict[str, Any]) -> None:
@@ -169,38 +139,6 @@ class GaLoreAdamW(SubspaceOptimizer):
 
     def _basis_method(self, state: dict[str, Any], group: dict[str, Any]) -> str:
         return group["refresh"]
-
-    def _update_parameters(self, work: list[tuple[Tensor, dict[str, Any], int]]) -> None:
-        """Steps between refreshes of float32/64 matrices run together (:func:`galore_adam_steps`);
-        refresh steps, first steps, vectors and other dtypes go one parameter at a time."""
-        together: dict[int, tuple[dict[str, Any], list[tuple[Tensor, dict[str, Any]]]]] = {}
-        for p, group, index in work:
-            state = self.state[p]
-            if (
-                self._uses_matrix_rule(p, group)
-                and self._adam_inner(group)
-                and "exp_avg" in state
-                and not is_refresh_step(state["step"] + 1, group["update_proj_gap"])
-                and p.dtype in (torch.float32, torch.float64)
-                and p.grad.dtype == p.dtype
-                and p.is_contiguous()
-                and p.grad.is_contiguous()
-            ):
-                together.setdefault(id(group), (group, []))[1].append((p, self._count_step(p, group, index)))
-            else:
-                self._update_parameter(p, group, index)
-        for group, members in together.values():
-            galore_adam_steps(
-                [p.view(p.shape[0], -1) for p, _ in members],
-                [p.grad.view(p.shape[0], -1) for p, _ in members],
-                [state for _, state in members],
-                [self._side((p.shape[0], p[0].numel()), group) for p, _ in members],
-                group,
-            )
-
-    def _adam_inner(self, group: dict[str, Any]) -> bool:
-        """Whether this group's matrices use GaLore's Adam step (subclasses may use another)."""
-        return True
 
     def _matrix_step(self, weights: Tensor, grad: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
         side, basis = self._side(grad.shape, group), state.get("basis")

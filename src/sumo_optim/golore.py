@@ -84,9 +84,6 @@ class GoLore(GaLoreAdamW):
         switch = (1 - group["random_fraction"]) * group["total_steps"]
         return "random" if state["step"] > switch else group["refresh"]
 
-    def _adam_inner(self, group: dict[str, Any]) -> bool:
-        return group["inner"] == "adamw"
-
     def _inner_step(
         self, weights: Tensor, reduced: Tensor, state: dict[str, Any], group: dict[str, Any], direction_of: Any
     ) -> None:
