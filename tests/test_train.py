@@ -276,3 +276,35 @@ def test_torchrun_data_parallel_run_equals_one_process(corpus, cache, tmp_path):
         for run in ("one", "ddp")
     ]
     assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+
+
+def torchrun_pretrain(config: dict, run_dir: Path, *extra: str) -> dict:
+    """``sumo-train pretrain`` with ``config`` under torchrun on 2 CPU processes; its summary."""
+    path = run_dir.with_suffix(".json")
+    path.write_text(json.dumps({**config, "run_dir": str(run_dir)}))
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    command = [*launcher, "-m", "sumo_train.cli", "pretrain", "--config", str(path), "--no-progress", *extra]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+@pytest.mark.parametrize("mode", ["ddp-sharded", "fsdp2"])
+def test_torchrun_sharded_run_and_its_resume_equal_one_process(corpus, cache, tmp_path, mode):
+    """distributed=ddp-sharded / fsdp2 on 2 processes: the one-process result, DCP checkpoints,
+    and resuming the mid-run one finishes at the same loss."""
+    one = tiny(corpus, cache, tmp_path / "one", steps=6, eval_every=100, log_every=3, update_freq=2)
+    expected = train(one, progress=False)
+    config = {**one.to_dict(), "distributed": mode, "checkpoint_every": 3}
+    run_dir = tmp_path / mode
+    got = torchrun_pretrain(config, run_dir)
+    assert got["world_size"] == 2
+    assert got["val_loss"] == pytest.approx(expected["val_loss"], rel=1e-5)
+    assert got["optimizer_state_bytes"] < expected["optimizer_state_bytes"]  # rank 0 holds its part only
+    written = sorted(file.name for file in (run_dir / "step-0000003").iterdir())
+    assert ".metadata" in written and sum(name.endswith(".distcp") for name in written) == 2  # DCP, both ranks
+    shutil.rmtree(run_dir / "step-0000006")  # as if the run had died after step 3
+    resumed = torchrun_pretrain(config, run_dir, "--resume")
+    assert resumed["val_loss"] == pytest.approx(expected["val_loss"], rel=1e-5)
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [3, 6, 6]  # rank 0 alone logs: the history up to step 3, then the resumed steps
