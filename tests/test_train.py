@@ -128,6 +128,10 @@ def test_bad_configuration_fields_are_named(tmp_path, capsys):
         load_config(None, {"steps": 0})
     with pytest.raises(ValueError, match="preset must be one of"):
         load_config(None, {"preset": "70b"})
+    with pytest.raises(ValueError, match="distributed must be one of"):
+        load_config(None, {"distributed": "zero3"})
+    with pytest.raises(ValueError, match="needs a low-rank optimizer"):
+        load_config(None, {"distributed": "fsdp2", "optimizer": "adamw"})
     config_file = tmp_path / "run.yaml"
     config_file.write_text("optimizer: sumo\nlearning_rate: 0.1\n")
     assert cli(["pretrain", "--config", str(config_file)]) == 2
@@ -289,12 +293,19 @@ def torchrun_pretrain(config: dict, run_dir: Path, *extra: str) -> dict:
     return json.loads((run_dir / "summary.json").read_text())
 
 
+@pytest.fixture(scope="module")
+def one_process(corpus, cache, tmp_path_factory):
+    """(config, summary) of a 6-step one-process run that the sharded runs must reproduce."""
+    one = tiny(corpus, cache, tmp_path_factory.mktemp("one"), steps=6, eval_every=100, log_every=3, update_freq=2)
+    return one, train(one, progress=False)
+
+
 @pytest.mark.parametrize("mode", ["ddp-sharded", "fsdp2"])
-def test_torchrun_sharded_run_and_its_resume_equal_one_process(corpus, cache, tmp_path, mode):
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # DCP's note on a one-process load
+def test_torchrun_sharded_run_and_its_resume_equal_one_process(one_process, tmp_path, mode):
     """distributed=ddp-sharded / fsdp2 on 2 processes: the one-process result, DCP checkpoints,
-    and resuming the mid-run one finishes at the same loss."""
-    one = tiny(corpus, cache, tmp_path / "one", steps=6, eval_every=100, log_every=3, update_freq=2)
-    expected = train(one, progress=False)
+    and resuming the mid-run one finishes at the same loss (on 2 processes, and on 1)."""
+    one, expected = one_process
     config = {**one.to_dict(), "distributed": mode, "checkpoint_every": 3}
     run_dir = tmp_path / mode
     got = torchrun_pretrain(config, run_dir)
@@ -304,7 +315,11 @@ def test_torchrun_sharded_run_and_its_resume_equal_one_process(corpus, cache, tm
     written = sorted(file.name for file in (run_dir / "step-0000003").iterdir())
     assert ".metadata" in written and sum(name.endswith(".distcp") for name in written) == 2  # DCP, both ranks
     shutil.rmtree(run_dir / "step-0000006")  # as if the run had died after step 3
+    single = shutil.copytree(run_dir, tmp_path / "single")
     resumed = torchrun_pretrain(config, run_dir, "--resume")
     assert resumed["val_loss"] == pytest.approx(expected["val_loss"], rel=1e-5)
+    # DCP checkpoints are keyed by parameter name: one process resumes them too.
+    alone = train(load_config(None, {**config, "run_dir": str(single)}), resume=True, progress=False)
+    assert alone["val_loss"] == pytest.approx(expected["val_loss"], rel=1e-5)
     steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert steps == [3, 6, 6]  # rank 0 alone logs: the history up to step 3, then the resumed steps
