@@ -128,6 +128,10 @@ def test_bad_configuration_fields_are_named(tmp_path, capsys):
         load_config(None, {"steps": 0})
     with pytest.raises(ValueError, match="preset must be one of"):
         load_config(None, {"preset": "70b"})
+    with pytest.raises(ValueError, match="distributed must be one of"):
+        load_config(None, {"distributed": "zero3"})
+    with pytest.raises(ValueError, match="needs a low-rank optimizer"):
+        load_config(None, {"distributed": "fsdp2", "optimizer": "adamw"})
     config_file = tmp_path / "run.yaml"
     config_file.write_text("optimizer: sumo\nlearning_rate: 0.1\n")
     assert cli(["pretrain", "--config", str(config_file)]) == 2
@@ -276,3 +280,46 @@ def test_torchrun_data_parallel_run_equals_one_process(corpus, cache, tmp_path):
         for run in ("one", "ddp")
     ]
     assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+
+
+def torchrun_pretrain(config: dict, run_dir: Path, *extra: str) -> dict:
+    """``sumo-train pretrain`` with ``config`` under torchrun on 2 CPU processes; its summary."""
+    path = run_dir.with_suffix(".json")
+    path.write_text(json.dumps({**config, "run_dir": str(run_dir)}))
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    command = [*launcher, "-m", "sumo_train.cli", "pretrain", "--config", str(path), "--no-progress", *extra]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def one_process(corpus, cache, tmp_path_factory):
+    """(config, summary) of a 6-step one-process run that the sharded runs must reproduce."""
+    one = tiny(corpus, cache, tmp_path_factory.mktemp("one"), steps=6, eval_every=100, log_every=3, update_freq=2)
+    return one, train(one, progress=False)
+
+
+@pytest.mark.parametrize("mode", ["ddp-sharded", "fsdp2"])
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # DCP's note on a one-process load
+def test_torchrun_sharded_run_and_its_resume_equal_one_process(one_process, tmp_path, mode):
+    """distributed=ddp-sharded / fsdp2 on 2 processes: the one-process result, DCP checkpoints,
+    and resuming the mid-run one finishes at the same loss (on 2 processes, and on 1)."""
+    one, expected = one_process
+    config = {**one.to_dict(), "distributed": mode, "checkpoint_every": 3}
+    run_dir = tmp_path / mode
+    got = torchrun_pretrain(config, run_dir)
+    assert got["world_size"] == 2
+    assert got["val_loss"] == pytest.approx(expected["val_loss"], rel=1e-5)
+    assert got["optimizer_state_bytes"] < expected["optimizer_state_bytes"]  # rank 0 holds its part only
+    written = sorted(file.name for file in (run_dir / "step-0000003").iterdir())
+    assert ".metadata" in written and sum(name.endswith(".distcp") for name in written) == 2  # DCP, both ranks
+    shutil.rmtree(run_dir / "step-0000006")  # as if the run had died after step 3
+    single = shutil.copytree(run_dir, tmp_path / "single")
+    resumed = torchrun_pretrain(config, run_dir, "--resume")
+    assert resumed["val_loss"] == pytest.approx(expected["val_loss"], rel=1e-5)
+    # DCP checkpoints are keyed by parameter name: one process resumes them too.
+    alone = train(load_config(None, {**config, "run_dir": str(single)}), resume=True, progress=False)
+    assert alone["val_loss"] == pytest.approx(expected["val_loss"], rel=1e-5)
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [3, 6, 6]  # rank 0 alone logs: the history up to step 3, then the resumed steps

@@ -5,6 +5,11 @@ A checkpoint is a folder ``step-000123/`` holding ``model.safetensors`` (weights
 (SHA-256 of both files plus the run's identity: task, preset, optimizer, vocabulary). It is
 written under a temporary name and renamed into place, so a crash never leaves a half-written
 checkpoint that looks complete. Loading refuses a folder whose hashes or identity do not match.
+
+In the sharded modes (``distributed: ddp-sharded | fsdp2``) no rank holds the whole optimizer
+state: every rank writes its part of model and optimizer with ``torch.distributed.checkpoint``
+(:func:`sumo_optim.distributed.save_checkpoint`) into the same kind of folder, next to
+``training.pt`` (scheduler states, step, RNG) and the manifest, which then hashes every file.
 """
 
 from __future__ import annotations
@@ -33,25 +38,35 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def staging_dir(run_dir: Path, step: int) -> Path:
+    return run_dir / f".step-{step:07d}.tmp"
+
+
 def save_checkpoint(
-    run_dir: Path, step: int, model: torch.nn.Module, training_state: dict[str, Any], config: dict[str, Any]
+    run_dir: Path, step: int, model: torch.nn.Module | None, training_state: dict[str, Any], config: dict[str, Any]
 ) -> Path:
+    """Writes ``training_state`` (and, given a ``model``, its weights in safetensors) into the
+    staging folder, hashes everything there and renames it into place. With ``model=None`` the
+    staging folder already holds the weights (a DCP checkpoint written by every rank)."""
     from safetensors.torch import save_file
 
     final = run_dir / f"step-{step:07d}"
-    staging = run_dir / f".step-{step:07d}.tmp"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(weights, str(staging / "model.safetensors"))
+    staging = staging_dir(run_dir, step)
+    if model is not None:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        save_file(weights, str(staging / "model.safetensors"))
     torch.save(training_state, staging / "training.pt")
+    names = sorted(file.name for file in staging.iterdir())
     manifest = {
         "step": step,
+        "format": "safetensors" if model is not None else "dcp",
         "identity": {k: config.get(k) for k in IDENTITY_FIELDS},
-        "sha256": {name: _sha256(staging / name) for name in ("model.safetensors", "training.pt")},
+        "sha256": {name: _sha256(staging / name) for name in names},
     }
     (staging / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    for name in ("model.safetensors", "training.pt", "manifest.json"):
+    for name in [*names, "manifest.json"]:
         with (staging / name).open("rb") as file:
             os.fsync(file.fileno())
     shutil.rmtree(final, ignore_errors=True)
@@ -64,8 +79,9 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load_checkpoint(path: Path, config: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Verified (weights, training state) of a checkpoint folder."""
+def load_checkpoint(path: Path, config: dict[str, Any]) -> tuple[dict[str, torch.Tensor] | None, dict[str, Any]]:
+    """Verified (weights, training state) of a checkpoint folder; weights ``None`` for a DCP
+    checkpoint (load them with :func:`sumo_optim.distributed.load_checkpoint`)."""
     from safetensors.torch import load_file
 
     manifest_path = path / "manifest.json"
@@ -85,4 +101,7 @@ def load_checkpoint(path: Path, config: dict[str, Any]) -> tuple[dict[str, torch
     if mismatched:
         details = ", ".join(f"{k}: checkpoint {a!r} vs run {b!r}" for k, (a, b) in mismatched.items())
         raise CheckpointError(f"{path} belongs to a different run ({details})")
-    return load_file(str(path / "model.safetensors")), torch.load(path / "training.pt", weights_only=False)
+    training_state = torch.load(path / "training.pt", weights_only=False)
+    if manifest.get("format") == "dcp":
+        return None, training_state
+    return load_file(str(path / "model.safetensors")), training_state

@@ -19,6 +19,8 @@ except ImportError:  # Python 3.10
 # 0.25 for GaLore; Muon-style spectral steps take ~0.02; AdamW 1e-3 for the small presets).
 DEFAULT_LR = {"sumo": 0.02, "galore": 0.01, "golore": 0.01, "mofasgd": 0.02, "adamw": 1e-3, "muon": 0.02}
 
+DISTRIBUTED_MODES = ("ddp", "ddp-sharded", "fsdp2")
+
 
 @dataclass
 class RunConfig:
@@ -47,6 +49,7 @@ class RunConfig:
     checkpoint_every: int = 0  # 0: only at the end
     seed: int = 0
     device: str = "auto"
+    distributed: str = "ddp"  # under torchrun: ddp (replicated optimizer) | ddp-sharded | fsdp2
     cache_dir: str = ".cache/sumo-train"
     run_dir: str = "runs/run"
     max_length: int = 64  # finetune: tokens per sentence
@@ -83,6 +86,10 @@ class RunConfig:
         for name in ("warmup_fraction", "min_lr_ratio"):
             if not 0 <= getattr(self, name) <= 1:
                 errors.append(f"{name} must be in [0, 1], got {getattr(self, name)!r}")
+        if self.distributed not in DISTRIBUTED_MODES:
+            errors.append(f"distributed must be one of {', '.join(DISTRIBUTED_MODES)}, got {self.distributed!r}")
+        if self.distributed != "ddp" and self.optimizer in ("adamw", "muon"):
+            errors.append(f"distributed={self.distributed!r} needs a low-rank optimizer, not {self.optimizer!r}")
         if self.lr is not None and not self.lr > 0:
             errors.append(f"lr must be > 0, got {self.lr!r}")
         if self.grad_clip < 0 or self.weight_decay < 0:

@@ -5,9 +5,12 @@ resume from the run's last checkpoint, then step with a cosine schedule (linear 
 the first ``warmup_fraction`` of steps, decaying to ``min_lr_ratio`` of the peak), gradient
 clipping and, on a GPU, bf16 autocast. Metrics go to ``metrics.jsonl`` and TensorBoard.
 
-Launched by ``torchrun --nproc-per-node N``, the run is data-parallel (DDP): each rank takes
-its ``1/N`` of every batch, the optimizer is replicated (every rank computes the same update),
-and rank 0 alone writes metrics and checkpoints.
+Launched by ``torchrun --nproc-per-node N``, each rank takes its ``1/N`` of every batch and
+rank 0 alone writes metrics. ``distributed`` picks how: ``ddp`` (DDP, the optimizer replicated:
+every rank computes the same update; rank 0 writes the checkpoints), ``ddp-sharded`` (DDP, each
+matrix updated by its owner rank, :func:`sumo_optim.distributed.shard_matrices`) or ``fsdp2``
+(``fully_shard`` on every transformer layer, then the whole model). In the last two no rank holds
+the whole optimizer state, so every rank writes its part of each checkpoint through DCP.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -25,9 +29,10 @@ import torch.distributed as dist
 from torch import nn
 
 import sumo_optim
+from sumo_optim import distributed as sumo_dist
 
 from . import data as data_lib
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint, staging_dir
 from .config import RunConfig
 from .models import build_llama
 
@@ -62,6 +67,24 @@ def join_torchrun(device: torch.device) -> tuple[int, int, torch.device]:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def parallelize(task: Task, world_size: int, device: torch.device, mode: str) -> None:
+    """Makes ``task.train_model`` data-parallel: DDP, or FSDP2 applied torchtitan style to each
+    transformer layer (LLaMA decoder / BERT encoder layers), then to the whole model."""
+    model = task.model
+    if mode != "fsdp2":
+        device_ids = [device.index] if device.type == "cuda" else None
+        task.train_model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+        return
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (world_size,))
+    base = model.base_model
+    for layer in base.layers if hasattr(base, "layers") else base.encoder.layer:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
 
 
 def build_optimizers(config: RunConfig, model: nn.Module) -> list[torch.optim.Optimizer]:
@@ -109,7 +132,7 @@ def lr_factor(config: RunConfig):
 
 def optimizer_state_bytes(optimizers: list[torch.optim.Optimizer]) -> int:
     return sum(
-        v.numel() * v.element_size()
+        sumo_dist.local_tensor(v).numel() * v.element_size()
         for optimizer in optimizers
         for state in optimizer.state.values()
         for v in state.values()
@@ -212,10 +235,12 @@ def train(config: RunConfig, resume: bool = False, progress: bool = True) -> dic
     torch.manual_seed(config.seed)
     task = Task(config, device, rank, world_size)
     model = task.model
+    sharded = world_size > 1 and config.distributed != "ddp"  # no rank holds the whole optimizer state
     if world_size > 1:
-        device_ids = [device.index] if device.type == "cuda" else None
-        task.train_model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+        parallelize(task, world_size, device, config.distributed)
     optimizers = build_optimizers(config, model)
+    if world_size > 1 and config.distributed == "ddp-sharded":
+        sumo_dist.shard_matrices(optimizers[0])
     schedulers = [torch.optim.lr_scheduler.LambdaLR(o, lr_factor(config)) for o in optimizers]
     record = config.to_dict()
     if main_process:
@@ -228,9 +253,14 @@ def train(config: RunConfig, resume: bool = False, progress: bool = True) -> dic
         if checkpoint is None:
             raise FileNotFoundError(f"--resume: no checkpoint in {run_dir}")
         weights, state = load_checkpoint(checkpoint, record)
-        model.load_state_dict(weights)
-        for optimizer, saved in zip(optimizers, state["optimizers"], strict=True):
-            optimizer.load_state_dict(saved)
+        if weights is None:  # a DCP checkpoint: each rank reads its part
+            sumo_dist.load_checkpoint(str(checkpoint), model, optimizers[0])
+        elif sharded:
+            raise CheckpointError(f"{checkpoint} was written with distributed='ddp'; resume it with that mode")
+        else:
+            model.load_state_dict(weights)
+            for optimizer, saved in zip(optimizers, state["optimizers"], strict=True):
+                optimizer.load_state_dict(saved)
         for scheduler, saved in zip(schedulers, state["schedulers"], strict=True):
             scheduler.load_state_dict(saved)
         torch.set_rng_state(state["rng"]["torch"])
@@ -298,15 +328,21 @@ def train(config: RunConfig, resume: bool = False, progress: bool = True) -> dic
         if (config.checkpoint_every and done % config.checkpoint_every == 0) or done == config.steps:
             training_state = {
                 "step": done,
-                "optimizers": [o.state_dict() for o in optimizers],
+                "optimizers": [] if sharded else [o.state_dict() for o in optimizers],
                 "schedulers": [s.state_dict() for s in schedulers],
                 "rng": {
                     "torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None,
                 },
             }
-            if main_process:  # the optimizer states are replicated: rank 0's are everyone's
-                save_checkpoint(run_dir, done, model, training_state, record)
+            if sharded:  # every rank writes its part into the staging folder, rank 0 completes it
+                staging = staging_dir(run_dir, done)
+                if main_process:
+                    shutil.rmtree(staging, ignore_errors=True)
+                dist.barrier()
+                sumo_dist.save_checkpoint(str(staging), model, optimizers[0])
+            if main_process:  # otherwise the optimizer states are replicated: rank 0's are everyone's
+                save_checkpoint(run_dir, done, None if sharded else model, training_state, record)
     final = {"step": config.steps, **task.evaluate(full=True), "elapsed_s": time.perf_counter() - began}
     log(final)
     if writer is not None:
