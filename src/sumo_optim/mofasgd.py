@@ -35,7 +35,7 @@ def update_momentum_factors(
     grad_v, grad_t_u = grad @ v, grad.mT @ u
     left, left_r = torch.linalg.qr(torch.cat([u, grad_v], dim=-1))
     right, right_r = torch.linalg.qr(torch.cat([v, grad_t_u], dim=-1))
-    identity = torch.eye(rank, dtype=u.dtype, device=u.device).expand_as(grad_v.mT @ u)
+    identity = torch.eye(rank, dtype=u.dtype, device=u.device).expand(*u.shape[:-2], rank, rank)
     core = torch.cat(
         [
             torch.cat([beta * torch.diag_embed(sigma) - u.mT @ grad_v, identity], dim=-1),
