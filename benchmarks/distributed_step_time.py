@@ -32,6 +32,7 @@ import json
 import os
 import socket
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -41,13 +42,11 @@ import torch.distributed as dist
 import sumo_optim
 from sumo_optim import distributed as sumo_dist
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark, also when loaded by path
+from step_time import matrix_shapes, state_bytes
+
 RESULTS = Path(__file__).parent / "results"
 MODES = ("replicated", "sharded", "fsdp2")
-
-
-def matrix_shapes(hidden: int, intermediate: int, layers: int) -> list[tuple[int, int]]:
-    """(out, in) of q, k, v, o, gate, up, down in each block."""
-    return ([(hidden, hidden)] * 4 + [(intermediate, hidden)] * 2 + [(hidden, intermediate)]) * layers
 
 
 def setup() -> tuple[int, int, torch.device]:
@@ -114,15 +113,6 @@ def slowest(value: float, device: torch.device) -> float:
     tensor = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return tensor.item()
-
-
-def state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    return sum(
-        sumo_dist.local_tensor(v).numel() * v.element_size()
-        for state in optimizer.state.values()
-        for v in state.values()
-        if isinstance(v, torch.Tensor)
-    )
 
 
 def run_mode(mode: str, args: argparse.Namespace, shapes: list[tuple[int, int]], device: torch.device) -> dict:
@@ -192,7 +182,7 @@ def main(argv: list[str] | None = None) -> None:
         args.rank, args.steps, args.refresh_steps, args.warmup = 8, 2, 2, 1
     owns_group = not dist.is_initialized()
     rank, world_size, device = setup()
-    shapes = matrix_shapes(64, 176, 2) if args.smoke else matrix_shapes(2048, 5461, 24)
+    shapes = matrix_shapes("tiny" if args.smoke else "1b")
     rows = [run_mode(mode, args, shapes, device) for mode in args.modes.split(",")]
     reference = rows[0]["norms"]
     for row in rows:

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 import sumo_optim
+from sumo_optim.distributed import local_tensor
 from sumo_optim.linalg import orthogonalize_cholesky
 from sumo_optim.testing import galore_torch_adamw
 
@@ -103,8 +104,9 @@ def timed_steps(optimizer, steps: int, device: torch.device, tf32: bool) -> list
 
 
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of the optimizer's state tensors on this rank (a DTensor counts its local shard)."""
     return sum(
-        v.numel() * v.element_size()
+        local_tensor(v).numel() * v.element_size()
         for s in optimizer.state.values()
         for v in s.values()
         if isinstance(v, torch.Tensor)
