@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from sumo_optim import orthogonalize, orthogonalize_newton_schulz, random_orthonormal, top_singular_vectors
-from sumo_optim.linalg import orthogonalize_cholesky, orthonormal_columns
+from sumo_optim.linalg import orthogonalize_cholesky, orthogonalize_cholesky_many, orthonormal_columns
 
 
 def matrix_with_spectrum(singular_values, rows, cols, generator, dtype=torch.float64):
@@ -169,6 +169,20 @@ def test_cholesky_path_falls_back_for_rank_deficient_zero_and_nonfinite():
     torch.testing.assert_close(result, expected, rtol=0, atol=1e-6)
     assert torch.linalg.matrix_rank(result[1].double(), atol=1e-4) == 2
     assert torch.equal(result[2], torch.zeros(6, 30))
+
+
+def test_cholesky_many_equals_one_stack_at_a_time_with_mixed_shapes_and_fallbacks():
+    """Stacks of different shapes share the polar iteration and the fallback pass; each result is
+    the float64 U Vᵀ of its own stack, whichever stack holds a matrix that needs the SVD."""
+    g = torch.Generator().manual_seed(int(torch.randint(0, 10**6, ())))
+    wide = torch.stack([matrix_with_spectrum(torch.logspace(0, -5, 6), 6, 40, g) for _ in range(3)])
+    tall = torch.stack([matrix_with_spectrum(torch.logspace(0, -2, 6), 30, 6, g) for _ in range(2)])
+    other = torch.stack([matrix_with_spectrum([2.0, 1.0], 8, 20, g), torch.randn(8, 20, generator=g)])  # rank 2
+    results = orthogonalize_cholesky_many([wide, tall, other])
+    for matrix, result in zip([wide, tall, other], results):
+        assert result.shape == matrix.shape
+        torch.testing.assert_close(result, orthogonalize(matrix), rtol=0, atol=1e-6)
+        torch.testing.assert_close(result, orthogonalize_cholesky(matrix), rtol=0, atol=1e-6)
 
 
 def test_orthonormal_columns_spans_the_input():

@@ -162,7 +162,7 @@ class SubspaceOptimizer(Optimizer):
 
     def _finite_gradients(self, work: list[tuple[Tensor, dict[str, Any], int]]) -> list[bool]:
         """Rejects sparse and complex gradients; says which gradients are finite (one sync)."""
-        flags = []
+        grads = []
         for p, _, index in work:
             if p.grad.is_sparse:
                 raise RuntimeError(f"{type(self).__name__} does not support sparse gradients (parameter {index})")
@@ -172,15 +172,17 @@ class SubspaceOptimizer(Optimizer):
                 raise RuntimeError(
                     f"gradient of parameter {index} has shape {tuple(p.grad.shape)}, expected {tuple(p.shape)}"
                 )
-            # max |g| is NaN or Inf iff some entry is: one reduction pass, no temporaries.
-            grad = distributed.local_tensor(p.grad)  # under FSDP2, this rank's shard
-            flags.append(torch.isfinite(torch.linalg.vector_norm(grad, float("inf"))))
-        finite = [True] * len(flags)
+            grads.append(distributed.local_tensor(p.grad))  # under FSDP2, this rank's shard
+        finite = [True] * len(grads)
         by_device: dict[torch.device, list[int]] = {}
-        for i, flag in enumerate(flags):
-            by_device.setdefault(flag.device, []).append(i)
+        for i, grad in enumerate(grads):
+            if grad.numel():
+                by_device.setdefault(grad.device, []).append(i)
         for positions in by_device.values():
-            for i, ok in zip(positions, torch.stack([flags[i] for i in positions]).tolist()):
+            # max |g| is NaN or Inf iff some entry is: one multi-tensor reduction, no temporaries.
+            norms = torch._foreach_norm([grads[i] for i in positions], float("inf"))
+            flags = torch.stack([norm.float() for norm in norms]).isfinite()
+            for i, ok in zip(positions, flags.tolist()):
                 finite[i] = ok
         finite = distributed.agree_on_finite(finite, work)
         for (p, group, index), ok in zip(work, finite):

@@ -20,6 +20,7 @@ __all__ = [
     "NEWTON_SCHULZ_COEFFICIENTS",
     "orthogonalize",
     "orthogonalize_cholesky",
+    "orthogonalize_cholesky_many",
     "orthogonalize_newton_schulz",
     "orthonormal_columns",
     "random_orthonormal",
@@ -78,49 +79,109 @@ def _polar_of_square(factor: Tensor, smallest_singular_value: float) -> Tensor:
 
 
 def orthogonalize_cholesky(matrix: Tensor, rtol: float | None = None) -> Tensor:
-    """The same ``U Vᵀ`` as :func:`orthogonalize`, from batched Cholesky, triangular solves and products.
+    """The same ``U Vᵀ`` as :func:`orthogonalize`, from batched Cholesky factorizations and products.
 
     For ``M`` (r×n, r ≤ n; tall inputs are transposed), in float64:
 
-    1. CholeskyQR2 (Fukaya et al. 2014): ``M M ᵀ = L₁L₁ᵀ``, ``Y₁ = L₁⁻¹ M``, ``Y₁Y₁ᵀ = L₂L₂ᵀ``,
+    1. CholeskyQR2 (Fukaya et al. 2014): ``M Mᵀ = L₁L₁ᵀ``, ``Y₁ = L₁⁻¹ M``, ``Y₁Y₁ᵀ = L₂L₂ᵀ``,
        ``Y = L₂⁻¹ Y₁``: ``M = R Y`` with ``R = L₁L₂`` (r×r) and orthonormal rows in ``Y``,
-       to float64 accuracy for condition numbers up to ~1e7;
-    2. ``U Vᵀ(M) = polar(R) · Y``, the r×r polar factor by Newton–Schulz iterations.
+       to float64 accuracy for condition numbers up to ~1e7. ``L₁⁻¹`` is formed explicitly
+       (r×r) and applied by one batched product instead of a triangular solve over r×n:
+       the residual ``L₁ L₁⁻¹ − I`` of a triangular inverse is ~κ eps64 (Higham, §14.1),
+       and the second pass restores orthogonality;
+    2. ``U Vᵀ(M) = polar(R) · Y = (polar(R) L₂⁻¹) Y₁``, the r×r polar factor by Newton–Schulz.
 
     The r×r work batches well on GPUs where batched SVD and eigh do not. Matrices the fast path
     cannot vouch for (Cholesky failure, a condition number beyond ``1/rtol``, non-finite
     values, any residual ``‖polar(R) polar(R)ᵀ − I‖`` above 1e-6) are recomputed by
     :func:`orthogonalize`, so the result always follows its rank convention.
     """
-    if matrix.ndim < 2:
-        raise ValueError(f"orthogonalize needs a matrix, got shape {tuple(matrix.shape)}")
-    transposed = matrix.shape[-2] > matrix.shape[-1]
-    wide = matrix.mT if transposed else matrix
-    rows, cols = wide.shape[-2:]
-    if rtol is None:
-        rtol = max(4 * torch.finfo(matrix.dtype).eps, torch.finfo(torch.float64).eps * max(rows, cols))
-    batch = wide.reshape(-1, rows, cols).to(torch.float64)
-    gram = batch @ batch.mT
-    lower1, info1 = torch.linalg.cholesky_ex(gram)
-    rows_1 = torch.linalg.solve_triangular(lower1, batch, upper=False)
-    lower2, info2 = torch.linalg.cholesky_ex(rows_1 @ rows_1.mT)
-    factor = lower1 @ lower2
-    polar = _polar_of_square(factor, rtol / math.sqrt(rows))
-    identity = torch.eye(rows, dtype=torch.float64, device=polar.device)
-    # Y = L₂⁻¹ Y₁ and L₂ is well conditioned (κ ≈ 1), so polar(R) L₂⁻¹ Y₁ is one product.
-    result = (polar @ torch.linalg.solve_triangular(lower2, identity, upper=False)) @ rows_1
-    residual = (polar @ polar.mT - identity).abs().amax(dim=(-2, -1))
-    # Rank test: H = polar(R)ᵀ R is symmetric positive definite with M's singular values as
-    # eigenvalues; H − rtol·σ_max·I has a Cholesky factor iff every σ_i > rtol·σ_max.
-    spd = polar.mT @ factor
-    spd = (spd + spd.mT) / 2
-    _, info3 = torch.linalg.cholesky_ex(spd - rtol * _largest_eigenvalue(spd)[..., None, None] * identity)
-    trusted = (info1 == 0) & (info2 == 0) & (info3 == 0) & (residual < 1e-6) & torch.isfinite(result).all(dim=(-2, -1))
-    if not bool(trusted.all()):
-        untrusted = (~trusted).nonzero().squeeze(-1)
-        result[untrusted] = orthogonalize(batch[untrusted].to(matrix.dtype), rtol=rtol).to(torch.float64)
-    result = result.reshape(wide.shape).to(matrix.dtype)
-    return result.mT if transposed else result
+    return orthogonalize_cholesky_many([matrix], rtol)[0]
+
+
+def orthogonalize_cholesky_many(matrices: list[Tensor], rtol: float | None = None) -> list[Tensor]:
+    """:func:`orthogonalize_cholesky` of several stacks (``..., a, b`` each) at once.
+
+    Stacks may differ in shape; the r×r polar iterations of stacks with the same short
+    side run as one batch, and one host synchronization decides the fallbacks of all.
+    """
+    prepared = []
+    for matrix in matrices:
+        if matrix.ndim < 2:
+            raise ValueError(f"orthogonalize needs a matrix, got shape {tuple(matrix.shape)}")
+        transposed = matrix.shape[-2] > matrix.shape[-1]
+        wide = matrix.mT if transposed else matrix
+        rows, cols = wide.shape[-2:]
+        tolerance = rtol
+        if tolerance is None:
+            tolerance = max(4 * torch.finfo(matrix.dtype).eps, torch.finfo(torch.float64).eps * max(rows, cols))
+        prepared.append((matrix, transposed, wide, tolerance, _cholesky_qr2(wide.reshape(-1, rows, cols))))
+    # One polar iteration per (short side, tolerance): its step count depends on the tolerance.
+    polars: dict[tuple[int, float], list[int]] = {}
+    for i, (_, _, wide, tolerance, _) in enumerate(prepared):
+        polars.setdefault((wide.shape[-2], tolerance), []).append(i)
+    results: list[Tensor | None] = [None] * len(prepared)
+    checks = []
+    for (rows, tolerance), members in polars.items():
+        factors = torch.cat([prepared[i][-1]["factor"] for i in members])
+        polar_all = _polar_of_square(factors, tolerance / math.sqrt(rows))
+        identity = torch.eye(rows, dtype=torch.float64, device=factors.device)
+        # Rank test: H = polar(R)ᵀ R is symmetric positive definite with M's singular values as
+        # eigenvalues; H − rtol·σ_max·I has a Cholesky factor iff every σ_i > rtol·σ_max.
+        spd = polar_all.mT @ factors
+        spd = (spd + spd.mT) / 2
+        _, info3 = torch.linalg.cholesky_ex(spd - tolerance * _largest_eigenvalue(spd)[..., None, None] * identity)
+        residual_ok = (polar_all @ polar_all.mT - identity).abs().amax(dim=(-2, -1)) < 1e-6
+        offset = 0
+        for i in members:
+            parts = prepared[i][-1]
+            count = parts["factor"].shape[0]
+            polar = polar_all[offset : offset + count]
+            # polar(R) Y = (polar(R) L₂⁻¹) Y₁: one r×r product, then one batched product over r×n.
+            left = polar @ parts["inverse2"]
+            results[i] = left @ parts["rows"]
+            checks.append(
+                parts["trusted"]
+                & (info3[offset : offset + count] == 0)
+                & residual_ok[offset : offset + count]
+                & torch.isfinite(left).all(dim=(-2, -1))
+            )
+            offset += count
+    trusted_all = torch.cat(checks) if checks else None
+    if trusted_all is not None and not bool(trusted_all.all()):  # the one host synchronization
+        offset = 0
+        for i in [i for members in polars.values() for i in members]:
+            result, count = results[i], results[i].shape[0]
+            untrusted = (~trusted_all[offset : offset + count]).nonzero().squeeze(-1)
+            if untrusted.numel():
+                matrix, _, wide, tolerance, parts = prepared[i]
+                batch = wide.reshape(-1, *wide.shape[-2:])
+                result[untrusted] = orthogonalize(batch[untrusted], rtol=tolerance).to(torch.float64)
+            offset += count
+    outputs = []
+    for (matrix, transposed, wide, _, _), result in zip(prepared, results):
+        result = result.reshape(wide.shape).to(matrix.dtype)
+        outputs.append(result.mT if transposed else result)
+    return outputs
+
+
+def _cholesky_qr2(batch: Tensor) -> dict[str, Tensor]:
+    """CholeskyQR2 of wide matrices (b×r×n) in float64: ``M = L₁L₂ Y``, keeping ``Y₁`` and ``L₂⁻¹``."""
+    batch = batch.to(torch.float64)
+    rows = batch.shape[-2]
+    identity = torch.eye(rows, dtype=torch.float64, device=batch.device)
+    lower1, info1 = torch.linalg.cholesky_ex(batch @ batch.mT)
+    rows_1 = torch.linalg.solve_triangular(lower1, identity, upper=False) @ batch  # Y₁ = L₁⁻¹ M
+    gram2 = rows_1 @ rows_1.mT
+    lower2, info2 = torch.linalg.cholesky_ex(gram2)
+    # gram2's diagonal holds Y₁'s squared row norms: finite iff every entry of Y₁ is.
+    trusted = (info1 == 0) & (info2 == 0) & torch.isfinite(gram2).all(dim=(-2, -1))
+    return {
+        "factor": lower1 @ lower2,
+        "rows": rows_1,
+        "inverse2": torch.linalg.solve_triangular(lower2, identity, upper=False),
+        "trusted": trusted,
+    }
 
 
 def orthogonalize_newton_schulz(

@@ -17,13 +17,20 @@ against AdamW's ``2mn``. Parameters that are not matrices get AdamW (see
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from .base import SubspaceOptimizer, _is_number
-from .linalg import orthogonalize, orthogonalize_cholesky, orthogonalize_newton_schulz
+from .kernels import grouped_addmm_
+from .linalg import (
+    orthogonalize,
+    orthogonalize_cholesky,
+    orthogonalize_cholesky_many,
+    orthogonalize_newton_schulz,
+)
 from .subspace import choose_side, compute_basis, is_refresh_step, project, project_back, transport
 
 __all__ = ["SUMO", "limit_norm_growth"]
@@ -160,82 +167,128 @@ class SUMO(SubspaceOptimizer):
         return {"moment": (m, n)}
 
     def _matrix_step(self, weights: Tensor, grad: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
-        moment = self._update_moment(grad, state, group)
-        self._apply_update(weights, grad, _orthogonalizer(group, moment.device)(moment), state, group)
+        self._step_matrices([_Matrix(weights, grad, state, group, choose_side(grad.shape, group["rank"]))])
 
     def _update_parameters(self, work: list[tuple[Tensor, dict[str, Any], int]]) -> None:
-        """Blocks 1–2 per matrix, then Block 2's orthogonalization once per stack of equal-shape
-        moments (one batched call instead of one SVD per matrix), then Blocks 3–4 per matrix."""
-        pending = []
+        """Every matrix of the step together (:meth:`_step_matrices`); AdamW for the rest."""
+        matrices, params = [], []
         for p, group, index in work:
             if not self._uses_matrix_rule(p, group):
                 self._update_parameter(p, group, index)
                 continue
             state = self._count_step(p, group, index)
-            moment = self._update_moment(self._working_copy(p.grad).view(p.shape[0], -1), state, group)
-            pending.append((p, state, group, moment))
-        stacks: dict[tuple, list[int]] = {}
-        for i, (_, _, group, moment) in enumerate(pending):
-            method = _orthogonalizer(group, moment.device)
-            stacks.setdefault((method, moment.shape, moment.dtype, moment.device), []).append(i)
-        updates: list[Tensor | None] = [None] * len(pending)
-        for (method, *_), members in stacks.items():
-            orthogonalized = method(torch.stack([pending[i][-1] for i in members]))
-            for i, update in zip(members, orthogonalized.unbind()):
-                updates[i] = update
-        for (p, state, group, _), update in zip(pending, updates):
-            weights = self._working_copy(p)
-            grad = self._working_copy(p.grad) if group["complement_scale"] else None
-            self._apply_update(weights.view(p.shape[0], -1), grad, update, state, group)
+            weights, grad = self._working_copy(p), self._working_copy(p.grad)
+            shape = (p.shape[0], -1)
+            side = choose_side((p.shape[0], p[0].numel()), group["rank"])
+            matrices.append(_Matrix(weights.view(shape), grad.view(shape), state, group, side))
+            params.append((p, weights))
+        self._step_matrices(matrices)
+        for p, weights in params:
             self._end_update(p, weights)
 
-    def _update_moment(self, grad: Tensor, state: dict[str, Any], group: dict[str, Any]) -> Tensor:
-        """Blocks 1, 1.1 and 2 up to the orthogonalization: refresh Q, transport M, M ← μ M + Qᵀ G."""
-        rank, side = group["rank"], choose_side(grad.shape, group["rank"])
+    def _step_matrices(self, matrices: list[_Matrix]) -> None:
+        """Algorithm 1 for matrices whose step is counted, stack by stack.
+
+        Block 1 per matrix (refresh steps only); Block 2's projection with momentum and
+        Block 4's back-projection as one grouped product per stack of equal-shape matrices
+        (:func:`~sumo_optim.kernels.grouped_addmm_`: one launch on CUDA); Block 2's
+        orthogonalization batched over all moments with one host synchronization.
+        """
+        for item in matrices:
+            self._refresh(item)
+        for members in _stacks(matrices, lambda x: (id(x.group), x.side, x.grad.shape, x.grad.stride())):
+            momentum, side = members[0].group["momentum"], members[0].side
+            moments = [x.state["moment"] for x in members]
+            if side == "left":  # M ← μ M + Qᵀ G
+                grouped_addmm_(moments, [x.state["basis"].mT for x in members], [x.grad for x in members], momentum)
+            elif side == "right":  # M ← μ M + G Q
+                grouped_addmm_(moments, [x.grad for x in members], [x.state["basis"] for x in members], momentum)
+            else:
+                torch._foreach_mul_(moments, momentum)
+                torch._foreach_add_(moments, [x.grad for x in members])
+        updates = self._orthogonalize([x.state["moment"] for x in matrices], [x.group for x in matrices])
+        for item, update in zip(matrices, updates):
+            if item.group["limiter"] is not None:  # Block 3
+                update, item.state["previous_norm"] = limit_norm_growth(
+                    update, item.state["previous_norm"], item.group["limiter"]
+                )
+            item.update = update
+        for members in _stacks(matrices, lambda x: (id(x.group), x.side, x.weights.shape, x.weights.stride())):
+            group, side = members[0].group, members[0].side
+            lr = group["lr"]
+            decay, step = 1 - lr * group["weight_decay"], -lr * group["scale"]
+            weights, updates = [x.weights for x in members], [x.update for x in members]
+            if side == "left":  # W ← (1 − ηλ) W − ηα Q O
+                grouped_addmm_(weights, [x.state["basis"] for x in members], updates, decay, step)
+            elif side == "right":  # W ← (1 − ηλ) W − ηα O Qᵀ
+                grouped_addmm_(weights, updates, [x.state["basis"].mT for x in members], decay, step)
+            else:
+                torch._foreach_mul_(weights, decay)
+                torch._foreach_add_(weights, updates, alpha=step)
+            if group["complement_scale"] and side != "full":  # + β (I − Q Qᵀ) G
+                for x in members:
+                    basis = x.state["basis"]
+                    complement = x.grad - project_back(project(x.grad, basis, side), basis, side)
+                    x.weights.add_(complement, alpha=-lr * group["complement_scale"])
+
+    def _refresh(self, item: _Matrix) -> None:
+        """Creates the state on the first step; Blocks 1 and 1.1 on refresh steps: new Q, M transported."""
+        state, group, grad, side = item.state, item.group, item.grad, item.side
         if "moment" not in state:
             moment_shape = self._expected_state_shapes(grad.shape, group, state)["moment"]
             state["moment"] = torch.zeros(moment_shape, dtype=grad.dtype, device=grad.device)
             if group["limiter"] is not None:
                 state["previous_norm"] = torch.zeros((), dtype=grad.dtype, device=grad.device)
-        basis = state.get("basis")
-        if side != "full" and is_refresh_step(state["step"], group["update_freq"]):  # Block 1
-            randomized = group["refresh"] == "randomized"
-            new_basis = compute_basis(
-                grad,
-                rank,
-                side,
-                method=group["refresh"],
-                generator=self._generator(state, grad.device) if randomized else None,
-                power_iterations=group["power_iterations"],
-            )
-            if basis is not None:  # Block 1.1
-                state["moment"] = transport(state["moment"], basis, new_basis, side)
-            state["basis"] = new_basis
-        reduced_grad = project(grad, state.get("basis"), side)  # Ĝ = Qᵀ G
-        return state["moment"].mul_(group["momentum"]).add_(reduced_grad)  # M ← μ M + Ĝ
+        if side == "full" or not is_refresh_step(state["step"], group["update_freq"]):
+            return
+        randomized = group["refresh"] == "randomized"
+        new_basis = compute_basis(
+            grad,
+            group["rank"],
+            side,
+            method=group["refresh"],
+            generator=self._generator(state, grad.device) if randomized else None,
+            power_iterations=group["power_iterations"],
+        )
+        if "basis" in state:
+            state["moment"] = transport(state["moment"], state["basis"], new_basis, side)
+        state["basis"] = new_basis
 
-    def _apply_update(
-        self, weights: Tensor, grad: Tensor | None, update: Tensor, state: dict[str, Any], group: dict[str, Any]
-    ) -> None:
-        """Blocks 3 and 4: optional norm-growth limiter, then W ← W − η (α Q O + β (I − QQᵀ) G) − η λ W.
+    @staticmethod
+    def _orthogonalize(moments: list[Tensor], groups: list[dict[str, Any]]) -> list[Tensor]:
+        """Block 2's ``O = U Vᵀ`` of every moment: one batched call per stack of equal shapes, and
+        the exact GPU route (Cholesky) for all stacks at once."""
+        stacks: dict[tuple, list[int]] = {}
+        for i, (moment, group) in enumerate(zip(moments, groups)):
+            method = _orthogonalizer(group, moment.device)
+            stacks.setdefault((method, moment.shape, moment.dtype, moment.device), []).append(i)
+        stacked = {key: torch.stack([moments[i] for i in members]) for key, members in stacks.items()}
+        cholesky = [key for key in stacks if key[0] is orthogonalize_cholesky]
+        results = dict(zip(cholesky, orthogonalize_cholesky_many([stacked[key] for key in cholesky])))
+        updates: list[Tensor | None] = [None] * len(moments)
+        for key, members in stacks.items():
+            result = results[key] if key in results else key[0](stacked[key])
+            for i, update in zip(members, result.unbind()):
+                updates[i] = update
+        return updates
 
-        The decay and the back-projection are one fused ``addmm_``; ``grad`` is needed only
-        when ``complement_scale`` is non-zero.
-        """
-        side, basis = choose_side(weights.shape, group["rank"]), state.get("basis")
-        if group["limiter"] is not None:
-            update, state["previous_norm"] = limit_norm_growth(update, state["previous_norm"], group["limiter"])
-        lr = group["lr"]
-        decay, step = 1 - lr * group["weight_decay"], -lr * group["scale"]
-        if side == "left":
-            weights.addmm_(basis, update, beta=decay, alpha=step)
-        elif side == "right":
-            weights.addmm_(update, basis.mT, beta=decay, alpha=step)
-        else:
-            weights.mul_(decay).add_(update, alpha=step)
-        if group["complement_scale"] and side != "full":
-            complement = grad - project_back(project(grad, basis, side), basis, side)  # (I − Q Qᵀ) G
-            weights.add_(complement, alpha=-lr * group["complement_scale"])
+
+class _Matrix:
+    """One matrix of a step: 2-D working copies of weights and gradient, its state, group and side."""
+
+    __slots__ = ("grad", "group", "side", "state", "update", "weights")
+
+    def __init__(self, weights: Tensor, grad: Tensor, state: dict[str, Any], group: dict[str, Any], side: str) -> None:
+        self.weights, self.grad, self.state, self.group, self.side = weights, grad, state, group, side
+        self.update: Tensor | None = None
+
+
+def _stacks(items: list[_Matrix], key: Callable[[_Matrix], tuple]) -> list[list[_Matrix]]:
+    """Items grouped by ``key``, in order of first appearance."""
+    stacks: dict[tuple, list[_Matrix]] = {}
+    for item in items:
+        stacks.setdefault(key(item), []).append(item)
+    return list(stacks.values())
 
 
 def _orthogonalizer(group: dict[str, Any], device: torch.device):
