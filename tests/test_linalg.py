@@ -4,7 +4,12 @@ import pytest
 import torch
 
 from sumo_optim import orthogonalize, orthogonalize_newton_schulz, random_orthonormal, top_singular_vectors
-from sumo_optim.linalg import orthogonalize_cholesky, orthogonalize_cholesky_many, orthonormal_columns
+from sumo_optim.linalg import (
+    orthogonalize_cholesky,
+    orthogonalize_cholesky_many,
+    orthonormal_columns,
+    randomized_top_singular_vectors,
+)
 
 
 def matrix_with_spectrum(singular_values, rows, cols, generator, dtype=torch.float64):
@@ -183,6 +188,22 @@ def test_cholesky_many_equals_one_stack_at_a_time_with_mixed_shapes_and_fallback
         assert result.shape == matrix.shape
         torch.testing.assert_close(result, orthogonalize(matrix), rtol=0, atol=1e-6)
         torch.testing.assert_close(result, orthogonalize_cholesky(matrix), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_randomized_basis_of_a_stack_equals_one_matrix_at_a_time(side):
+    """The batched refresh draws each matrix's sketch from its own generator: same bases as one by one."""
+    g = torch.Generator().manual_seed(int(torch.randint(0, 10**6, ())))
+    matrices = [torch.randn(30, 50, generator=g) for _ in range(3)]
+
+    def generators():
+        return [torch.Generator().manual_seed(100 + i) for i in range(3)]
+
+    stacked = randomized_top_singular_vectors(matrices, 5, side, generators=generators())
+    for matrix, basis, generator in zip(matrices, stacked, generators()):
+        single = top_singular_vectors(matrix, 5, side, method="randomized", generator=generator)
+        torch.testing.assert_close(basis, single, rtol=0, atol=1e-5)
+        assert basis.shape == (30 if side == "left" else 50, 5) and basis.is_contiguous()
 
 
 def test_orthonormal_columns_spans_the_input():

@@ -31,7 +31,7 @@ from .linalg import (
     orthogonalize_cholesky_many,
     orthogonalize_newton_schulz,
 )
-from .subspace import choose_side, compute_basis, is_refresh_step, project, project_back, transport
+from .subspace import choose_side, compute_bases, is_refresh_step, project, project_back, transport
 
 __all__ = ["SUMO", "limit_norm_growth"]
 
@@ -194,8 +194,7 @@ class SUMO(SubspaceOptimizer):
         (:func:`~sumo_optim.kernels.grouped_addmm_`: one launch on CUDA); Block 2's
         orthogonalization batched over all moments with one host synchronization.
         """
-        for item in matrices:
-            self._refresh(item)
+        self._refresh([x for x in matrices if self._init_state(x)])
         for members in _stacks(matrices, lambda x: (id(x.group), x.side, x.grad.shape, x.grad.stride())):
             momentum, side = members[0].group["momentum"], members[0].side
             moments = [x.state["moment"] for x in members]
@@ -231,28 +230,33 @@ class SUMO(SubspaceOptimizer):
                     complement = x.grad - project_back(project(x.grad, basis, side), basis, side)
                     x.weights.add_(complement, alpha=-lr * group["complement_scale"])
 
-    def _refresh(self, item: _Matrix) -> None:
-        """Creates the state on the first step; Blocks 1 and 1.1 on refresh steps: new Q, M transported."""
-        state, group, grad, side = item.state, item.group, item.grad, item.side
+    def _init_state(self, item: _Matrix) -> bool:
+        """Creates the state on the first step; says whether this step refreshes the basis."""
+        state, group, grad = item.state, item.group, item.grad
         if "moment" not in state:
             moment_shape = self._expected_state_shapes(grad.shape, group, state)["moment"]
             state["moment"] = torch.zeros(moment_shape, dtype=grad.dtype, device=grad.device)
             if group["limiter"] is not None:
                 state["previous_norm"] = torch.zeros((), dtype=grad.dtype, device=grad.device)
-        if side == "full" or not is_refresh_step(state["step"], group["update_freq"]):
-            return
-        randomized = group["refresh"] == "randomized"
-        new_basis = compute_basis(
-            grad,
-            group["rank"],
-            side,
-            method=group["refresh"],
-            generator=self._generator(state, grad.device) if randomized else None,
-            power_iterations=group["power_iterations"],
-        )
-        if "basis" in state:
-            state["moment"] = transport(state["moment"], state["basis"], new_basis, side)
-        state["basis"] = new_basis
+        return item.side != "full" and is_refresh_step(state["step"], group["update_freq"])
+
+    def _refresh(self, matrices: list[_Matrix]) -> None:
+        """Blocks 1 and 1.1 for matrices at a refresh step: new Q (batched per stack), M transported."""
+        for members in _stacks(matrices, lambda x: (id(x.group), x.side, x.grad.shape, x.grad.dtype, x.grad.device)):
+            group, side = members[0].group, members[0].side
+            randomized = group["refresh"] == "randomized"
+            bases = compute_bases(
+                [x.grad for x in members],
+                group["rank"],
+                side,
+                method=group["refresh"],
+                generators=[self._generator(x.state, x.grad.device) if randomized else None for x in members],
+                power_iterations=group["power_iterations"],
+            )
+            for x, new_basis in zip(members, bases):
+                if "basis" in x.state:
+                    x.state["moment"] = transport(x.state["moment"], x.state["basis"], new_basis, side)
+                x.state["basis"] = new_basis
 
     @staticmethod
     def _orthogonalize(moments: list[Tensor], groups: list[dict[str, Any]]) -> list[Tensor]:
