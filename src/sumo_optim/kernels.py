@@ -191,4 +191,7 @@ def grouped_addmm_(
         launch_grouped_addmm(outs, lefts, rights, beta, alpha)
         return
     for out, left, right in zip(outs, lefts, rights):
-        out.addmm_(left, right, beta=beta, alpha=alpha)
+        if beta == 0 and alpha == 1:  # a plain product
+            torch.mm(left, right, out=out)
+        else:
+            out.addmm_(left, right, beta=beta, alpha=alpha)

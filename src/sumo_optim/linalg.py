@@ -273,13 +273,21 @@ def randomized_top_singular_vectors(
     generators = generators or [None] * len(a)
     omega = torch.stack([torch.randn(n, sketch_size, device=device, dtype=dtype, generator=g) for g in generators])
     a_t = [x.mT for x in a]
-    q = orthonormal_columns(_stacked_products(a, omega))
+    q = _per_batch(orthonormal_columns, _stacked_products(a, omega))
     for _ in range(power_iterations):
-        q = orthonormal_columns(_stacked_products(a, orthonormal_columns(_stacked_products(a_t, q))))
+        z = _per_batch(orthonormal_columns, _stacked_products(a_t, q))
+        q = _per_batch(orthonormal_columns, _stacked_products(a, z))
     small = _stacked_products(list(q.mT.unbind()), a).to(torch.float64)
-    _, eigenvectors = torch.linalg.eigh(small @ small.mT)
+    eigenvectors = _per_batch(lambda x: torch.linalg.eigh(x)[1], small @ small.mT)
     bases = q @ eigenvectors[..., -rank:].flip(-1).to(q.dtype)
+    if len(a) == 1:
+        return [bases[0]]
     return [basis.clone() for basis in bases.unbind()]  # independent tensors for the optimizer state
+
+
+def _per_batch(function, stack: Tensor) -> Tensor:
+    """``function`` of a stack; a stack of one goes through the unbatched routines."""
+    return function(stack[0])[None] if stack.shape[0] == 1 else function(stack)
 
 
 def _stacked_products(lefts: Sequence[Tensor], rights: Tensor | Sequence[Tensor]) -> Tensor:
