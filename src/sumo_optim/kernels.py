@@ -7,8 +7,8 @@ A low-rank step does two thin products per weight matrix, the projection with mo
 operand's address from a table, so the matrices stay separate tensors.
 
 When the kernel is used is set by measurement (H100, LLaMA-1B at r = 128, NOTES.md): only for
-TF32 products (``torch.backends.cuda.matmul.allow_tf32``) with an inner dimension of at least
-``MIN_INNER``: the projections, 3.1 ms against cuBLAS's 4.6 ms. In strict float32 (Triton's
+TF32 products (``torch.backends.cuda.matmul.allow_tf32``, compute capability ≥ 8.0) with an
+inner dimension of at least ``MIN_INNER``: the projections, 3.1 ms against cuBLAS's 4.6 ms. In strict float32 (Triton's
 ``ieee`` or ``tf32x3``) and for the r-deep back-projection, cuBLAS was faster, so those stay a
 loop of ``torch.Tensor.addmm_``, as does everything without CUDA or Triton.
 """
@@ -115,7 +115,7 @@ def _uses_kernel(outs: Sequence[Tensor], lefts: Sequence[Tensor], rights: Sequen
         triton_available()
         and torch.backends.cuda.matmul.allow_tf32
         and lefts[0].shape[1] >= MIN_INNER
-        and (device.type == "cuda" or INTERPRETED)
+        and ((device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)) or INTERPRETED)
         and all(t.dtype == torch.float32 and t.device == device for t in tensors)
         and _same_layout(outs)
         and _same_layout(lefts)

@@ -178,9 +178,9 @@ class SUMO(SubspaceOptimizer):
                 continue
             state = self._count_step(p, group, index)
             weights, grad = self._working_copy(p), self._working_copy(p.grad)
-            shape = (p.shape[0], -1)
-            side = choose_side((p.shape[0], p[0].numel()), group["rank"])
-            matrices.append(_Matrix(weights.view(shape), grad.view(shape), state, group, side))
+            weights_2d, grad_2d = weights.view(p.shape[0], -1), grad.view(p.shape[0], -1)
+            side = choose_side(grad_2d.shape, group["rank"])
+            matrices.append(_Matrix(weights_2d, grad_2d, state, group, side))
             params.append((p, weights))
         self._step_matrices(matrices)
         for p, weights in params:
