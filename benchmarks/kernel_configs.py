@@ -9,29 +9,15 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import statistics
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+from refresh_costs import median_ms
 from step_time import matrix_shapes
 from sumo_optim import kernels
-
-
-def median_ms(fn, repeats=10):
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def problems(rank=128):
@@ -109,7 +95,7 @@ def main():
                     for o, a, b in zip(outs, lefts, rights):
                         o.addmm_(a, b, beta=beta, alpha=alpha)
 
-            ms = median_ms(cublas)
+            ms = median_ms(cublas, repeats=10)
             restore()
             cublas()
             rows.append((direction, f"cuBLAS {'tf32' if tf32 else 'fp32'}", ms, error()))
@@ -123,7 +109,7 @@ def main():
                     kernels.launch_grouped_addmm(outs, lefts, rights, beta, alpha, config)
 
             try:
-                ms = median_ms(triton_run)
+                ms = median_ms(triton_run, repeats=10)
             except Exception as exc:  # out of shared memory etc.
                 rows.append((direction, f"{precision} {config}", float("nan"), str(exc)[:40]))
                 continue

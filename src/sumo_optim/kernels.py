@@ -8,9 +8,10 @@ operand's address from a table, so the matrices stay separate tensors.
 
 When the kernel is used is set by measurement (H100, LLaMA-1B at r = 128, NOTES.md): only for
 TF32 products (``torch.backends.cuda.matmul.allow_tf32``, compute capability ≥ 8.0) with an
-inner dimension of at least ``MIN_INNER``: the projections, 3.1 ms against cuBLAS's 4.6 ms. In strict float32 (Triton's
-``ieee`` or ``tf32x3``) and for the r-deep back-projection, cuBLAS was faster, so those stay a
-loop of ``torch.Tensor.addmm_``, as does everything without CUDA or Triton.
+inner dimension of at least ``MIN_INNER``: the projections, 3.1 ms against cuBLAS's 4.6 ms.
+In strict float32 (Triton's ``ieee`` or ``tf32x3``) and for the r-deep back-projection,
+cuBLAS was faster, so those stay a loop of ``torch.Tensor.addmm_``, as does everything
+without CUDA or Triton.
 """
 
 from __future__ import annotations

@@ -125,7 +125,7 @@ def orthogonalize_cholesky_many(matrices: list[Tensor], rtol: float | None = Non
     for i, (_, _, wide, tolerance, _) in enumerate(prepared):
         polars.setdefault((wide.shape[-2], tolerance), []).append(i)
     results: list[Tensor | None] = [None] * len(prepared)
-    checks = []
+    checks: list[Tensor | None] = [None] * len(prepared)
     for (rows, tolerance), members in polars.items():
         factors = torch.cat([prepared[i][-1]["factor"] for i in members])
         polar_all = _polar_of_square(factors, tolerance / math.sqrt(rows))
@@ -135,33 +135,20 @@ def orthogonalize_cholesky_many(matrices: list[Tensor], rtol: float | None = Non
         spd = polar_all.mT @ factors
         spd = (spd + spd.mT) / 2
         _, info3 = torch.linalg.cholesky_ex(spd - tolerance * _largest_eigenvalue(spd)[..., None, None] * identity)
-        residual_ok = (polar_all @ polar_all.mT - identity).abs().amax(dim=(-2, -1)) < 1e-6
-        offset = 0
-        for i in members:
+        trusted = (info3 == 0) & ((polar_all @ polar_all.mT - identity).abs().amax(dim=(-2, -1)) < 1e-6)
+        counts = [prepared[i][-1]["factor"].shape[0] for i in members]
+        for i, polar, polar_trusted in zip(members, polar_all.split(counts), trusted.split(counts)):
             parts = prepared[i][-1]
-            count = parts["factor"].shape[0]
-            polar = polar_all[offset : offset + count]
             # polar(R) Y = (polar(R) L₂⁻¹) Y₁: one r×r product, then one batched product over r×n.
             left = polar @ parts["inverse2"]
             results[i] = left @ parts["rows"]
-            checks.append(
-                parts["trusted"]
-                & (info3[offset : offset + count] == 0)
-                & residual_ok[offset : offset + count]
-                & torch.isfinite(left).all(dim=(-2, -1))
-            )
-            offset += count
-    trusted_all = torch.cat(checks) if checks else None
-    if trusted_all is not None and not bool(trusted_all.all()):  # the one host synchronization
-        offset = 0
-        for i in [i for members in polars.values() for i in members]:
-            result, count = results[i], results[i].shape[0]
-            untrusted = (~trusted_all[offset : offset + count]).nonzero().squeeze(-1)
+            checks[i] = parts["trusted"] & polar_trusted & torch.isfinite(left).all(dim=(-2, -1))
+    if checks and not bool(torch.cat(checks).all()):  # the one host synchronization
+        for (_, _, wide, tolerance, _), result, trusted in zip(prepared, results, checks):
+            untrusted = (~trusted).nonzero().squeeze(-1)
             if untrusted.numel():
-                matrix, _, wide, tolerance, parts = prepared[i]
                 batch = wide.reshape(-1, *wide.shape[-2:])
                 result[untrusted] = orthogonalize(batch[untrusted], rtol=tolerance).to(torch.float64)
-            offset += count
     outputs = []
     for (matrix, transposed, wide, _, _), result in zip(prepared, results):
         result = result.reshape(wide.shape).to(matrix.dtype)

@@ -167,7 +167,7 @@ class SUMO(SubspaceOptimizer):
         return {"moment": (m, n)}
 
     def _matrix_step(self, weights: Tensor, grad: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
-        self._step_matrices([_Matrix(weights, grad, state, group, choose_side(grad.shape, group["rank"]))])
+        self._step_matrices([_Matrix(weights, grad, state, group)])
 
     def _update_parameters(self, work: list[tuple[Tensor, dict[str, Any], int]]) -> None:
         """Every matrix of the step together (:meth:`_step_matrices`); AdamW for the rest."""
@@ -178,9 +178,7 @@ class SUMO(SubspaceOptimizer):
                 continue
             state = self._count_step(p, group, index)
             weights, grad = self._working_copy(p), self._working_copy(p.grad)
-            weights_2d, grad_2d = weights.view(p.shape[0], -1), grad.view(p.shape[0], -1)
-            side = choose_side(grad_2d.shape, group["rank"])
-            matrices.append(_Matrix(weights_2d, grad_2d, state, group, side))
+            matrices.append(_Matrix(weights.view(p.shape[0], -1), grad.view(p.shape[0], -1), state, group))
             params.append((p, weights))
         self._step_matrices(matrices)
         for p, weights in params:
@@ -189,7 +187,7 @@ class SUMO(SubspaceOptimizer):
     def _step_matrices(self, matrices: list[_Matrix]) -> None:
         """Algorithm 1 for matrices whose step is counted, stack by stack.
 
-        Block 1 per matrix (refresh steps only); Block 2's projection with momentum and
+        Block 1 batched per stack (refresh steps only); Block 2's projection with momentum and
         Block 4's back-projection as one grouped product per stack of equal-shape matrices
         (:func:`~sumo_optim.kernels.grouped_addmm_`: one launch on CUDA); Block 2's
         orthogonalization batched over all moments with one host synchronization.
@@ -282,8 +280,9 @@ class _Matrix:
 
     __slots__ = ("grad", "group", "side", "state", "update", "weights")
 
-    def __init__(self, weights: Tensor, grad: Tensor, state: dict[str, Any], group: dict[str, Any], side: str) -> None:
-        self.weights, self.grad, self.state, self.group, self.side = weights, grad, state, group, side
+    def __init__(self, weights: Tensor, grad: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+        self.weights, self.grad, self.state, self.group = weights, grad, state, group
+        self.side = choose_side(grad.shape, group["rank"])
         self.update: Tensor | None = None
 
 
