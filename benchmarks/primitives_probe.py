@@ -94,25 +94,39 @@ def main():
     for name, gpu_ms, host_ms in rows:
         print(f"{name:48s} {gpu_ms:8.2f} {host_ms:8.2f}")
 
-    # Where today's SUMO step spends its time (plain and refresh), by kernel.
+    # Where each optimizer's step spends its time (plain and refresh): host vs GPU, by kernel.
     params = [w.requires_grad_() for w in weights]
     for p, G in zip(params, grads):
         p.grad = G
-    opt = build("sumo", params, r, 200)
-    for label, refresh in (("plain", False), ("refresh", True)):
-        for _ in range(2):
-            opt.step()
-        if refresh:
-            force_refresh_next(opt, 200)
-        torch.cuda.synchronize()
-        activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-        with torch.profiler.profile(activities=activities) as prof:
-            t0 = time.perf_counter()
-            opt.step()
+    for name in _option("--profile", "sumo").split(","):
+        torch.backends.cuda.matmul.allow_tf32 = name.endswith("tf32")
+        opt = build(name, params, r, 200)
+        for label, refresh in (("plain", False), ("refresh", True)):
+            for _ in range(3):
+                opt.step()
+            if refresh:
+                force_refresh_next(opt, 200)
             torch.cuda.synchronize()
-            wall = (time.perf_counter() - t0) * 1e3
-        print(f"\n=== SUMO {label} step, wall {wall:.1f} ms (profiled)")
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18))
+            activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+            with torch.profiler.profile(activities=activities) as prof:
+                t0 = time.perf_counter()
+                opt.step()
+                t1 = time.perf_counter()
+                torch.cuda.synchronize()
+                wall = (time.perf_counter() - t0) * 1e3
+            kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+            busy = sum(e.time_range.elapsed_us() for e in kernels) / 1e3
+            print(
+                f"\n=== {name} {label} step: wall {wall:.1f} ms, host {1e3 * (t1 - t0):.1f} ms, "
+                f"GPU busy {busy:.1f} ms in {len(kernels)} kernels (profiled)"
+            )
+            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))
+        del opt
+        torch.cuda.empty_cache()
+
+
+def _option(flag: str, default: str) -> str:
+    return sys.argv[sys.argv.index(flag) + 1] if flag in sys.argv else default
 
 
 if __name__ == "__main__":

@@ -53,6 +53,8 @@ def matrix_shapes(model: str, layers: int | None = None) -> list[tuple[int, int]
 
 
 def build(name: str, params: list[torch.Tensor], rank: int, gap: int):
+    """The optimizer a benchmark name stands for; a "-tf32" suffix only changes how it is timed."""
+    name = name.removesuffix("-tf32") if name != "sumo-tf32" else name
     if name == "adamw-fused":
         return torch.optim.AdamW(params, lr=1e-3, fused=True)
     if name == "muon":
@@ -220,10 +222,11 @@ def main() -> None:
     ranks = [8] if args.smoke else [int(r) for r in args.ranks.split(",")]
     names = []
     for name in args.optimizers.split(","):
-        known = name in ("adamw-fused", "muon", "sumo", "sumo-tf32", "sumo-svd", "galore-randomized")
-        if name == "galore-torch" and galore_torch_adamw() is None:
+        base = name.removesuffix("-tf32")
+        known = base in ("adamw-fused", "muon", "sumo", "sumo-svd", "galore-randomized")
+        if base == "galore-torch" and galore_torch_adamw() is None:
             print("skipping galore-torch: not installed (pip install galore-torch==1.0 --no-deps)")
-        elif not known and name != "galore-torch" and name not in sumo_optim.available():
+        elif not known and base != "galore-torch" and base not in sumo_optim.available():
             print(f"skipping {name}: not in sumo_optim.available()")
         elif name == "adamw-fused" and device.type == "cpu":
             names.append(name)

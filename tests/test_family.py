@@ -13,15 +13,17 @@ def test_galore_adamw_equals_galore_torch(proj_type):
     if oracle is None:
         pytest.skip("galore-torch is not installed (make test installs it)")
     g = torch.Generator().manual_seed(len(proj_type))
-    shapes = [(20, 12), (12, 20), (16, 16), (9,)]
+    # Equal shapes are stepped as one stack (grouped products, foreach Adam): each must still
+    # get its own basis and moments.
+    shapes = [(20, 12), (12, 20), (16, 16), (20, 12), (12, 20), (20, 12), (9,)]
     start = [torch.randn(s, generator=g) for s in shapes]
     theirs = [torch.nn.Parameter(w.clone()) for w in start]
     ours = [torch.nn.Parameter(w.clone()) for w in start]
 
     def groups(params):
         return [
-            {"params": params[:3], "rank": 4, "update_proj_gap": 5, "scale": 0.25, "proj_type": proj_type},
-            {"params": params[3:]},
+            {"params": params[:-1], "rank": 4, "update_proj_gap": 5, "scale": 0.25, "proj_type": proj_type},
+            {"params": params[-1:]},
         ]
 
     reference = oracle(groups(theirs), lr=0.01, weight_decay=0.1, no_deprecation_warning=True)
@@ -35,6 +37,33 @@ def test_galore_adamw_equals_galore_torch(proj_type):
     for a, b in zip(theirs, ours):
         torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
         assert not torch.equal(b, torch.zeros_like(b))
+
+
+@pytest.mark.parametrize("optimizer_class", [GaLoreAdamW, GoLore])
+def test_galore_stack_equals_each_matrix_alone(optimizer_class):
+    """Stepping equal-shape matrices together (batched randomized refresh, grouped products,
+    foreach inner rule) gives each matrix what a per-matrix optimizer gives it."""
+    g = torch.Generator().manual_seed(5)
+    shapes = [(24, 40), (40, 24), (24, 40), (24, 40), (40, 24)]
+    start = [torch.randn(s, generator=g, dtype=torch.float64) for s in shapes]
+    options = dict(lr=0.01, rank=5, update_proj_gap=3, refresh="randomized", weight_decay=0.1)
+    if optimizer_class is GoLore:
+        options.update(total_steps=8, random_fraction=0.5, inner="sgd", momentum=0.9)
+    together = [torch.nn.Parameter(w.clone()) for w in start]
+    alone = [torch.nn.Parameter(w.clone()) for w in start]
+    joint = optimizer_class(together, **options)
+    singles = [optimizer_class([p], **options) for p in alone]
+    for i, (single, p) in enumerate(zip(singles, alone)):  # matrix i's seed, as in the joint run
+        single.state[p].update(step=0, seed=i)
+    for _ in range(8):
+        grads = [torch.randn(s, generator=g, dtype=torch.float64) for s in shapes]
+        for a, b, grad in zip(together, alone, grads):
+            a.grad, b.grad = grad.clone(), grad.clone()
+        joint.step()
+        for single in singles:
+            single.step()
+    for a, b in zip(together, alone):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
 def test_galore_state_is_low_rank_and_rejects_full_proj_type():

@@ -22,7 +22,8 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import distributed
-from .subspace import refresh_generator
+from .stacks import Matrix
+from .subspace import choose_side, refresh_generator
 
 __all__ = ["NONFINITE_POLICIES", "SubspaceOptimizer", "adamw_update"]
 
@@ -64,9 +65,13 @@ class SubspaceOptimizer(Optimizer):
     """Base class: a low-rank rule for matrices, AdamW for the rest, in one optimizer.
 
     Subclasses define :meth:`_matrix_step` (and may extend :meth:`_validate_group` and
-    :meth:`_expected_state_shapes`). Every group carries ``lr``, ``weight_decay``,
-    ``subspace``, ``adamw_betas``, ``adamw_eps``, ``nonfinite`` and ``seed``.
+    :meth:`_expected_state_shapes`), or, with ``steps_matrices_together = True``,
+    :meth:`_step_matrices`, which then gets every matrix of a step at once (to work on stacks
+    of equal shapes). Every group carries ``lr``, ``weight_decay``, ``subspace``,
+    ``adamw_betas``, ``adamw_eps``, ``nonfinite`` and ``seed``.
     """
+
+    steps_matrices_together = False
 
     def __init__(self, params: Any, defaults: dict[str, Any], layerwise: bool = False) -> None:
         defaults = {"subspace": True, "nonfinite": "raise", "seed": 0, **defaults}
@@ -221,9 +226,25 @@ class SubspaceOptimizer(Optimizer):
         return loss
 
     def _update_parameters(self, work: list[tuple[Tensor, dict[str, Any], int]]) -> None:
-        """Updates parameters whose gradients have been checked; subclasses may batch this."""
+        """Updates parameters whose gradients have been checked: one at a time, or, with
+        ``steps_matrices_together``, the matrices together in :meth:`_step_matrices` (their
+        working copies then exist at once) and the rest one at a time."""
+        if not self.steps_matrices_together:
+            for p, group, index in work:
+                self._update_parameter(p, group, index)
+            return
+        matrices, params = [], []
         for p, group, index in work:
-            self._update_parameter(p, group, index)
+            if not self._uses_matrix_rule(p, group):
+                self._update_parameter(p, group, index)
+                continue
+            weights, grad, state = self._begin_update(p, group, index)
+            weights_2d, grad_2d = weights.view(p.shape[0], -1), grad.view(p.shape[0], -1)
+            matrices.append(Matrix(weights_2d, grad_2d, state, group, self._side(grad_2d.shape, group)))
+            params.append((p, weights))
+        self._step_matrices(matrices)
+        for p, weights in params:
+            self._end_update(p, weights)
 
     def _update_parameter(self, p: Tensor, group: dict[str, Any], index: int) -> None:
         """Applies this step's rule to one parameter whose gradient has been checked."""
@@ -263,7 +284,17 @@ class SubspaceOptimizer(Optimizer):
 
     def _matrix_step(self, weights: Tensor, grad: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
         """Updates the 2-D ``weights`` in place from ``grad``; ``state["step"]`` counts this step."""
+        if not self.steps_matrices_together:
+            raise NotImplementedError
+        self._step_matrices([Matrix(weights, grad, state, group, self._side(grad.shape, group))])
+
+    def _step_matrices(self, matrices: list[Matrix]) -> None:
+        """Updates several matrices in place (each like :meth:`_matrix_step`)."""
         raise NotImplementedError
+
+    def _side(self, shape: tuple[int, int], group: dict[str, Any]) -> str:
+        """Which side of an m×n matrix the group's basis lives on (:func:`~sumo_optim.subspace.choose_side`)."""
+        return choose_side(shape, group["rank"])
 
     @staticmethod
     def _generator(state: dict[str, Any], device: torch.device) -> torch.Generator:

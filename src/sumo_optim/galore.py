@@ -23,16 +23,17 @@ import torch
 from torch import Tensor
 
 from .base import SubspaceOptimizer, _is_number
-from .subspace import BASIS_METHODS, choose_side, compute_basis, is_refresh_step, project, project_back, transport
+from .stacks import Matrix, project_, project_back_, stacks
+from .subspace import BASIS_METHODS, choose_side, compute_bases, is_refresh_step, transport
 
 __all__ = ["GaLoreAdamW", "galore_adam_update", "validate_galore_options"]
 
 
 def galore_adam_update(
-    weights: Tensor, direction_of: Any, moments: tuple[Tensor, Tensor], grad: Tensor, step: int, group: dict[str, Any]
+    weights: Tensor, moments: tuple[Tensor, Tensor], grad: Tensor, step: int, group: dict[str, Any]
 ) -> None:
-    """galore-torch's AdamW step (bias correction folded into the step size, ε outside it,
-    weight decay after the update); ``direction_of`` maps m/(√v+ε) to the weights' shape."""
+    """galore-torch's AdamW step for a parameter outside any subspace (bias correction folded
+    into the step size, ε outside the square root, weight decay after the update)."""
     exp_avg, exp_avg_sq = moments
     beta1, beta2 = group["adamw_betas"]
     exp_avg.mul_(beta1).add_(grad, alpha=1.0 - beta1)
@@ -41,9 +42,23 @@ def galore_adam_update(
     step_size = group["lr"]
     if group["correct_bias"]:
         step_size = step_size * math.sqrt(1.0 - beta2**step) / (1.0 - beta1**step)
-    weights.add_(direction_of(exp_avg / denom), alpha=-step_size)
+    weights.add_(exp_avg / denom, alpha=-step_size)
     if group["weight_decay"] > 0.0:
         weights.add_(weights, alpha=-group["lr"] * group["weight_decay"])
+
+
+def _reduced_shape(shape: torch.Size, basis: Tensor, side: str) -> tuple[int, int]:
+    """Shape of ``project(G)`` for an m×n ``G``: (r, n) on the left, (m, r) on the right."""
+    return (basis.shape[1], shape[1]) if side == "left" else (shape[0], basis.shape[1])
+
+
+def _refresh_due(item: Matrix) -> bool:
+    return is_refresh_step(item.state["step"], item.group["update_proj_gap"])
+
+
+def _stack_key(item: Matrix) -> tuple:
+    """Matrices stepped together: same group, side, layout and step count (bias correction)."""
+    return id(item.group), item.side, item.grad.shape, item.grad.stride(), item.state["step"]
 
 
 def validate_galore_options(group: dict[str, Any]) -> None:
@@ -80,6 +95,7 @@ class GaLoreAdamW(SubspaceOptimizer):
     """
 
     basis_method_key = "refresh"
+    steps_matrices_together = True
 
     def __init__(
         self,
@@ -140,30 +156,60 @@ class GaLoreAdamW(SubspaceOptimizer):
     def _basis_method(self, state: dict[str, Any], group: dict[str, Any]) -> str:
         return group["refresh"]
 
-    def _matrix_step(self, weights: Tensor, grad: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
-        side, basis = self._side(grad.shape, group), state.get("basis")
-        if basis is None or is_refresh_step(state["step"], group["update_proj_gap"]):
-            method = self._basis_method(state, group)
-            generator = self._generator(state, grad.device) if method != "svd" else None
-            new_basis = compute_basis(grad, group["rank"], side, method=method, generator=generator)
-            if basis is not None and group["transport_moments"] and "exp_avg" in state:
-                state["exp_avg"] = transport(state["exp_avg"], basis, new_basis, side)
-            state["basis"] = basis = new_basis
-        reduced = project(grad, basis, side)
-        if "exp_avg" not in state:
-            state["exp_avg"] = torch.zeros_like(reduced)
-            state["exp_avg_sq"] = torch.zeros_like(reduced)
-        self._inner_step(weights, reduced, state, group, lambda r: project_back(r, basis, side) * group["scale"])
+    def _step_matrices(self, matrices: list[Matrix]) -> None:
+        """GaLore's step for matrices whose step is counted, stack by stack of equal shapes: a
+        batched refresh where due, ``R = project(G)`` as one grouped product, the inner rule on
+        the reduced stack (:meth:`_reduced_directions`), and the back-projection with step size,
+        ``scale`` and weight decay folded into one grouped product."""
+        self._refresh([x for x in matrices if "basis" not in x.state or _refresh_due(x)])
+        for members in stacks(matrices, _stack_key):
+            reduced = [x.grad.new_empty(_reduced_shape(x.grad.shape, x.state["basis"], x.side)) for x in members]
+            project_(reduced, members, 0.0)
+            for x, r in zip(members, reduced):
+                if "exp_avg" not in x.state:
+                    x.state["exp_avg"] = torch.zeros_like(r)
+                    x.state["exp_avg_sq"] = torch.zeros_like(r)
+            directions, beta, alpha = self._reduced_directions(members, reduced)
+            project_back_(members, directions, beta, alpha)
 
-    def _inner_step(
-        self, weights: Tensor, reduced: Tensor, state: dict[str, Any], group: dict[str, Any], direction_of: Any
-    ) -> None:
-        galore_adam_update(
-            weights, direction_of, (state["exp_avg"], state["exp_avg_sq"]), reduced, state["step"], group
-        )
+    def _refresh(self, matrices: list[Matrix]) -> None:
+        """New bases (batched per stack), with the first moment carried over if asked."""
+        methods = {id(x): self._basis_method(x.state, x.group) for x in matrices}
+
+        def key(x: Matrix) -> tuple:
+            return id(x.group), x.side, x.grad.shape, x.grad.dtype, x.grad.device, methods[id(x)]
+
+        for members in stacks(matrices, key):
+            group, side, method = members[0].group, members[0].side, methods[id(members[0])]
+            generators = [self._generator(x.state, x.grad.device) if method != "svd" else None for x in members]
+            bases = compute_bases([x.grad for x in members], group["rank"], side, method=method, generators=generators)
+            for x, new_basis in zip(members, bases):
+                if "basis" in x.state and group["transport_moments"] and "exp_avg" in x.state:
+                    x.state["exp_avg"] = transport(x.state["exp_avg"], x.state["basis"], new_basis, side)
+                x.state["basis"] = new_basis
+
+    def _reduced_directions(self, members: list[Matrix], reduced: list[Tensor]) -> tuple[list[Tensor], float, float]:
+        """Adam on a stack's reduced gradients ``R`` (galore-torch's rule, see the module
+        docstring): returns ``m / (√v + ε)`` and (β, α) of ``W ← β W + α project_back(·)``,
+        which fold the bias-corrected step size, ``scale`` and the weight decay applied after
+        the update: ``(W − s α P N)(1 − ηλ)``."""
+        group, step = members[0].group, members[0].state["step"]
+        exp_avgs, exp_avg_sqs = [x.state["exp_avg"] for x in members], [x.state["exp_avg_sq"] for x in members]
+        beta1, beta2 = group["adamw_betas"]
+        torch._foreach_mul_(exp_avgs, beta1)
+        torch._foreach_add_(exp_avgs, reduced, alpha=1.0 - beta1)
+        torch._foreach_mul_(exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(exp_avg_sqs, reduced, reduced, value=1.0 - beta2)
+        denoms = torch._foreach_sqrt(exp_avg_sqs)
+        torch._foreach_add_(denoms, group["adamw_eps"])
+        step_size = group["lr"]
+        if group["correct_bias"]:
+            step_size = step_size * math.sqrt(1.0 - beta2**step) / (1.0 - beta1**step)
+        decay = 1.0 - group["lr"] * group["weight_decay"]
+        return torch._foreach_div(exp_avgs, denoms), decay, -step_size * group["scale"] * decay
 
     def _vector_step(self, weights: Tensor, grad: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
         if "exp_avg" not in state:
             state["exp_avg"] = torch.zeros_like(grad)
             state["exp_avg_sq"] = torch.zeros_like(grad)
-        galore_adam_update(weights, lambda d: d, (state["exp_avg"], state["exp_avg_sq"]), grad, state["step"], group)
+        galore_adam_update(weights, (state["exp_avg"], state["exp_avg_sq"]), grad, state["step"], group)

@@ -18,10 +18,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from .base import _is_number
 from .galore import GaLoreAdamW
+from .stacks import Matrix
 
 __all__ = ["GoLore"]
 
@@ -84,12 +86,12 @@ class GoLore(GaLoreAdamW):
         switch = (1 - group["random_fraction"]) * group["total_steps"]
         return "random" if state["step"] > switch else group["refresh"]
 
-    def _inner_step(
-        self, weights: Tensor, reduced: Tensor, state: dict[str, Any], group: dict[str, Any], direction_of: Any
-    ) -> None:
+    def _reduced_directions(self, members: list[Matrix], reduced: list[Tensor]) -> tuple[list[Tensor], float, float]:
+        """Adam as in GaLore, or momentum SGD: ``m ← μ m + R``, ``W ← (1 − ηλ) W − η α project_back(m)``."""
+        group = members[0].group
         if group["inner"] == "adamw":
-            super()._inner_step(weights, reduced, state, group, direction_of)
-            return
-        momentum = state["exp_avg"].mul_(group["momentum"]).add_(reduced)  # m ← μ m + R
-        weights.mul_(1 - group["lr"] * group["weight_decay"])
-        weights.add_(direction_of(momentum), alpha=-group["lr"])
+            return super()._reduced_directions(members, reduced)
+        momenta = [x.state["exp_avg"] for x in members]
+        torch._foreach_mul_(momenta, group["momentum"])
+        torch._foreach_add_(momenta, reduced)
+        return momenta, 1.0 - group["lr"] * group["weight_decay"], -group["lr"] * group["scale"]

@@ -17,20 +17,19 @@ against AdamW's ``2mn``. Parameters that are not matrices get AdamW (see
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from .base import SubspaceOptimizer, _is_number
-from .kernels import grouped_addmm_
 from .linalg import (
     orthogonalize,
     orthogonalize_cholesky,
     orthogonalize_cholesky_many,
     orthogonalize_newton_schulz,
 )
+from .stacks import Matrix, project_, project_back_, stacks
 from .subspace import choose_side, compute_bases, is_refresh_step, project, project_back, transport
 
 __all__ = ["SUMO", "limit_norm_growth"]
@@ -92,6 +91,8 @@ class SUMO(SubspaceOptimizer):
     States (``self.state[p]``): ``basis`` Q, ``moment`` M, ``step``, ``seed``, and
     ``previous_norm`` with the limiter; float32 for bf16/fp16 parameters.
     """
+
+    steps_matrices_together = True
 
     def __init__(
         self,
@@ -166,43 +167,18 @@ class SUMO(SubspaceOptimizer):
             return {"basis": (n, rank), "moment": (m, rank)}
         return {"moment": (m, n)}
 
-    def _matrix_step(self, weights: Tensor, grad: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
-        self._step_matrices([_Matrix(weights, grad, state, group)])
-
-    def _update_parameters(self, work: list[tuple[Tensor, dict[str, Any], int]]) -> None:
-        """Every matrix of the step together (:meth:`_step_matrices`); AdamW for the rest."""
-        matrices, params = [], []
-        for p, group, index in work:
-            if not self._uses_matrix_rule(p, group):
-                self._update_parameter(p, group, index)
-                continue
-            state = self._count_step(p, group, index)
-            weights, grad = self._working_copy(p), self._working_copy(p.grad)
-            matrices.append(_Matrix(weights.view(p.shape[0], -1), grad.view(p.shape[0], -1), state, group))
-            params.append((p, weights))
-        self._step_matrices(matrices)
-        for p, weights in params:
-            self._end_update(p, weights)
-
-    def _step_matrices(self, matrices: list[_Matrix]) -> None:
+    def _step_matrices(self, matrices: list[Matrix]) -> None:
         """Algorithm 1 for matrices whose step is counted, stack by stack.
 
         Block 1 batched per stack (refresh steps only); Block 2's projection with momentum and
         Block 4's back-projection as one grouped product per stack of equal-shape matrices
-        (:func:`~sumo_optim.kernels.grouped_addmm_`: one launch on CUDA); Block 2's
-        orthogonalization batched over all moments with one host synchronization.
+        (:mod:`sumo_optim.stacks`: one launch on CUDA); Block 2's orthogonalization batched over
+        all moments with one host synchronization.
         """
         self._refresh([x for x in matrices if self._init_state(x)])
-        for members in _stacks(matrices, lambda x: (id(x.group), x.side, x.grad.shape, x.grad.stride())):
-            momentum, side = members[0].group["momentum"], members[0].side
-            moments = [x.state["moment"] for x in members]
-            if side == "left":  # M ← μ M + Qᵀ G
-                grouped_addmm_(moments, [x.state["basis"].mT for x in members], [x.grad for x in members], momentum)
-            elif side == "right":  # M ← μ M + G Q
-                grouped_addmm_(moments, [x.grad for x in members], [x.state["basis"] for x in members], momentum)
-            else:
-                torch._foreach_mul_(moments, momentum)
-                torch._foreach_add_(moments, [x.grad for x in members])
+        for members in stacks(matrices, lambda x: (id(x.group), x.side, x.grad.shape, x.grad.stride())):
+            # M ← μ M + Qᵀ G  (right side: μ M + G Q)
+            project_([x.state["moment"] for x in members], members, members[0].group["momentum"])
         updates = self._orthogonalize([x.state["moment"] for x in matrices], [x.group for x in matrices])
         for item, update in zip(matrices, updates):
             if item.group["limiter"] is not None:  # Block 3
@@ -210,25 +186,18 @@ class SUMO(SubspaceOptimizer):
                     update, item.state["previous_norm"], item.group["limiter"]
                 )
             item.update = update
-        for members in _stacks(matrices, lambda x: (id(x.group), x.side, x.weights.shape, x.weights.stride())):
+        for members in stacks(matrices, lambda x: (id(x.group), x.side, x.weights.shape, x.weights.stride())):
             group, side = members[0].group, members[0].side
             lr = group["lr"]
-            decay, step = 1 - lr * group["weight_decay"], -lr * group["scale"]
-            weights, updates = [x.weights for x in members], [x.update for x in members]
-            if side == "left":  # W ← (1 − ηλ) W − ηα Q O
-                grouped_addmm_(weights, [x.state["basis"] for x in members], updates, decay, step)
-            elif side == "right":  # W ← (1 − ηλ) W − ηα O Qᵀ
-                grouped_addmm_(weights, updates, [x.state["basis"].mT for x in members], decay, step)
-            else:
-                torch._foreach_mul_(weights, decay)
-                torch._foreach_add_(weights, updates, alpha=step)
+            # W ← (1 − ηλ) W − ηα Q O  (right side: O Qᵀ)
+            project_back_(members, [x.update for x in members], 1 - lr * group["weight_decay"], -lr * group["scale"])
             if group["complement_scale"] and side != "full":  # + β (I − Q Qᵀ) G
                 for x in members:
                     basis = x.state["basis"]
                     complement = x.grad - project_back(project(x.grad, basis, side), basis, side)
                     x.weights.add_(complement, alpha=-lr * group["complement_scale"])
 
-    def _init_state(self, item: _Matrix) -> bool:
+    def _init_state(self, item: Matrix) -> bool:
         """Creates the state on the first step; says whether this step refreshes the basis."""
         state, group, grad = item.state, item.group, item.grad
         if "moment" not in state:
@@ -238,9 +207,9 @@ class SUMO(SubspaceOptimizer):
                 state["previous_norm"] = torch.zeros((), dtype=grad.dtype, device=grad.device)
         return item.side != "full" and is_refresh_step(state["step"], group["update_freq"])
 
-    def _refresh(self, matrices: list[_Matrix]) -> None:
+    def _refresh(self, matrices: list[Matrix]) -> None:
         """Blocks 1 and 1.1 for matrices at a refresh step: new Q (batched per stack), M transported."""
-        for members in _stacks(matrices, lambda x: (id(x.group), x.side, x.grad.shape, x.grad.dtype, x.grad.device)):
+        for members in stacks(matrices, lambda x: (id(x.group), x.side, x.grad.shape, x.grad.dtype, x.grad.device)):
             group, side = members[0].group, members[0].side
             randomized = group["refresh"] == "randomized"
             bases = compute_bases(
@@ -273,25 +242,6 @@ class SUMO(SubspaceOptimizer):
             for i, update in zip(members, result.unbind()):
                 updates[i] = update
         return updates
-
-
-class _Matrix:
-    """One matrix of a step: 2-D working copies of weights and gradient, its state, group and side."""
-
-    __slots__ = ("grad", "group", "side", "state", "update", "weights")
-
-    def __init__(self, weights: Tensor, grad: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
-        self.weights, self.grad, self.state, self.group = weights, grad, state, group
-        self.side = choose_side(grad.shape, group["rank"])
-        self.update: Tensor | None = None
-
-
-def _stacks(items: list[_Matrix], key: Callable[[_Matrix], tuple]) -> list[list[_Matrix]]:
-    """Items grouped by ``key``, in order of first appearance."""
-    stacks: dict[tuple, list[_Matrix]] = {}
-    for item in items:
-        stacks.setdefault(key(item), []).append(item)
-    return list(stacks.values())
 
 
 def _orthogonalizer(group: dict[str, Any], device: torch.device):

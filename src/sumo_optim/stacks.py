@@ -1,0 +1,72 @@
+"""A step over stacks: the matrices of one step grouped by shape, each product one launch.
+
+A low-rank optimizer's step does two thin products per weight matrix: the projection of the
+gradient into its subspace and the back-projection of the step. :func:`project_` and
+:func:`project_back_` run them for a whole stack of equal-shape matrices through
+:func:`~sumo_optim.kernels.grouped_addmm_` (one launch where that measured faster, else one
+``addmm_`` each), with the scalars of the rule folded into the product:
+
+    project_:       out ← β out + Qᵀ G      (left)   or   β out + G Q    (right)
+    project_back_:  W   ← β W   + α Q D     (left)   or   β W + α D Qᵀ   (right)
+
+``side="full"`` (the subspace is the whole space, ``Q = I``) uses the gradient and the
+direction as they are.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .kernels import grouped_addmm_
+
+__all__ = ["Matrix", "project_", "project_back_", "stacks"]
+
+
+class Matrix:
+    """One matrix of a step: 2-D working copies of weights and gradient, its state, group and
+    side; ``update`` is free for the rule's result."""
+
+    __slots__ = ("grad", "group", "side", "state", "update", "weights")
+
+    def __init__(self, weights: Tensor, grad: Tensor, state: dict[str, Any], group: dict[str, Any], side: str) -> None:
+        self.weights, self.grad, self.state, self.group, self.side = weights, grad, state, group, side
+        self.update: Tensor | None = None
+
+
+def stacks(items: list[Matrix], key: Callable[[Matrix], Hashable]) -> list[list[Matrix]]:
+    """Items grouped by ``key``, in order of first appearance."""
+    grouped: dict[Hashable, list[Matrix]] = {}
+    for item in items:
+        grouped.setdefault(key(item), []).append(item)
+    return list(grouped.values())
+
+
+def project_(outs: list[Tensor], members: list[Matrix], beta: float) -> None:
+    """``outs[i] ← β outs[i] + project(G_i)`` for a stack sharing one side (``β = 0`` ignores
+    the old values, NaN included)."""
+    side, grads = members[0].side, [x.grad for x in members]
+    if side == "left":
+        grouped_addmm_(outs, [x.state["basis"].mT for x in members], grads, beta)
+    elif side == "right":
+        grouped_addmm_(outs, grads, [x.state["basis"] for x in members], beta)
+    elif beta == 0:
+        torch._foreach_copy_(outs, grads)
+    else:
+        torch._foreach_mul_(outs, beta)
+        torch._foreach_add_(outs, grads)
+
+
+def project_back_(members: list[Matrix], directions: list[Tensor], beta: float, alpha: float) -> None:
+    """``W_i ← β W_i + α project_back(D_i)`` in place, for a stack sharing one side."""
+    side, weights = members[0].side, [x.weights for x in members]
+    if side == "left":
+        grouped_addmm_(weights, [x.state["basis"] for x in members], directions, beta, alpha)
+    elif side == "right":
+        grouped_addmm_(weights, directions, [x.state["basis"].mT for x in members], beta, alpha)
+    else:
+        torch._foreach_mul_(weights, beta)
+        torch._foreach_add_(weights, directions, alpha=alpha)
