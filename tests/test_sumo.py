@@ -198,3 +198,31 @@ def test_batched_step_equals_one_matrix_at_a_time():
         results.append([p.detach() for p in params])
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_cholesky_route_completes_untrusted_moments_after_the_step_is_queued():
+    """Rank-deficient moments fail the Cholesky route's checks: they get a zero update first and
+    the exact SVD update at the end of the step, through the limiter and after weight decay, so
+    the result equals the SVD route's for every matrix of a mixed stack."""
+    g = torch.Generator().manual_seed(4)
+
+    def low_rank(k):
+        return torch.randn(16, k, generator=g) @ torch.randn(k, 40, generator=g)
+
+    # Moments of rank 1, then ≤ 4 (‖O‖ = √rank grows past the limiter's γ = 1.5), then full.
+    deficient = [low_rank(1), low_rank(3), low_rank(3)]
+    full = [torch.randn(16, 40, generator=g) for _ in range(5)]
+    start = [torch.randn(16, 40, generator=g) for _ in range(3)]
+    results = {}
+    for route in ("cholesky", "svd"):
+        params = [torch.nn.Parameter(w.clone()) for w in start]
+        options = dict(rank=6, update_freq=3, lr=0.1, weight_decay=0.1, limiter=1.5, refresh="svd")
+        optimizer = SUMO(params, orthogonalization=route, **options)
+        for t in range(5):
+            for i, p in enumerate(params):  # parameters 0 and 2: rank-deficient moments for 3 steps
+                p.grad = (deficient[t] if i != 1 and t < 3 else full[t]).clone() * (i + 1)
+            optimizer.step()
+        results[route] = [p.detach().clone() for p in params]
+    for a, b in zip(results["cholesky"], results["svd"]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(results["svd"][0], start[0])

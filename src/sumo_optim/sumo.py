@@ -26,7 +26,7 @@ from .base import SubspaceOptimizer, _is_number
 from .linalg import (
     orthogonalize,
     orthogonalize_cholesky,
-    orthogonalize_cholesky_many,
+    orthogonalize_cholesky_unchecked,
     orthogonalize_newton_schulz,
 )
 from .stacks import Matrix, project_, project_back_, stacks
@@ -173,13 +173,17 @@ class SUMO(SubspaceOptimizer):
         Block 1 batched per stack (refresh steps only); Block 2's projection with momentum and
         Block 4's back-projection as one grouped product per stack of equal-shape matrices
         (:mod:`sumo_optim.stacks`: one launch on CUDA); Block 2's orthogonalization batched over
-        all moments with one host synchronization.
+        all moments. The one host synchronization comes last, once all the work is queued: it
+        looks for moments the fast orthogonalization could not vouch for (rare).
         """
         self._refresh([x for x in matrices if self._init_state(x)])
         for members in stacks(matrices, lambda x: (id(x.group), x.side, x.grad.shape, x.grad.stride())):
             # M ← μ M + Qᵀ G  (right side: μ M + G Q)
             project_([x.state["moment"] for x in members], members, members[0].group["momentum"])
-        updates = self._orthogonalize([x.state["moment"] for x in matrices], [x.group for x in matrices])
+        updates, flags, all_trusted = self._orthogonalize(
+            [x.state["moment"] for x in matrices], [x.group for x in matrices]
+        )
+        previous_norms = [x.state.get("previous_norm") for x in matrices]
         for item, update in zip(matrices, updates):
             if item.group["limiter"] is not None:  # Block 3
                 update, item.state["previous_norm"] = limit_norm_growth(
@@ -196,6 +200,7 @@ class SUMO(SubspaceOptimizer):
                     basis = x.state["basis"]
                     complement = x.grad - project_back(project(x.grad, basis, side), basis, side)
                     x.weights.add_(complement, alpha=-lr * group["complement_scale"])
+        self._complete_untrusted(matrices, flags, all_trusted, previous_norms)
 
     def _init_state(self, item: Matrix) -> bool:
         """Creates the state on the first step; says whether this step refreshes the basis."""
@@ -226,22 +231,54 @@ class SUMO(SubspaceOptimizer):
                 x.state["basis"] = new_basis
 
     @staticmethod
-    def _orthogonalize(moments: list[Tensor], groups: list[dict[str, Any]]) -> list[Tensor]:
+    def _orthogonalize(
+        moments: list[Tensor], groups: list[dict[str, Any]]
+    ) -> tuple[list[Tensor], list[Tensor | None], Tensor | None]:
         """Block 2's ``O = U Vᵀ`` of every moment: one batched call per stack of equal shapes, and
-        the exact GPU route (Cholesky) for all stacks at once."""
+        the exact GPU route (Cholesky) for all stacks at once, without a host synchronization.
+
+        Returns the updates, per moment the Cholesky route's flag (``None`` for other routes;
+        where False the update is zero and :meth:`_complete_untrusted` must supply it), and
+        whether every flag is True (``None`` if there are none).
+        """
         stacks: dict[tuple, list[int]] = {}
         for i, (moment, group) in enumerate(zip(moments, groups)):
             method = _orthogonalizer(group, moment.device)
             stacks.setdefault((method, moment.shape, moment.dtype, moment.device), []).append(i)
         stacked = {key: torch.stack([moments[i] for i in members]) for key, members in stacks.items()}
         cholesky = [key for key in stacks if key[0] is orthogonalize_cholesky]
-        results = dict(zip(cholesky, orthogonalize_cholesky_many([stacked[key] for key in cholesky])))
+        results, trusted = orthogonalize_cholesky_unchecked([stacked[key] for key in cholesky])
+        results, trusted = dict(zip(cholesky, results)), dict(zip(cholesky, trusted))
         updates: list[Tensor | None] = [None] * len(moments)
+        flags: list[Tensor | None] = [None] * len(moments)
         for key, members in stacks.items():
             result = results[key] if key in results else key[0](stacked[key])
             for i, update in zip(members, result.unbind()):
                 updates[i] = update
-        return updates
+            if key in trusted:
+                for i, flag in zip(members, trusted[key].unbind()):
+                    flags[i] = flag
+        all_trusted = torch.cat(list(trusted.values())).all() if trusted else None
+        return updates, flags, all_trusted
+
+    @staticmethod
+    def _complete_untrusted(
+        matrices: list[Matrix], flags: list[Tensor | None], all_trusted: Tensor | None, previous_norms: list
+    ) -> None:
+        """The step's one host synchronization: matrices whose moment the Cholesky route could not
+        vouch for (rank-deficient, too ill-conditioned, non-finite) got a zero update; they now
+        get the exact SVD one (:func:`~sumo_optim.linalg.orthogonalize`, the same rank rule),
+        through the limiter from its previous norm, added to the already decayed weights."""
+        if all_trusted is None or bool(all_trusted):
+            return
+        for item, flag, previous_norm in zip(matrices, flags, previous_norms):
+            if flag is None or bool(flag):
+                continue
+            group = item.group
+            update = orthogonalize(item.state["moment"])
+            if group["limiter"] is not None:
+                update, item.state["previous_norm"] = limit_norm_growth(update, previous_norm, group["limiter"])
+            project_back_([item], [update], 1.0, -group["lr"] * group["scale"])
 
 
 def _orthogonalizer(group: dict[str, Any], device: torch.device):
