@@ -94,7 +94,6 @@ class GaLoreAdamW(SubspaceOptimizer):
         nonfinite, seed, layerwise: as in :class:`~sumo_optim.SUMO`.
     """
 
-    basis_method_key = "refresh"
     steps_matrices_together = True
 
     def __init__(
