@@ -54,7 +54,7 @@ def matrix_shapes(model: str, layers: int | None = None) -> list[tuple[int, int]
 
 def build(name: str, params: list[torch.Tensor], rank: int, gap: int):
     """The optimizer a benchmark name stands for; a "-tf32" suffix only changes how it is timed."""
-    name = name.removesuffix("-tf32") if name != "sumo-tf32" else name
+    name = name.removesuffix("-tf32")
     if name == "adamw-fused":
         return torch.optim.AdamW(params, lr=1e-3, fused=True)
     if name == "muon":
@@ -63,7 +63,7 @@ def build(name: str, params: list[torch.Tensor], rank: int, gap: int):
         galore = galore_torch_adamw()
         group = {"params": params, "rank": rank, "update_proj_gap": gap, "scale": 0.25, "proj_type": "std"}
         return galore([group], lr=1e-2)
-    if name in ("sumo", "sumo-tf32"):
+    if name == "sumo":
         return sumo_optim.SUMO(params, lr=0.02, rank=rank, update_freq=gap)
     if name == "sumo-svd":
         return sumo_optim.SUMO(params, lr=0.02, rank=rank, update_freq=gap, orthogonalization="svd")

@@ -47,11 +47,6 @@ def galore_adam_update(
         weights.add_(weights, alpha=-group["lr"] * group["weight_decay"])
 
 
-def _reduced_shape(shape: torch.Size, basis: Tensor, side: str) -> tuple[int, int]:
-    """Shape of ``project(G)`` for an m×n ``G``: (r, n) on the left, (m, r) on the right."""
-    return (basis.shape[1], shape[1]) if side == "left" else (shape[0], basis.shape[1])
-
-
 def _refresh_due(item: Matrix) -> bool:
     return is_refresh_step(item.state["step"], item.group["update_proj_gap"])
 
@@ -162,7 +157,8 @@ class GaLoreAdamW(SubspaceOptimizer):
         ``scale`` and weight decay folded into one grouped product."""
         self._refresh([x for x in matrices if "basis" not in x.state or _refresh_due(x)])
         for members in stacks(matrices, _stack_key):
-            reduced = [x.grad.new_empty(_reduced_shape(x.grad.shape, x.state["basis"], x.side)) for x in members]
+            shape = self._expected_state_shapes(members[0].grad.shape, members[0].group, members[0].state)["exp_avg"]
+            reduced = [x.grad.new_empty(shape) for x in members]
             project_(reduced, members, 0.0)
             for x, r in zip(members, reduced):
                 if "exp_avg" not in x.state:
