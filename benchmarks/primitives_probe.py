@@ -114,8 +114,13 @@ def main():
                 t1 = time.perf_counter()
                 torch.cuda.synchronize()
                 wall = (time.perf_counter() - t0) * 1e3
-            kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-            busy = sum(e.time_range.elapsed_us() for e in kernels) / 1e3
+            # As the table's "Self CUDA time total": device events without the step's own annotation.
+            kernels = [
+                e
+                for e in prof.events()
+                if e.device_type == torch.autograd.DeviceType.CUDA and not getattr(e, "is_user_annotation", False)
+            ]
+            busy = sum(e.self_device_time_total for e in kernels) / 1e3
             print(
                 f"\n=== {name} {label} step: wall {wall:.1f} ms, host {1e3 * (t1 - t0):.1f} ms, "
                 f"GPU busy {busy:.1f} ms in {len(kernels)} kernels (profiled)"
