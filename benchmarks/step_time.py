@@ -7,12 +7,14 @@ steps repeatedly. Reported per optimizer:
 * step time: median over many steps, timed with CUDA events after warm-up (host clock on CPU);
   for subspace methods the refresh step is timed separately and amortized over K steps:
   ``amortized = plain + (refresh − plain) / K``;
-* peak extra memory during a step, and optimizer-state bytes;
+* peak extra memory during a step, optimizer-state bytes, and memory held between steps
+  besides the state ("held": a CUDA graph's pool with ``cuda_graph=True``);
 * for SUMO, the orthogonalization's accuracy on its real moments: relative distance to the
   float64 ``U Vᵀ`` and ``‖O Oᵀ − I‖_F / √r``; and the effect of TF32 projections on the update.
 
 Run on a GPU for real numbers (``python benchmarks/step_time.py``); ``--smoke`` runs tiny shapes
-on CPU. Writes JSON and a markdown table under benchmarks/results/.
+on CPU. Optimizer names take ``-graph`` (``cuda_graph=True``) and then ``-tf32`` (TF32 matmuls
+allowed while timing) suffixes. Writes JSON and a markdown table under benchmarks/results/.
 """
 
 from __future__ import annotations
@@ -53,8 +55,11 @@ def matrix_shapes(model: str, layers: int | None = None) -> list[tuple[int, int]
 
 
 def build(name: str, params: list[torch.Tensor], rank: int, gap: int):
-    """The optimizer a benchmark name stands for; a "-tf32" suffix only changes how it is timed."""
+    """The optimizer a benchmark name stands for; a "-tf32" suffix only changes how it is timed,
+    "-graph" (before it) turns on ``cuda_graph`` (SUMO, GaLore)."""
     name = name.removesuffix("-tf32")
+    graph = name.endswith("-graph")
+    name = name.removesuffix("-graph")
     if name == "adamw-fused":
         return torch.optim.AdamW(params, lr=1e-3, fused=True)
     if name == "muon":
@@ -64,7 +69,7 @@ def build(name: str, params: list[torch.Tensor], rank: int, gap: int):
         group = {"params": params, "rank": rank, "update_proj_gap": gap, "scale": 0.25, "proj_type": "std"}
         return galore([group], lr=1e-2)
     if name == "sumo":
-        return sumo_optim.SUMO(params, lr=0.02, rank=rank, update_freq=gap)
+        return sumo_optim.SUMO(params, lr=0.02, rank=rank, update_freq=gap, cuda_graph=graph)
     if name == "sumo-svd":
         return sumo_optim.SUMO(params, lr=0.02, rank=rank, update_freq=gap, orthogonalization="svd")
     if name == "mofasgd":
@@ -72,7 +77,9 @@ def build(name: str, params: list[torch.Tensor], rank: int, gap: int):
     if name == "golore":
         return sumo_optim.GoLore(params, total_steps=10**6, lr=1e-2, rank=rank, update_proj_gap=gap, scale=0.25)
     refresh = "randomized" if name.endswith("randomized") else "svd"
-    return sumo_optim.GaLoreAdamW(params, lr=1e-2, rank=rank, update_proj_gap=gap, scale=0.25, refresh=refresh)
+    return sumo_optim.GaLoreAdamW(
+        params, lr=1e-2, rank=rank, update_proj_gap=gap, scale=0.25, refresh=refresh, cuda_graph=graph
+    )
 
 
 def force_refresh_next(optimizer: torch.optim.Optimizer, gap: int) -> None:
@@ -150,6 +157,10 @@ def run_one(name, shapes, rank, gap, device, steps, warmup):
     params = [torch.randn(s, device=device, generator=generator).div_(s[1] ** 0.5).requires_grad_() for s in shapes]
     for p in params:
         p.grad = torch.randn(p.shape, device=device, generator=generator) * 1e-3
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+    reserved_before = torch.cuda.memory_reserved() if device.type == "cuda" else 0
     optimizer = build(name, params, rank, gap)
     tf32 = name.endswith("tf32")
     refresh_ms = None
@@ -166,12 +177,17 @@ def run_one(name, shapes, rank, gap, device, steps, warmup):
             force_refresh_next(optimizer, gap)
             refreshes.append(timed_steps(optimizer, 1, device, tf32)[0])
         refresh_ms = min(refreshes)
+    if device.type == "cuda":  # what stays reserved between steps besides the state (a CUDA graph's pool)
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+    held = torch.cuda.memory_reserved() - reserved_before - state_bytes(optimizer) if device.type == "cuda" else 0
     result = {
         "optimizer": name,
         "step_ms": plain,
         "refresh_ms": refresh_ms,
         "amortized_ms": plain if refresh_ms is None else plain + (refresh_ms - plain) / gap,
         "peak_extra_bytes": peak_extra,
+        "held_extra_bytes": max(held, 0),
         "state_bytes": state_bytes(optimizer),
         "params": sum(p.numel() for p in params),
     }
@@ -222,7 +238,7 @@ def main() -> None:
     ranks = [8] if args.smoke else [int(r) for r in args.ranks.split(",")]
     names = []
     for name in args.optimizers.split(","):
-        base = name.removesuffix("-tf32")
+        base = name.removesuffix("-tf32").removesuffix("-graph")
         known = base in ("adamw-fused", "muon", "sumo", "sumo-svd", "galore-randomized")
         if base == "galore-torch" and galore_torch_adamw() is None:
             print("skipping galore-torch: not installed (pip install galore-torch==1.0 --no-deps)")
@@ -269,8 +285,9 @@ def main() -> None:
         f"Optimizer step on LLaMA weight matrices ({device_name}, torch {torch.__version__}, {meta['date']}; "
         f"K = {args.update_freq}; 7B timed on {args.layers_7b} blocks and scaled to 32)",
         "",
-        "| model | r | optimizer | step ms | amortized ms | × AdamW | state MiB | peak extra MiB | UVᵀ error |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|",
+        "| model | r | optimizer | step ms | amortized ms | × AdamW | state MiB | peak extra MiB | held MiB "
+        "| UVᵀ error |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         base = next(
@@ -287,7 +304,8 @@ def main() -> None:
         lines.append(
             f"| {row['model']} | {row['rank']} | {row['optimizer']} | {row['step_ms'] * scale:.2f} | "
             f"{row['amortized_ms'] * scale:.2f} | {ratio} | {row['state_bytes'] * scale / 2**20:.0f} | "
-            f"{row['peak_extra_bytes'] * scale / 2**20:.0f} | {'' if error is None else f'{error:.1e}'} |"
+            f"{row['peak_extra_bytes'] * scale / 2**20:.0f} | {row.get('held_extra_bytes', 0) * scale / 2**20:.0f} | "
+            f"{'' if error is None else f'{error:.1e}'} |"
         )
     table = "\n".join(lines)
     print("\n" + table)

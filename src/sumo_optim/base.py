@@ -14,7 +14,7 @@ parameter's dtype once per step.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import Any
 
 import torch
@@ -22,6 +22,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import distributed
+from .cuda_graph import GraphedCall, tensor_key
 from .stacks import Matrix
 from .subspace import choose_side, refresh_generator
 
@@ -69,14 +70,27 @@ class SubspaceOptimizer(Optimizer):
     :meth:`_step_matrices`, which then gets every matrix of a step at once (to work on stacks
     of equal shapes). Every group carries ``lr``, ``weight_decay``, ``subspace``,
     ``adamw_betas``, ``adamw_eps``, ``nonfinite`` and ``seed``.
+
+    With ``cuda_graph=True``, such a subclass can run the part of its step that only queues
+    kernels through :meth:`_graphed`: on CUDA it is captured as one CUDA graph
+    (:mod:`sumo_optim.cuda_graph`) once gradients and states have stayed at the same addresses
+    for two steps (as they do in a training loop), replayed while they stay, and re-captured
+    when they move (a new checkpoint, other gradients). States must then be updated in place.
     """
 
     steps_matrices_together = False
+    # Group entries that the graphed part of a step reads (a change means a new capture).
+    graph_hyperparameters: tuple[str, ...] = ()
 
-    def __init__(self, params: Any, defaults: dict[str, Any], layerwise: bool = False) -> None:
+    def __init__(
+        self, params: Any, defaults: dict[str, Any], layerwise: bool = False, cuda_graph: bool = False
+    ) -> None:
+        if layerwise and cuda_graph:
+            raise ValueError("cuda_graph=True replays a whole step's matrices; it does not combine with layerwise=True")
         defaults = {"subspace": True, "nonfinite": "raise", "seed": 0, **defaults}
         super().__init__(params, defaults)
         self.layerwise = layerwise
+        self.cuda_graph = GraphedCall() if cuda_graph else None
         # Owner-sharded mode under DDP (see :func:`sumo_optim.distributed.shard_matrices`).
         self.sharding: distributed.MatrixSharding | None = None
         if layerwise:
@@ -167,6 +181,11 @@ class SubspaceOptimizer(Optimizer):
 
     def _finite_gradients(self, work: list[tuple[Tensor, dict[str, Any], int]]) -> list[bool]:
         """Rejects sparse and complex gradients; says which gradients are finite (one sync)."""
+        return self._finite_flags(work, self._queue_finite_check(work))
+
+    def _queue_finite_check(self, work: list[tuple[Tensor, dict[str, Any], int]]) -> list[tuple[list[int], Tensor]]:
+        """Rejects sparse, complex and misshapen gradients; queues the finiteness check, returning
+        (positions in ``work``, their flags) per device for :meth:`_finite_flags`."""
         grads = []
         for p, _, index in work:
             if p.grad.is_sparse:
@@ -178,15 +197,24 @@ class SubspaceOptimizer(Optimizer):
                     f"gradient of parameter {index} has shape {tuple(p.grad.shape)}, expected {tuple(p.shape)}"
                 )
             grads.append(distributed.local_tensor(p.grad))  # under FSDP2, this rank's shard
-        finite = [True] * len(grads)
         by_device: dict[torch.device, list[int]] = {}
         for i, grad in enumerate(grads):
             if grad.numel():
                 by_device.setdefault(grad.device, []).append(i)
+        pending = []
         for positions in by_device.values():
             # max |g| is NaN or Inf iff some entry is: one multi-tensor reduction, no temporaries.
             norms = torch._foreach_norm([grads[i] for i in positions], float("inf"))
-            flags = torch.stack([norm.float() for norm in norms]).isfinite()
+            pending.append((positions, torch.stack([norm.float() for norm in norms]).isfinite()))
+        return pending
+
+    def _finite_flags(
+        self, work: list[tuple[Tensor, dict[str, Any], int]], pending: list[tuple[list[int], Tensor]]
+    ) -> list[bool]:
+        """Which gradients are finite (the host waits for the check here); raises for a non-finite
+        one in a group with ``nonfinite="raise"``."""
+        finite = [True] * len(work)
+        for positions, flags in pending:
             for i, ok in zip(positions, flags.tolist()):
                 finite[i] = ok
         finite = distributed.agree_on_finite(finite, work)
@@ -212,38 +240,62 @@ class SubspaceOptimizer(Optimizer):
         if self.layerwise:
             return loss
         work = self._parameters_with_grad()
+        pending = self._queue_finite_check(work)
+        owners = distributed.uses_owners(self)  # owner-sharded DDP, or FSDP2
+        # While the GPU checks the gradients, the host prepares the matrices (no state changes).
+        prepared = self._prepare_matrices(work) if self.steps_matrices_together and not owners else None
         ready = []
-        for (p, group, index), ok in zip(work, self._finite_gradients(work)):
+        for (p, group, index), ok in zip(work, self._finite_flags(work, pending)):
             if ok:
                 ready.append((p, group, index))
             else:
                 state = self.state[p]
                 state["skipped_steps"] = state.get("skipped_steps", 0) + 1
-        if distributed.uses_owners(self):  # owner-sharded DDP, or FSDP2
+        if owners:
             distributed.owner_step(self, ready)
+        elif prepared is not None and len(ready) == len(work):
+            self._update_parameters(ready, prepared)
         else:
             self._update_parameters(ready)
         return loss
 
-    def _update_parameters(self, work: list[tuple[Tensor, dict[str, Any], int]]) -> None:
+    def _prepare_matrices(self, work: list[tuple[Tensor, dict[str, Any], int]]) -> list[tuple[Tensor, Tensor, Matrix]]:
+        """(parameter, its working copy, its :class:`Matrix`) for the parameters of ``work`` that
+        follow the matrix rule, in order; the state is attached when the step is counted."""
+        prepared = []
+        for p, group, _ in work:
+            if self._uses_matrix_rule(p, group):
+                weights, grad = self._working_copy(p), self._working_copy(p.grad)
+                weights_2d, grad_2d = weights, grad
+                if p.ndim > 2:
+                    weights_2d, grad_2d = weights.view(p.shape[0], -1), grad.view(p.shape[0], -1)
+                item = Matrix(weights_2d, grad_2d, {}, group, self._side(grad_2d.shape, group))
+                prepared.append((p, weights, item))
+        return prepared
+
+    def _update_parameters(
+        self,
+        work: list[tuple[Tensor, dict[str, Any], int]],
+        prepared: list[tuple[Tensor, Tensor, Matrix]] | None = None,
+    ) -> None:
         """Updates parameters whose gradients have been checked: one at a time, or, with
         ``steps_matrices_together``, the matrices together in :meth:`_step_matrices` (their
-        working copies then exist at once) and the rest one at a time."""
+        working copies then exist at once; ``prepared`` by :meth:`_prepare_matrices` for
+        exactly ``work``, or made here) and the rest one at a time."""
         if not self.steps_matrices_together:
             for p, group, index in work:
                 self._update_parameter(p, group, index)
             return
-        matrices, params = [], []
+        if prepared is None:
+            prepared = self._prepare_matrices(work)
+        items = iter(item for _, _, item in prepared)
         for p, group, index in work:
-            if not self._uses_matrix_rule(p, group):
+            if self._uses_matrix_rule(p, group):
+                next(items).state = self._count_step(p, group, index)
+            else:
                 self._update_parameter(p, group, index)
-                continue
-            weights, grad, state = self._begin_update(p, group, index)
-            weights_2d, grad_2d = weights.view(p.shape[0], -1), grad.view(p.shape[0], -1)
-            matrices.append(Matrix(weights_2d, grad_2d, state, group, self._side(grad_2d.shape, group)))
-            params.append((p, weights))
-        self._step_matrices(matrices)
-        for p, weights in params:
+        self._step_matrices([item for _, _, item in prepared])
+        for p, weights, _ in prepared:
             self._end_update(p, weights)
 
     def _update_parameter(self, p: Tensor, group: dict[str, Any], index: int) -> None:
@@ -266,6 +318,8 @@ class SubspaceOptimizer(Optimizer):
     @staticmethod
     def _working_copy(tensor: Tensor) -> Tensor:
         """``tensor`` itself when already contiguous in the state dtype (≥ float32), else a copy."""
+        if tensor.dtype in (torch.float32, torch.float64) and tensor.is_contiguous():
+            return tensor
         working = tensor.to(torch.promote_types(tensor.dtype, torch.float32))
         return working if working.is_contiguous() else working.contiguous()
 
@@ -291,6 +345,22 @@ class SubspaceOptimizer(Optimizer):
     def _step_matrices(self, matrices: list[Matrix]) -> None:
         """Updates several matrices in place (each like :meth:`_matrix_step`)."""
         raise NotImplementedError
+
+    def _graphed(self, matrices: list[Matrix], function: Callable[[], Any]) -> Any:
+        """``function()``, which only queues kernels on the matrices' gradients and states; replayed
+        from a CUDA graph with ``cuda_graph=True`` when all matrices are on one CUDA device."""
+        devices = {x.grad.device for x in matrices}
+        if self.cuda_graph is None or len(devices) != 1 or next(iter(devices)).type != "cuda":
+            return function()
+        # The memory the graph reads and writes (state shapes follow from the gradient's and the
+        # group's), how it is split into stacks, and what else decides the kernels.
+        key: list[Hashable] = [torch.backends.cuda.matmul.allow_tf32]
+        for x in matrices:
+            key.append((tensor_key(x.grad), x.side, id(x.group)))
+            key.extend((value.data_ptr(), value.dtype) for value in x.state.values() if isinstance(value, Tensor))
+        groups = {id(x.group): x.group for x in matrices}.values()
+        key.extend((group["rank"], *(group[name] for name in self.graph_hyperparameters)) for group in groups)
+        return self.cuda_graph(tuple(key), function)
 
     def _side(self, shape: tuple[int, int], group: dict[str, Any]) -> str:
         """Which side of an m×n matrix the group's basis lives on (:func:`~sumo_optim.subspace.choose_side`)."""

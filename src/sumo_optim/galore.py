@@ -52,8 +52,8 @@ def _refresh_due(item: Matrix) -> bool:
 
 
 def _stack_key(item: Matrix) -> tuple:
-    """Matrices stepped together: same group, side, layout and step count (bias correction)."""
-    return id(item.group), item.side, item.grad.shape, item.grad.stride(), item.state["step"]
+    """Matrices projected together: same group, side and layout."""
+    return id(item.group), item.side, item.grad.shape, item.grad.stride()
 
 
 def validate_galore_options(group: dict[str, Any]) -> None:
@@ -86,10 +86,12 @@ class GaLoreAdamW(SubspaceOptimizer):
             shorter side), "reverse_std", "left" or "right".
         refresh: "svd" (exact, galore-torch) or "randomized" (range finder, milliseconds on GPU).
         transport_moments: carry the first moment into a new basis instead of keeping it as is.
-        nonfinite, seed, layerwise: as in :class:`~sumo_optim.SUMO`.
+        nonfinite, seed, layerwise, cuda_graph: as in :class:`~sumo_optim.SUMO` (the graph
+            replays the projections and the inner rule on the reduced gradients).
     """
 
     steps_matrices_together = True
+    graph_hyperparameters = ("adamw_betas", "adamw_eps")
 
     def __init__(
         self,
@@ -108,6 +110,7 @@ class GaLoreAdamW(SubspaceOptimizer):
         nonfinite: str = "raise",
         seed: int = 0,
         layerwise: bool = False,
+        cuda_graph: bool = False,
         **extra: Any,
     ) -> None:
         defaults = dict(
@@ -126,7 +129,7 @@ class GaLoreAdamW(SubspaceOptimizer):
             seed=seed,
             **extra,
         )
-        super().__init__(params, defaults, layerwise=layerwise)
+        super().__init__(params, defaults, layerwise=layerwise, cuda_graph=cuda_graph)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         super()._validate_group(group)
@@ -152,20 +155,31 @@ class GaLoreAdamW(SubspaceOptimizer):
 
     def _step_matrices(self, matrices: list[Matrix]) -> None:
         """GaLore's step for matrices whose step is counted, stack by stack of equal shapes: a
-        batched refresh where due, ``R = project(G)`` as one grouped product, the inner rule on
-        the reduced stack (:meth:`_reduced_directions`), and the back-projection with step size,
-        ``scale`` and weight decay folded into one grouped product."""
+        batched refresh where due, the directions (:meth:`_directions`, replayed as a CUDA graph
+        with ``cuda_graph=True``), and the back-projection with step size, ``scale`` and weight
+        decay folded into one grouped product per stack and step count."""
         self._refresh([x for x in matrices if "basis" not in x.state or _refresh_due(x)])
+        for x in matrices:
+            if "exp_avg" not in x.state:
+                shape = self._expected_state_shapes(x.grad.shape, x.group, x.state)["exp_avg"]
+                x.state["exp_avg"] = x.grad.new_zeros(shape)
+                x.state["exp_avg_sq"] = x.grad.new_zeros(shape)
+        for x, direction in zip(matrices, self._graphed(matrices, lambda: self._directions(matrices))):
+            x.update = direction
+        for members in stacks(matrices, lambda x: (*_stack_key(x), x.state["step"])):  # bias correction
+            project_back_(members, [x.update for x in members], *self._back_projection_scalars(members))
+
+    def _directions(self, matrices: list[Matrix]) -> list[Tensor]:
+        """Each matrix's direction in its subspace: ``R = project(G)`` as one grouped product per
+        stack, then the inner rule on the reduced stack (:meth:`_reduced_directions`). Only kernels
+        (states updated in place), so it can be captured in a CUDA graph."""
+        directions: dict[int, Tensor] = {}
         for members in stacks(matrices, _stack_key):
-            shape = self._expected_state_shapes(members[0].grad.shape, members[0].group, members[0].state)["exp_avg"]
+            shape = members[0].state["exp_avg"].shape
             reduced = [x.grad.new_empty(shape) for x in members]
             project_(reduced, members, 0.0)
-            for x, r in zip(members, reduced):
-                if "exp_avg" not in x.state:
-                    x.state["exp_avg"] = torch.zeros_like(r)
-                    x.state["exp_avg_sq"] = torch.zeros_like(r)
-            directions, beta, alpha = self._reduced_directions(members, reduced)
-            project_back_(members, directions, beta, alpha)
+            directions.update(zip(map(id, members), self._reduced_directions(members, reduced)))
+        return [directions[id(x)] for x in matrices]
 
     def _refresh(self, matrices: list[Matrix]) -> None:
         """New bases (batched per stack), with the first moment carried over if asked."""
@@ -179,16 +193,17 @@ class GaLoreAdamW(SubspaceOptimizer):
             generators = [self._generator(x.state, x.grad.device) if method != "svd" else None for x in members]
             bases = compute_bases([x.grad for x in members], group["rank"], side, method=method, generators=generators)
             for x, new_basis in zip(members, bases):
-                if "basis" in x.state and group["transport_moments"] and "exp_avg" in x.state:
-                    x.state["exp_avg"] = transport(x.state["exp_avg"], x.state["basis"], new_basis, side)
-                x.state["basis"] = new_basis
+                if "basis" not in x.state:
+                    x.state["basis"] = new_basis
+                    continue
+                if group["transport_moments"] and "exp_avg" in x.state:  # in place, as the graph reads it
+                    x.state["exp_avg"].copy_(transport(x.state["exp_avg"], x.state["basis"], new_basis, side))
+                x.state["basis"].copy_(new_basis)
 
-    def _reduced_directions(self, members: list[Matrix], reduced: list[Tensor]) -> tuple[list[Tensor], float, float]:
+    def _reduced_directions(self, members: list[Matrix], reduced: list[Tensor]) -> list[Tensor]:
         """Adam on a stack's reduced gradients ``R`` (galore-torch's rule, see the module
-        docstring): returns ``m / (√v + ε)`` and (β, α) of ``W ← β W + α project_back(·)``,
-        which fold the bias-corrected step size, ``scale`` and the weight decay applied after
-        the update: ``(W − s α P N)(1 − ηλ)``."""
-        group, step = members[0].group, members[0].state["step"]
+        docstring): the moments in place, and ``N = m / (√v + ε)``."""
+        group = members[0].group
         exp_avgs, exp_avg_sqs = [x.state["exp_avg"] for x in members], [x.state["exp_avg_sq"] for x in members]
         beta1, beta2 = group["adamw_betas"]
         torch._foreach_mul_(exp_avgs, beta1)
@@ -197,11 +212,18 @@ class GaLoreAdamW(SubspaceOptimizer):
         torch._foreach_addcmul_(exp_avg_sqs, reduced, reduced, value=1.0 - beta2)
         denoms = torch._foreach_sqrt(exp_avg_sqs)
         torch._foreach_add_(denoms, group["adamw_eps"])
+        return torch._foreach_div(exp_avgs, denoms)
+
+    def _back_projection_scalars(self, members: list[Matrix]) -> tuple[float, float]:
+        """(β, α) of ``W ← β W + α project_back(N)`` for a stack at one step count: the
+        bias-corrected step size s, ``scale`` and the decay after the update, ``(W − s α P N)(1 − ηλ)``."""
+        group, step = members[0].group, members[0].state["step"]
+        beta1, beta2 = group["adamw_betas"]
         step_size = group["lr"]
         if group["correct_bias"]:
             step_size = step_size * math.sqrt(1.0 - beta2**step) / (1.0 - beta1**step)
         decay = 1.0 - group["lr"] * group["weight_decay"]
-        return torch._foreach_div(exp_avgs, denoms), decay, -step_size * group["scale"] * decay
+        return decay, -step_size * group["scale"] * decay
 
     def _vector_step(self, weights: Tensor, grad: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
         if "exp_avg" not in state:

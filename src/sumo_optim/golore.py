@@ -86,12 +86,21 @@ class GoLore(GaLoreAdamW):
         switch = (1 - group["random_fraction"]) * group["total_steps"]
         return "random" if state["step"] > switch else group["refresh"]
 
-    def _reduced_directions(self, members: list[Matrix], reduced: list[Tensor]) -> tuple[list[Tensor], float, float]:
-        """Adam as in GaLore, or momentum SGD: ``m ← μ m + R``, ``W ← (1 − ηλ) W − η α project_back(m)``."""
+    graph_hyperparameters = ("adamw_betas", "adamw_eps", "inner", "momentum")
+
+    def _reduced_directions(self, members: list[Matrix], reduced: list[Tensor]) -> list[Tensor]:
+        """Adam as in GaLore, or momentum SGD: ``m ← μ m + R`` is the direction."""
         group = members[0].group
         if group["inner"] == "adamw":
             return super()._reduced_directions(members, reduced)
         momenta = [x.state["exp_avg"] for x in members]
         torch._foreach_mul_(momenta, group["momentum"])
         torch._foreach_add_(momenta, reduced)
-        return momenta, 1.0 - group["lr"] * group["weight_decay"], -group["lr"] * group["scale"]
+        return momenta
+
+    def _back_projection_scalars(self, members: list[Matrix]) -> tuple[float, float]:
+        """SGD: ``W ← (1 − ηλ) W − η α project_back(m)``; Adam as in GaLore."""
+        group = members[0].group
+        if group["inner"] == "adamw":
+            return super()._back_projection_scalars(members)
+        return 1.0 - group["lr"] * group["weight_decay"], -group["lr"] * group["scale"]

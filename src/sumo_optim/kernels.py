@@ -96,12 +96,19 @@ if triton is not None:
             tl.store(target, beta * tl.load(target, mask=mask) + alpha * acc, mask=mask)
 
 
+# Host tables copied during a CUDA graph capture: every replay of the graph copies them again.
+_CAPTURED_TABLES: dict[tuple[int, ...], Tensor] = {}
+
+
 def _address_table(tensors: Sequence[Tensor], device: torch.device) -> Tensor:
     """The tensors' data addresses on ``device``, copied without synchronizing the host."""
-    table = torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64)
-    if device.type == "cuda":
-        return table.pin_memory().to(device, non_blocking=True)
-    return table
+    addresses = tuple(t.data_ptr() for t in tensors)
+    table = torch.tensor(addresses, dtype=torch.int64)
+    if device.type != "cuda":
+        return table
+    if torch.cuda.is_current_stream_capturing():  # keep the source alive and unchanged for replays
+        return _CAPTURED_TABLES.setdefault(addresses, table.pin_memory()).to(device, non_blocking=True)
+    return table.pin_memory().to(device, non_blocking=True)
 
 
 def _same_layout(tensors: Sequence[Tensor]) -> bool:
