@@ -56,10 +56,12 @@ def matrix_shapes(model: str, layers: int | None = None) -> list[tuple[int, int]
 
 def build(name: str, params: list[torch.Tensor], rank: int, gap: int):
     """The optimizer a benchmark name stands for; a "-tf32" suffix only changes how it is timed,
-    "-graph" (before it) turns on ``cuda_graph`` (SUMO, GaLore)."""
+    "-graph" (before it) turns on ``cuda_graph`` (SUMO, GaLore, GoLore)."""
     name = name.removesuffix("-tf32")
     graph = name.endswith("-graph")
     name = name.removesuffix("-graph")
+    if graph and name in ("adamw-fused", "muon", "galore-torch", "mofasgd"):
+        raise ValueError(f"{name} has no cuda_graph option")
     if name == "adamw-fused":
         return torch.optim.AdamW(params, lr=1e-3, fused=True)
     if name == "muon":
@@ -71,11 +73,13 @@ def build(name: str, params: list[torch.Tensor], rank: int, gap: int):
     if name == "sumo":
         return sumo_optim.SUMO(params, lr=0.02, rank=rank, update_freq=gap, cuda_graph=graph)
     if name == "sumo-svd":
-        return sumo_optim.SUMO(params, lr=0.02, rank=rank, update_freq=gap, orthogonalization="svd")
+        return sumo_optim.SUMO(params, lr=0.02, rank=rank, update_freq=gap, orthogonalization="svd", cuda_graph=graph)
     if name == "mofasgd":
         return sumo_optim.MoFaSGD(params, lr=0.02, rank=rank)
     if name == "golore":
-        return sumo_optim.GoLore(params, total_steps=10**6, lr=1e-2, rank=rank, update_proj_gap=gap, scale=0.25)
+        return sumo_optim.GoLore(
+            params, total_steps=10**6, lr=1e-2, rank=rank, update_proj_gap=gap, scale=0.25, cuda_graph=graph
+        )
     refresh = "randomized" if name.endswith("randomized") else "svd"
     return sumo_optim.GaLoreAdamW(
         params, lr=1e-2, rank=rank, update_proj_gap=gap, scale=0.25, refresh=refresh, cuda_graph=graph

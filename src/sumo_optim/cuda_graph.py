@@ -20,10 +20,8 @@ import torch
 __all__ = ["GraphedCall", "tensor_key"]
 
 
-def tensor_key(tensor: torch.Tensor | None) -> Hashable:
+def tensor_key(tensor: torch.Tensor) -> Hashable:
     """What a captured graph depends on in a tensor: its address and layout."""
-    if tensor is None:
-        return None
     return (tensor.data_ptr(), tensor.shape, tensor.stride(), tensor.dtype)
 
 
