@@ -33,6 +33,8 @@ def main() -> None:
     profiler.disable()
     print(f"=== {name} at {model}: 5 plain steps, own time per function")
     pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
+    print(f"=== {name} at {model}: the library's functions by cumulative time")
+    pstats.Stats(profiler).sort_stats("cumulative").print_stats("sumo_optim", 30)
 
 
 if __name__ == "__main__":

@@ -168,15 +168,17 @@ def orthogonalize_cholesky_unchecked(
         counts = [prepared[i][-1]["factor"].shape[0] for i in members]
         for i, polar, polar_trusted in zip(members, polar_all.split(counts), trusted.split(counts)):
             parts = prepared[i][-1]
-            # polar(R) Y = (polar(R) L₂⁻¹) Y₁: one r×r product, then one batched product over r×n.
+            # polar(R) Y = (polar(R) L₂⁻¹) Y₁: one r×r product, then one batched product over r×n,
+            # for a tall input as (Y₁ᵀ (polar(R) L₂⁻¹)ᵀ), so the result is row-major in the input's
+            # shape: a transposed view there sends later products to slower cuBLAS kernels (NOTES v7).
             left = polar @ parts["inverse2"]
-            results[i] = left @ parts["rows"]
+            results[i] = parts["rows"].mT @ left.mT if prepared[i][1] else left @ parts["rows"]
             checks[i] = parts["trusted"] & polar_trusted & torch.isfinite(left).all(dim=(-2, -1))
     outputs = []
-    for (matrix, transposed, wide, _, _), result, trusted in zip(prepared, results, checks):
-        result = result.reshape(wide.shape).to(matrix.dtype)
-        result.masked_fill_(~trusted.reshape(*wide.shape[:-2], 1, 1), 0.0)
-        outputs.append(result.mT if transposed else result)
+    for (matrix, *_), result, trusted in zip(prepared, results, checks):
+        result = result.reshape(matrix.shape).to(matrix.dtype)
+        result.masked_fill_(~trusted.reshape(*matrix.shape[:-2], 1, 1), 0.0)
+        outputs.append(result)
     return outputs, [trusted.reshape(matrix.shape[:-2]) for matrix, trusted in zip(matrices, checks)]
 
 
