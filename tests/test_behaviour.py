@@ -268,6 +268,25 @@ def test_nonfinite_gradient_skip_mode_counts_and_updates_the_rest():
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_nonfinite_check_with_mixed_dtypes_skips_exactly_the_bad_parameter(bad):
+    """The check batches gradients by dtype: a bad bf16 or fp16 gradient among float32 ones is found."""
+    torch.manual_seed(int(torch.randint(0, 10**6, ())))
+    params = [nn.Parameter(torch.randn(6, 10, dtype=dtype)) for dtype in (torch.float32, torch.bfloat16, torch.float16)]
+    params.append(nn.Parameter(torch.randn(10, dtype=torch.bfloat16)))
+    for position in range(len(params)):
+        optimizer = SUMO(params, rank=2, nonfinite="skip")
+        for i, p in enumerate(params):
+            p.grad = torch.randn_like(p)
+            if i == position:
+                p.grad.view(-1)[3] = bad
+        before = [p.detach().clone() for p in params]
+        optimizer.step()
+        for i, (p, old) in enumerate(zip(params, before)):
+            assert torch.equal(p, old) == (i == position)
+            assert optimizer.state[p].get("skipped_steps", 0) == (i == position)
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [

@@ -185,7 +185,7 @@ class SubspaceOptimizer(Optimizer):
 
     def _queue_finite_check(self, work: list[tuple[Tensor, dict[str, Any], int]]) -> list[tuple[list[int], Tensor]]:
         """Rejects sparse, complex and misshapen gradients; queues the finiteness check, returning
-        (positions in ``work``, their flags) per device for :meth:`_finite_flags`."""
+        (positions in ``work``, their flags) per device and dtype for :meth:`_finite_flags`."""
         grads = []
         for p, _, index in work:
             if p.grad.is_sparse:
@@ -197,15 +197,15 @@ class SubspaceOptimizer(Optimizer):
                     f"gradient of parameter {index} has shape {tuple(p.grad.shape)}, expected {tuple(p.shape)}"
                 )
             grads.append(distributed.local_tensor(p.grad))  # under FSDP2, this rank's shard
-        by_device: dict[torch.device, list[int]] = {}
+        batches: dict[tuple[torch.device, torch.dtype], list[int]] = {}
         for i, grad in enumerate(grads):
             if grad.numel():
-                by_device.setdefault(grad.device, []).append(i)
+                batches.setdefault((grad.device, grad.dtype), []).append(i)
         pending = []
-        for positions in by_device.values():
+        for positions in batches.values():
             # max |g| is NaN or Inf iff some entry is: one multi-tensor reduction, no temporaries.
             norms = torch._foreach_norm([grads[i] for i in positions], float("inf"))
-            pending.append((positions, torch.stack([norm.float() for norm in norms]).isfinite()))
+            pending.append((positions, torch.stack(norms).isfinite()))
         return pending
 
     def _finite_flags(
