@@ -167,12 +167,12 @@ def orthogonalize_cholesky_unchecked(
         trusted = (info3 == 0) & ((polar_all @ polar_all.mT - identity).abs().amax(dim=(-2, -1)) < 1e-6)
         counts = [prepared[i][-1]["factor"].shape[0] for i in members]
         for i, polar, polar_trusted in zip(members, polar_all.split(counts), trusted.split(counts)):
-            parts = prepared[i][-1]
+            _, transposed, _, _, parts = prepared[i]
             # polar(R) Y = (polar(R) L₂⁻¹) Y₁: one r×r product, then one batched product over r×n,
             # for a tall input as (Y₁ᵀ (polar(R) L₂⁻¹)ᵀ), so the result is row-major in the input's
             # shape: a transposed view there sends later products to slower cuBLAS kernels (NOTES v7).
             left = polar @ parts["inverse2"]
-            results[i] = parts["rows"].mT @ left.mT if prepared[i][1] else left @ parts["rows"]
+            results[i] = parts["rows"].mT @ left.mT if transposed else left @ parts["rows"]
             checks[i] = parts["trusted"] & polar_trusted & torch.isfinite(left).all(dim=(-2, -1))
     outputs = []
     for (matrix, *_), result, trusted in zip(prepared, results, checks):
