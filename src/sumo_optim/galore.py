@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from .base import SubspaceOptimizer, _is_number
-from .stacks import Matrix, project_, project_back_, stacks
+from .stacks import Matrix, project_, project_back_, projection_key, stacks
 from .subspace import BASIS_METHODS, choose_side, compute_bases, is_refresh_step, transport
 
 __all__ = ["GaLoreAdamW", "galore_adam_update", "validate_galore_options"]
@@ -49,11 +49,6 @@ def galore_adam_update(
 
 def _refresh_due(item: Matrix) -> bool:
     return is_refresh_step(item.state["step"], item.group["update_proj_gap"])
-
-
-def _stack_key(item: Matrix) -> tuple:
-    """Matrices projected together: same group, side and layout."""
-    return id(item.group), item.side, item.grad.shape, item.grad.stride()
 
 
 def validate_galore_options(group: dict[str, Any]) -> None:
@@ -166,7 +161,7 @@ class GaLoreAdamW(SubspaceOptimizer):
                 x.state["exp_avg_sq"] = x.grad.new_zeros(shape)
         for x, direction in zip(matrices, self._graphed(matrices, lambda: self._directions(matrices))):
             x.update = direction
-        for members in stacks(matrices, lambda x: (*_stack_key(x), x.state["step"])):  # bias correction
+        for members in stacks(matrices, lambda x: (*projection_key(x), x.state["step"])):  # bias correction
             project_back_(members, [x.update for x in members], *self._back_projection_scalars(members))
 
     def _directions(self, matrices: list[Matrix]) -> list[Tensor]:
@@ -174,7 +169,7 @@ class GaLoreAdamW(SubspaceOptimizer):
         stack, then the inner rule on the reduced stack (:meth:`_reduced_directions`). Only kernels
         (states updated in place), so it can be captured in a CUDA graph."""
         directions: dict[int, Tensor] = {}
-        for members in stacks(matrices, _stack_key):
+        for members in stacks(matrices, projection_key):
             shape = members[0].state["exp_avg"].shape
             reduced = [x.grad.new_empty(shape) for x in members]
             project_(reduced, members, 0.0)

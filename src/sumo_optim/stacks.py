@@ -23,7 +23,7 @@ from torch import Tensor
 
 from .kernels import grouped_addmm_
 
-__all__ = ["Matrix", "project_", "project_back_", "stacks"]
+__all__ = ["Matrix", "project_", "project_back_", "projection_key", "stacks"]
 
 
 class Matrix:
@@ -43,6 +43,11 @@ def stacks(items: list[Matrix], key: Callable[[Matrix], Hashable]) -> list[list[
     for item in items:
         grouped.setdefault(key(item), []).append(item)
     return list(grouped.values())
+
+
+def projection_key(item: Matrix) -> tuple:
+    """Matrices whose gradients are projected together: same group, side and gradient layout."""
+    return id(item.group), item.side, item.grad.shape, item.grad.stride()
 
 
 def project_(outs: list[Tensor], members: list[Matrix], beta: float) -> None:

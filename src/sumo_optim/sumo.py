@@ -29,7 +29,7 @@ from .linalg import (
     orthogonalize_cholesky_unchecked,
     orthogonalize_newton_schulz,
 )
-from .stacks import Matrix, project_, project_back_, stacks
+from .stacks import Matrix, project_, project_back_, projection_key, stacks
 from .subspace import choose_side, compute_bases, is_refresh_step, project, project_back, transport
 
 __all__ = ["SUMO", "limit_norm_growth"]
@@ -209,7 +209,7 @@ class SUMO(SubspaceOptimizer):
         on tensors that stay in place (the limiter's norm is written into its state tensor), so
         the whole of it can be captured in a CUDA graph.
         """
-        for members in stacks(matrices, lambda x: (id(x.group), x.side, x.grad.shape, x.grad.stride())):
+        for members in stacks(matrices, projection_key):
             # M ← μ M + Qᵀ G  (right side: μ M + G Q)
             project_([x.state["moment"] for x in members], members, members[0].group["momentum"])
         updates, flags, all_trusted = self._orthogonalize(
@@ -265,17 +265,17 @@ class SUMO(SubspaceOptimizer):
         where False the update is zero and :meth:`_complete_untrusted` must supply it), and
         whether every flag is True (``None`` if there are none).
         """
-        stacks: dict[tuple, list[int]] = {}
+        batches: dict[tuple, list[int]] = {}  # positions of the moments stacked together
         for i, (moment, group) in enumerate(zip(moments, groups)):
             method = _orthogonalizer(group, moment.device)
-            stacks.setdefault((method, moment.shape, moment.dtype, moment.device), []).append(i)
-        stacked = {key: torch.stack([moments[i] for i in members]) for key, members in stacks.items()}
-        cholesky = [key for key in stacks if key[0] is orthogonalize_cholesky]
+            batches.setdefault((method, moment.shape, moment.dtype, moment.device), []).append(i)
+        stacked = {key: torch.stack([moments[i] for i in members]) for key, members in batches.items()}
+        cholesky = [key for key in batches if key[0] is orthogonalize_cholesky]
         results, trusted = orthogonalize_cholesky_unchecked([stacked[key] for key in cholesky])
         results, trusted = dict(zip(cholesky, results)), dict(zip(cholesky, trusted))
         updates: list[Tensor | None] = [None] * len(moments)
         flags: list[Tensor | None] = [None] * len(moments)
-        for key, members in stacks.items():
+        for key, members in batches.items():
             result = results[key] if key in results else key[0](stacked[key])
             for i, update in zip(members, result.unbind()):
                 updates[i] = update
