@@ -268,6 +268,30 @@ def test_nonfinite_gradient_skip_mode_counts_and_updates_the_rest():
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_skipped_first_step_then_training_resumes_and_checkpoints(name):
+    """A NaN on the very first step (fp16 loss scaling's usual start) is skipped; the next steps
+    run as if it had never come, and a checkpoint taken after the skip loads."""
+    torch.manual_seed(0)
+    model = TinyNet()
+    reference = copy.deepcopy(model)
+    optimizer = OPTIMIZERS[name](param_groups(model))
+    for group in optimizer.param_groups:
+        group["nonfinite"] = "skip"
+    reference_optimizer = OPTIMIZERS[name](param_groups(reference))
+    ((tokens, labels),) = make_batches(1)
+    nn.functional.cross_entropy(model(tokens), labels).backward()
+    for p in model.parameters():
+        p.grad.view(-1)[0] = float("nan")
+    optimizer.step()
+    assert all(optimizer.state[p] == {"skipped_steps": 1} for p in model.parameters())
+    resumed = OPTIMIZERS[name](param_groups(model))
+    resumed.load_state_dict(optimizer.state_dict())
+    train(model, resumed, make_batches(3))
+    train(reference, reference_optimizer, make_batches(3))
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), reference.parameters()))
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_nonfinite_check_with_mixed_dtypes_skips_exactly_the_bad_parameter(bad):
     """The check batches gradients by dtype: a bad bf16 or fp16 gradient among float32 ones is found."""

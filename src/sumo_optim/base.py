@@ -325,7 +325,7 @@ class SubspaceOptimizer(Optimizer):
 
     def _count_step(self, p: Tensor, group: dict[str, Any], index: int) -> dict[str, Any]:
         state = self.state[p]
-        if not state:
+        if "step" not in state:  # first counted step (earlier ones may have been skipped)
             state["step"] = 0
             state["seed"] = group["seed"] * 1_000_003 + index
         state["step"] += 1
@@ -404,6 +404,8 @@ class SubspaceOptimizer(Optimizer):
             self._check_loaded_state(index, p, group, state)
 
     def _check_loaded_state(self, index: int, p: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
+        if set(state) <= {"skipped_steps"}:  # every step so far was skipped: nothing to check
+            return
         if not isinstance(state.get("step"), int) or state["step"] < 0:
             raise ValueError(f"state of parameter {index} has no valid 'step' counter")
         if self._uses_matrix_rule(p, group):
