@@ -2,13 +2,20 @@
 
 A step is host-bound when the Python side issues work slower than the GPU runs it; this lists
 the functions by their own time. ``python benchmarks/host_profile.py sumo-tf32 [model]``.
+
+``--phases`` instead times the step's phases (the optimizer's own methods, inclusive) with the
+host clock and no profiler, whose overhead inflates Python-heavy code several times: how long
+the host spends in each before the GPU can go on.
 """
 
 from __future__ import annotations
 
 import cProfile
+import functools
 import pstats
+import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -16,10 +23,53 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from step_time import build, matrix_shapes, timed_steps
 
+PHASES = (
+    "_queue_finite_check",
+    "_prepare_matrices",
+    "_finite_flags",
+    "_update_parameters",
+    "_refresh",
+    "_graphed",
+    "_complete_untrusted",
+)
+
+
+def time_phases(optimizer, steps: int, device: torch.device, tf32: bool) -> None:
+    """Median host milliseconds per step spent inside each of :data:`PHASES` (inclusive)."""
+    spent: dict[str, float] = {}
+
+    def timed(name, method):
+        @functools.wraps(method)
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                spent[name] = spent.get(name, 0.0) + (time.perf_counter() - start) * 1e3
+
+        return wrapper
+
+    for name in PHASES:
+        if hasattr(optimizer, name):
+            setattr(optimizer, name, timed(name, getattr(optimizer, name)))
+    per_step: dict[str, list[float]] = {}
+    for _ in range(steps):
+        spent.clear()
+        start = time.perf_counter()
+        (gpu_ms,) = timed_steps(optimizer, 1, device, tf32)
+        spent["step (host, until synchronized)"] = (time.perf_counter() - start) * 1e3
+        spent["step (CUDA events)"] = gpu_ms
+        for name, ms in spent.items():
+            per_step.setdefault(name, []).append(ms)
+    for name, values in per_step.items():
+        print(f"  {statistics.median(values):8.3f} ms  {name}")
+
 
 def main() -> None:
-    name = sys.argv[1] if len(sys.argv) > 1 else "sumo-tf32"
-    model = sys.argv[2] if len(sys.argv) > 2 else "1b"
+    phases = "--phases" in sys.argv
+    args = [a for a in sys.argv[1:] if a != "--phases"]
+    name = args[0] if args else "sumo-tf32"
+    model = args[1] if len(args) > 1 else "1b"
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     params = [torch.randn(s, device=device).requires_grad_() for s in matrix_shapes(model)]
     for p in params:
@@ -27,6 +77,10 @@ def main() -> None:
     optimizer = build(name, params, 128, 10**6)
     tf32 = name.endswith("tf32")
     timed_steps(optimizer, 3, device, tf32)
+    if phases:
+        print(f"=== {name} at {model}: host time per phase, median of 20 plain steps")
+        time_phases(optimizer, 20, device, tf32)
+        return
     profiler = cProfile.Profile()
     profiler.enable()
     timed_steps(optimizer, 5, device, tf32)

@@ -237,10 +237,11 @@ def test_zero_gradient_gives_zero_update():
     assert torch.isfinite(optimizer.state[param]["moment"]).all()
 
 
+@pytest.mark.parametrize("name", OPTIMIZERS)
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_nonfinite_gradient_raises_before_any_weight_changes(bad):
-    model, optimizer = build("sumo")
-    train(model, optimizer, make_batches(2))
+def test_nonfinite_gradient_raises_before_any_weight_changes(name, bad):
+    model, optimizer = build(name)
+    train(model, optimizer, make_batches(2))  # the third step refreshes no basis
     ((tokens, labels),) = make_batches(1, seed=3)
     optimizer.zero_grad()
     nn.functional.cross_entropy(model(tokens), labels).backward()
@@ -266,6 +267,41 @@ def test_nonfinite_gradient_skip_mode_counts_and_updates_the_rest():
     assert not torch.equal(model.hidden.weight, hidden_before)
     assert optimizer.state[model.out.weight]["skipped_steps"] == 1
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", ["sumo", "sumo-randomized-limiter", "galore", "golore"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_nonfinite_gradient_is_found_through_its_projection_between_refreshes(name, bad):
+    """Between refreshes only the projected gradients of matrices are checked: a NaN or ±Inf at
+    any entry of a matrix's gradient still skips exactly that matrix's step."""
+    rng = torch.Generator().manual_seed(int(torch.randint(0, 10**6, ())))
+    ((tokens, labels),) = make_batches(1, seed=3)
+    for trial in range(4):
+        model, optimizer = build(name)
+        for group in optimizer.param_groups:
+            group["nonfinite"] = "skip"
+        train(model, optimizer, make_batches(2))  # the third step refreshes no basis
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(tokens), labels).backward()
+        bad_param = [model.hidden.weight, model.out.weight][trial % 2]
+        position = [0, bad_param.numel() - 1, *torch.randint(0, bad_param.numel(), (2,), generator=rng).tolist()][trial]
+        bad_param.grad.view(-1)[position] = bad
+        before = [p.detach().clone() for p in model.parameters()]
+        checked_in_full, queue = [], optimizer._queue_finite_check
+
+        def spy(work, positions, queue=queue, checked_in_full=checked_in_full):
+            checked_in_full.extend(positions)
+            return queue(work, positions)
+
+        optimizer._queue_finite_check = spy
+        optimizer.step()
+        assert {id(optimizer._parameters_with_grad()[i][0]) for i in checked_in_full}.isdisjoint(
+            {id(model.hidden.weight), id(model.out.weight)}
+        )
+        for p, old in zip(model.parameters(), before):
+            assert torch.equal(p, old) == (p is bad_param)
+            assert optimizer.state[p].get("skipped_steps", 0) == (p is bad_param)
+            assert torch.isfinite(p).all()
 
 
 @pytest.mark.parametrize("name", OPTIMIZERS)

@@ -14,7 +14,7 @@ parameter's dtype once per step.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterable
 from typing import Any
 
 import torch
@@ -23,7 +23,7 @@ from torch.optim import Optimizer
 
 from . import distributed
 from .cuda_graph import GraphedCall, tensor_key
-from .stacks import Matrix
+from .stacks import Matrix, project_checked
 from .subspace import choose_side, refresh_generator
 
 __all__ = ["NONFINITE_POLICIES", "SubspaceOptimizer", "adamw_update"]
@@ -91,6 +91,7 @@ class SubspaceOptimizer(Optimizer):
         super().__init__(params, defaults)
         self.layerwise = layerwise
         self.cuda_graph = GraphedCall() if cuda_graph else None
+        self.projection_graph = GraphedCall() if cuda_graph else None  # :meth:`_project`'s own
         # Owner-sharded mode under DDP (see :func:`sumo_optim.distributed.shard_matrices`).
         self.sharding: distributed.MatrixSharding | None = None
         if layerwise:
@@ -181,12 +182,11 @@ class SubspaceOptimizer(Optimizer):
 
     def _finite_gradients(self, work: list[tuple[Tensor, dict[str, Any], int]]) -> list[bool]:
         """Rejects sparse and complex gradients; says which gradients are finite (one sync)."""
-        return self._finite_flags(work, self._queue_finite_check(work))
+        self._check_gradients(work)
+        return self._finite_flags(work, self._queue_finite_check(work, range(len(work))))
 
-    def _queue_finite_check(self, work: list[tuple[Tensor, dict[str, Any], int]]) -> list[tuple[list[int], Tensor]]:
-        """Rejects sparse, complex and misshapen gradients; queues the finiteness check, returning
-        (positions in ``work``, their flags) per device and dtype for :meth:`_finite_flags`."""
-        grads = []
+    def _check_gradients(self, work: list[tuple[Tensor, dict[str, Any], int]]) -> None:
+        """Rejects sparse, complex and misshapen gradients."""
         for p, _, index in work:
             if p.grad.is_sparse:
                 raise RuntimeError(f"{type(self).__name__} does not support sparse gradients (parameter {index})")
@@ -196,17 +196,37 @@ class SubspaceOptimizer(Optimizer):
                 raise RuntimeError(
                     f"gradient of parameter {index} has shape {tuple(p.grad.shape)}, expected {tuple(p.shape)}"
                 )
-            grads.append(distributed.local_tensor(p.grad))  # under FSDP2, this rank's shard
+
+    def _queue_finite_check(
+        self, work: list[tuple[Tensor, dict[str, Any], int]], positions: Iterable[int]
+    ) -> list[tuple[list[int], Tensor]]:
+        """Queues the finiteness check of the gradients at ``positions`` in ``work``, returning
+        (positions, their flags) per device and dtype for :meth:`_finite_flags`."""
         batches: dict[tuple[torch.device, torch.dtype], list[int]] = {}
-        for i, grad in enumerate(grads):
-            if grad.numel():
-                batches.setdefault((grad.device, grad.dtype), []).append(i)
+        grads = {}
+        for i in positions:
+            grads[i] = distributed.local_tensor(work[i][0].grad)  # under FSDP2, this rank's shard
+            if grads[i].numel():
+                batches.setdefault((grads[i].device, grads[i].dtype), []).append(i)
         pending = []
-        for positions in batches.values():
+        for batch in batches.values():
             # max |g| is NaN or Inf iff some entry is: one multi-tensor reduction, no temporaries.
-            norms = torch._foreach_norm([grads[i] for i in positions], float("inf"))
-            pending.append((positions, torch.stack(norms).isfinite()))
+            norms = torch._foreach_norm([grads[i] for i in batch], float("inf"))
+            pending.append((batch, torch.stack(norms).isfinite()))
         return pending
+
+    def _queue_projection_check(
+        self, work: list[tuple[Tensor, dict[str, Any], int]], prepared: list[tuple[Tensor, Tensor, Matrix]]
+    ) -> list[tuple[list[int], Tensor]]:
+        """Projects the prepared matrices' gradients (:meth:`_project`) and queues their check in
+        place of the full gradients' (see :meth:`step`): (positions in ``work``, flags) per stack."""
+        in_work = {id(p): i for i, (p, _, _) in enumerate(work)}
+        items = []
+        for p, _, item in prepared:
+            item.state = self.state[p]  # the dict the step count returns later, not yet counted
+            items.append(item)
+        checks = self._project(items)
+        return [([in_work[id(prepared[i][0])] for i in positions], flags) for positions, flags in checks]
 
     def _finite_flags(
         self, work: list[tuple[Tensor, dict[str, Any], int]], pending: list[tuple[list[int], Tensor]]
@@ -240,10 +260,24 @@ class SubspaceOptimizer(Optimizer):
         if self.layerwise:
             return loss
         work = self._parameters_with_grad()
-        pending = self._queue_finite_check(work)
+        self._check_gradients(work)
         owners = distributed.uses_owners(self)  # owner-sharded DDP, or FSDP2
-        # While the GPU checks the gradients, the host prepares the matrices (no state changes).
-        prepared = self._prepare_matrices(work) if self.steps_matrices_together and not owners else None
+        together = self.steps_matrices_together and not owners
+        is_matrix = [self._uses_matrix_rule(p, group) for p, group, _ in work]
+        # On a step where no matrix refreshes its basis, the matrices' projected gradients
+        # (r×n, computed first anyway) are checked instead of the gradients (m×n): a NaN or Inf
+        # in G reaches project(G) (:func:`~sumo_optim.stacks.project_checked`).
+        early = (
+            together
+            and any(is_matrix)
+            and all(self._checks_projection(p, group) for (p, group, _), matrix in zip(work, is_matrix) if matrix)
+        )
+        # Working copies first: they take the same addresses on steps of either kind (a CUDA graph
+        # of the step stays valid across them).
+        prepared = self._prepare_matrices(work) if together else None
+        pending = self._queue_finite_check(work, [i for i, matrix in enumerate(is_matrix) if not (early and matrix)])
+        if early:
+            pending.extend(self._queue_projection_check(work, prepared))
         ready = []
         for (p, group, index), ok in zip(work, self._finite_flags(work, pending)):
             if ok:
@@ -346,9 +380,29 @@ class SubspaceOptimizer(Optimizer):
         """Updates several matrices in place (each like :meth:`_matrix_step`)."""
         raise NotImplementedError
 
-    def _graphed(self, matrices: list[Matrix], function: Callable[[], Any]) -> Any:
-        """``function()``, which only queues kernels on the matrices' gradients and states; replayed
-        from a CUDA graph with ``cuda_graph=True`` when all matrices are on one CUDA device."""
+    def _checks_projection(self, p: Tensor, group: dict[str, Any]) -> bool:
+        """Whether the next step of matrix ``p`` can be checked on its projected gradient: its
+        basis exists, it is not refreshed, and the rule reads the gradient only through
+        :meth:`_project` (subclasses that project say when)."""
+        return False
+
+    def _project(self, matrices: list[Matrix]) -> list[tuple[list[int], Tensor]]:
+        """Sets each matrix's ``projected`` to ``project(G)`` (:func:`~sumo_optim.stacks.project_checked`,
+        replayed as its own CUDA graph); returns the finiteness flags (positions in ``matrices``)."""
+        projected, checks = self._graphed(matrices, lambda: project_checked(matrices), self.projection_graph)
+        for x, reduced in zip(matrices, projected):
+            x.projected = reduced
+        return checks
+
+    def _project_unless_done(self, matrices: list[Matrix], refreshed: list[Matrix]) -> None:
+        """Projects the gradients unless :meth:`step` did so before its check and no basis changed."""
+        if refreshed or any(x.projected is None for x in matrices):
+            self._project(matrices)
+
+    def _graphed(self, matrices: list[Matrix], function: Callable[[], Any], graph: GraphedCall | None = None) -> Any:
+        """``function()``, which only queues kernels on the matrices' gradients, states and
+        projections; replayed from a CUDA graph (``graph``, else the step's) with
+        ``cuda_graph=True`` when all matrices are on one CUDA device."""
         devices = {x.grad.device for x in matrices}
         if self.cuda_graph is None or len(devices) != 1 or next(iter(devices)).type != "cuda":
             return function()
@@ -357,10 +411,12 @@ class SubspaceOptimizer(Optimizer):
         key: list[Hashable] = [torch.backends.cuda.matmul.allow_tf32]
         for x in matrices:
             key.append((tensor_key(x.grad), x.side, id(x.group)))
+            if x.projected is not None:
+                key.append(tensor_key(x.projected))
             key.extend((value.data_ptr(), value.dtype) for value in x.state.values() if isinstance(value, Tensor))
         groups = {id(x.group): x.group for x in matrices}.values()
         key.extend((group["rank"], *(group[name] for name in self.graph_hyperparameters)) for group in groups)
-        return self.cuda_graph(tuple(key), function)
+        return (self.cuda_graph if graph is None else graph)(tuple(key), function)
 
     def _side(self, shape: tuple[int, int], group: dict[str, Any]) -> str:
         """Which side of an m×n matrix the group's basis lives on (:func:`~sumo_optim.subspace.choose_side`)."""

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from .base import SubspaceOptimizer, _is_number
-from .stacks import Matrix, project_, project_back_, projection_key, stacks
+from .stacks import Matrix, project_back_, projection_key, stacks
 from .subspace import BASIS_METHODS, choose_side, compute_bases, is_refresh_step, transport
 
 __all__ = ["GaLoreAdamW", "galore_adam_update", "validate_galore_options"]
@@ -47,7 +47,7 @@ def galore_adam_update(
         weights.add_(weights, alpha=-group["lr"] * group["weight_decay"])
 
 
-def _refresh_due(item: Matrix) -> bool:
+def _refresh_due(item: Matrix) -> bool:  # (the step counted)
     return is_refresh_step(item.state["step"], item.group["update_proj_gap"])
 
 
@@ -148,31 +148,35 @@ class GaLoreAdamW(SubspaceOptimizer):
     def _basis_method(self, state: dict[str, Any], group: dict[str, Any]) -> str:
         return group["refresh"]
 
+    def _checks_projection(self, p: Tensor, group: dict[str, Any]) -> bool:
+        state = self.state.get(p, {})
+        return "exp_avg" in state and not is_refresh_step(state["step"] + 1, group["update_proj_gap"])
+
     def _step_matrices(self, matrices: list[Matrix]) -> None:
         """GaLore's step for matrices whose step is counted, stack by stack of equal shapes: a
         batched refresh where due, the directions (:meth:`_directions`, replayed as a CUDA graph
         with ``cuda_graph=True``), and the back-projection with step size, ``scale`` and weight
         decay folded into one grouped product per stack and step count."""
-        self._refresh([x for x in matrices if "basis" not in x.state or _refresh_due(x)])
+        refreshed = [x for x in matrices if "basis" not in x.state or _refresh_due(x)]
+        self._refresh(refreshed)
         for x in matrices:
             if "exp_avg" not in x.state:
                 shape = self._expected_state_shapes(x.grad.shape, x.group, x.state)["exp_avg"]
                 x.state["exp_avg"] = x.grad.new_zeros(shape)
                 x.state["exp_avg_sq"] = x.grad.new_zeros(shape)
+        self._project_unless_done(matrices, refreshed)
         for x, direction in zip(matrices, self._graphed(matrices, lambda: self._directions(matrices))):
             x.update = direction
         for members in stacks(matrices, lambda x: (*projection_key(x), x.state["step"])):  # bias correction
             project_back_(members, [x.update for x in members], *self._back_projection_scalars(members))
 
     def _directions(self, matrices: list[Matrix]) -> list[Tensor]:
-        """Each matrix's direction in its subspace: ``R = project(G)`` as one grouped product per
-        stack, then the inner rule on the reduced stack (:meth:`_reduced_directions`). Only kernels
+        """Each matrix's direction in its subspace: the inner rule (:meth:`_reduced_directions`)
+        on a stack's projections ``R = project(G)`` (made by :meth:`_project`). Only kernels
         (states updated in place), so it can be captured in a CUDA graph."""
         directions: dict[int, Tensor] = {}
         for members in stacks(matrices, projection_key):
-            shape = members[0].state["exp_avg"].shape
-            reduced = [x.grad.new_empty(shape) for x in members]
-            project_(reduced, members, 0.0)
+            reduced = [x.projected for x in members]
             directions.update(zip(map(id, members), self._reduced_directions(members, reduced)))
         return [directions[id(x)] for x in matrices]
 

@@ -10,7 +10,9 @@ gradient into its subspace and the back-projection of the step. :func:`project_`
     project_back_:  W   ← β W   + α Q D     (left)   or   β W + α D Qᵀ   (right)
 
 ``side="full"`` (the subspace is the whole space, ``Q = I``) uses the gradient and the
-direction as they are.
+direction as they are. :func:`project_checked` projects every stack into one buffer and says
+which projections are finite: on a step without a refresh, that check stands for the full
+gradient's (see :meth:`~sumo_optim.base.SubspaceOptimizer.step`).
 """
 
 from __future__ import annotations
@@ -23,17 +25,18 @@ from torch import Tensor
 
 from .kernels import grouped_addmm_
 
-__all__ = ["Matrix", "project_", "project_back_", "projection_key", "stacks"]
+__all__ = ["Matrix", "project_", "project_back_", "project_checked", "projection_key", "stacks"]
 
 
 class Matrix:
     """One matrix of a step: 2-D working copies of weights and gradient, its state, group and
-    side; ``update`` is free for the rule's result."""
+    side; ``projected`` holds ``project(G)`` once computed, ``update`` the rule's result."""
 
-    __slots__ = ("grad", "group", "side", "state", "update", "weights")
+    __slots__ = ("grad", "group", "projected", "side", "state", "update", "weights")
 
     def __init__(self, weights: Tensor, grad: Tensor, state: dict[str, Any], group: dict[str, Any], side: str) -> None:
         self.weights, self.grad, self.state, self.group, self.side = weights, grad, state, group, side
+        self.projected: Tensor | None = None
         self.update: Tensor | None = None
 
 
@@ -63,6 +66,31 @@ def project_(outs: list[Tensor], members: list[Matrix], beta: float) -> None:
     else:
         torch._foreach_mul_(outs, beta)
         torch._foreach_add_(outs, grads)
+
+
+def project_checked(matrices: list[Matrix]) -> tuple[list[Tensor], list[tuple[list[int], Tensor]]]:
+    """``R_i = project(G_i)`` for every matrix (each a view of its stack's one buffer), and per
+    stack (positions in ``matrices``, whether each ``R_i`` is finite). Only kernels: a CUDA
+    graph can capture it.
+
+    Products propagate NaN and Inf (``0·Inf`` is NaN), so ``R_i`` is finite only if ``G_i`` is,
+    unless the product overflows, which makes the step as unusable as a non-finite gradient."""
+    projected: list[Tensor | None] = [None] * len(matrices)
+    checks = []
+    position = {id(x): i for i, x in enumerate(matrices)}
+    for members in stacks(matrices, projection_key):
+        first = members[0]
+        m, n = first.grad.shape
+        rank = first.state["basis"].shape[1] if first.side != "full" else None
+        shape = {"left": (rank, n), "right": (m, rank), "full": (m, n)}[first.side]
+        buffer = first.grad.new_empty((len(members), *shape))
+        outs = list(buffer.unbind())
+        project_(outs, members, 0.0)
+        positions = [position[id(x)] for x in members]
+        for i, out in zip(positions, outs):
+            projected[i] = out
+        checks.append((positions, torch.linalg.vector_norm(buffer, float("inf"), dim=(-2, -1)).isfinite()))
+    return projected, checks
 
 
 def project_back_(members: list[Matrix], directions: list[Tensor], beta: float, alpha: float) -> None:

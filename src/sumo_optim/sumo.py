@@ -29,7 +29,7 @@ from .linalg import (
     orthogonalize_cholesky_unchecked,
     orthogonalize_newton_schulz,
 )
-from .stacks import Matrix, project_, project_back_, projection_key, stacks
+from .stacks import Matrix, project_back_, stacks
 from .subspace import choose_side, compute_bases, is_refresh_step, project, project_back, transport
 
 __all__ = ["SUMO", "limit_norm_growth"]
@@ -183,7 +183,9 @@ class SUMO(SubspaceOptimizer):
         host synchronization comes last, once all the work is queued: it looks for moments the
         fast orthogonalization could not vouch for (rare).
         """
-        self._refresh([x for x in matrices if self._init_state(x)])
+        refreshed = [x for x in matrices if self._init_state(x)]
+        self._refresh(refreshed)
+        self._project_unless_done(matrices, refreshed)
         updates, flags, all_trusted, previous_norms = self._graphed(matrices, lambda: self._directions(matrices))
         for item, update in zip(matrices, updates):
             item.update = update
@@ -209,9 +211,11 @@ class SUMO(SubspaceOptimizer):
         on tensors that stay in place (the limiter's norm is written into its state tensor), so
         the whole of it can be captured in a CUDA graph.
         """
-        for members in stacks(matrices, projection_key):
-            # M ← μ M + Qᵀ G  (right side: μ M + G Q)
-            project_([x.state["moment"] for x in members], members, members[0].group["momentum"])
+        for members in stacks(matrices, lambda x: x.group["momentum"]):
+            # M ← μ M + Qᵀ G  (right side: μ M + G Q), the projection made by _project
+            moments = [x.state["moment"] for x in members]
+            torch._foreach_mul_(moments, members[0].group["momentum"])
+            torch._foreach_add_(moments, [x.projected for x in members])
         updates, flags, all_trusted = self._orthogonalize(
             [x.state["moment"] for x in matrices], [x.group for x in matrices]
         )
@@ -223,6 +227,12 @@ class SUMO(SubspaceOptimizer):
                 updates[i], norm = limit_norm_growth(updates[i], state_norm, item.group["limiter"])
                 state_norm.copy_(norm)
         return updates, flags, all_trusted, previous_norms
+
+    def _checks_projection(self, p: Tensor, group: dict[str, Any]) -> bool:
+        state, shape = self.state.get(p, {}), (p.shape[0], p[0].numel())
+        if "moment" not in state or group["complement_scale"]:  # the complement reads G itself
+            return False
+        return self._side(shape, group) == "full" or not is_refresh_step(state["step"] + 1, group["update_freq"])
 
     def _init_state(self, item: Matrix) -> bool:
         """Creates the state on the first step; says whether this step refreshes the basis."""
