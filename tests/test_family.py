@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from sumo_optim import GaLoreAdamW, GoLore, MoFaSGD
+from sumo_optim.mofasgd import thin_qr, top_singular_triplets
 from sumo_optim.testing import galore_torch_adamw
 
 
@@ -206,6 +207,47 @@ def test_mofasgd_step_is_spectrally_normalized():
     assert singular_values[5:].max() < 1e-10
     with pytest.raises(ValueError, match="beta"):
         MoFaSGD([param], beta=1.0)
+
+
+def random_with_condition(batch, rows, cols, condition, generator, dtype):
+    left = torch.linalg.qr(torch.randn(batch, rows, cols, generator=generator, dtype=torch.float64))[0]
+    right = torch.linalg.qr(torch.randn(batch, cols, cols, generator=generator, dtype=torch.float64))[0]
+    values = torch.logspace(0, -torch.log10(torch.tensor(condition)).item(), cols, dtype=torch.float64)
+    return (left * values @ right.mT).to(dtype)
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 2e-6), (torch.float64, 1e-13)])
+@pytest.mark.parametrize("condition", [1e2, 1e6, 1e8, 1e9, 1e12])
+def test_thin_qr_matches_float64_householder(dtype, tolerance, condition):
+    """CholeskyQR2 where it is exact, Householder beyond (κ = 1e12): Q orthonormal, Q R = A."""
+    g = torch.Generator().manual_seed(int(torch.randint(0, 10**6, ())))
+    matrix = random_with_condition(3, 40, 12, condition, g, dtype)
+    q, r = thin_qr(matrix)
+    assert q.dtype == r.dtype == dtype and q.shape == (3, 40, 12) and r.shape == (3, 12, 12)
+    eye = torch.eye(12, dtype=torch.float64)
+    torch.testing.assert_close(q.double().mT @ q.double(), eye.expand(3, 12, 12), atol=tolerance * 10, rtol=0)
+    error = (q.double() @ r.double() - matrix.double()).norm(dim=(-2, -1)) / matrix.double().norm(dim=(-2, -1))
+    assert error.max() < tolerance * 10
+    assert torch.equal(r.tril(-1), torch.zeros_like(r))  # upper triangular
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
+def test_top_singular_triplets_match_float64_svd(dtype, tolerance):
+    g = torch.Generator().manual_seed(int(torch.randint(0, 10**6, ())))
+    matrix = random_with_condition(4, 16, 16, 1e3, g, dtype)
+    matrix[0, :, 10:] = 0  # rank 10 < 2·rank: some of the top 8 fine, the completion arbitrary below
+    matrix[1] = matrix[1, :, :3] @ torch.randn(3, 16, generator=g, dtype=dtype)  # rank 3 < 8
+    u, sigma, v = top_singular_triplets(matrix, 8)
+    reference = torch.linalg.svdvals(matrix.double())[:, :8]
+    torch.testing.assert_close(sigma.double(), reference, atol=tolerance * reference.max().item(), rtol=0)
+    eye = torch.eye(8, dtype=torch.float64).expand(4, 8, 8)
+    torch.testing.assert_close(u.double().mT @ u.double(), eye, atol=tolerance, rtol=0)
+    torch.testing.assert_close(v.double().mT @ v.double(), eye, atol=tolerance, rtol=0)
+    # U Σ Vᵀ is the best rank-8 approximation: its error is the tail of the spectrum
+    approximation = u.double() * sigma.double().unsqueeze(-2) @ v.double().mT
+    tail = torch.linalg.svdvals(matrix.double())[:, 8:].norm(dim=-1)
+    error = (matrix.double() - approximation).norm(dim=(-2, -1))
+    torch.testing.assert_close(error, tail, atol=tolerance * 10 * reference.max().item(), rtol=0)
 
 
 def test_mofasgd_batched_factor_update_equals_one_matrix_at_a_time():
