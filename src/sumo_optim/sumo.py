@@ -82,7 +82,9 @@ class SUMO(SubspaceOptimizer):
         adamw_betas, adamw_eps: AdamW's (β1, β2) and ε for the non-matrix parameters.
         nonfinite: ``"raise"`` (default) raises on a NaN/Inf gradient before any weight
             changes; ``"skip"`` skips that parameter's step and counts it in
-            ``state["skipped_steps"]``.
+            ``state["skipped_steps"]``. Between refreshes a matrix's check reads its projected
+            gradient ``project(G)``, which is non-finite whenever ``G`` is (or the product
+            overflowed).
         seed: seeds the randomized refresh; each matrix's draws depend only on
             (seed, its index, step), so resumed and data-parallel runs draw the same.
         layerwise: update each parameter in a post-accumulate-grad hook and free its gradient
