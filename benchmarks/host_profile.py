@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from step_time import build, matrix_shapes, timed_steps
+from step_time import timed_steps, warmed_up
 
 PHASES = (
     "_queue_finite_check",
@@ -71,12 +71,7 @@ def main() -> None:
     name = args[0] if args else "sumo-tf32"
     model = args[1] if len(args) > 1 else "1b"
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    params = [torch.randn(s, device=device).requires_grad_() for s in matrix_shapes(model)]
-    for p in params:
-        p.grad = torch.randn_like(p) * 1e-3
-    optimizer = build(name, params, 128, 10**6)
-    tf32 = name.endswith("tf32")
-    timed_steps(optimizer, 3, device, tf32)
+    optimizer, tf32 = warmed_up(name, model, device, gap=10**6, warmup=3)
     if phases:
         print(f"=== {name} at {model}: host time per phase, median of 20 plain steps")
         time_phases(optimizer, 20, device, tf32)

@@ -17,7 +17,7 @@ from torch.autograd import DeviceType
 
 sys.path.insert(0, str(Path(__file__).parent))
 from step_gaps import PROFILER_ARTIFACTS
-from step_time import build, matrix_shapes, timed_steps
+from step_time import timed_steps, warmed_up
 
 
 def main() -> None:
@@ -26,12 +26,7 @@ def main() -> None:
     device = torch.device("cuda")
     for name in names:
         torch.manual_seed(0)
-        params = [torch.randn(s, device=device).requires_grad_() for s in matrix_shapes(model)]
-        for p in params:
-            p.grad = torch.randn_like(p) * 1e-3
-        optimizer = build(name, params, 128, 200)
-        tf32 = name.endswith("tf32")
-        timed_steps(optimizer, 4, device, tf32)
+        optimizer, tf32 = warmed_up(name, model, device)
         activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
         with torch.profiler.profile(activities=activities, record_shapes=True) as profiler:
             timed_steps(optimizer, 1, device, tf32)
@@ -54,7 +49,7 @@ def main() -> None:
             count_and_us[1] += e.time_range.elapsed_us()
         for kernel, (count, us) in sorted(by_name.items(), key=lambda item: -item[1][1])[:32]:
             print(f"  {count:4d} {us / 1e3:6.2f} ms {kernel}")
-        del optimizer, params
+        del optimizer
         torch.cuda.empty_cache()
 
 

@@ -10,28 +10,18 @@ to the float64 ``torch.linalg.svd``. CUDA events after warm-up, median of repeat
 
 from __future__ import annotations
 
-import statistics
+import functools
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+from refresh_costs import median_ms
 from step_time import matrix_shapes
 from sumo_optim.mofasgd import update_momentum_factors
 
-
-def gpu_ms(fn, repeats: int = 5) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+gpu_ms = functools.partial(median_ms, repeats=5)  # the float32 SVD candidates take seconds per call
 
 
 def svd_default(core):

@@ -16,7 +16,7 @@ import torch
 from torch.autograd import DeviceType
 
 sys.path.insert(0, str(Path(__file__).parent))
-from step_time import build, matrix_shapes, timed_steps
+from step_time import timed_steps, warmed_up
 
 PROFILER_ARTIFACTS = ("Activity Buffer Request", "Buffer Flush")
 
@@ -32,12 +32,7 @@ def main() -> None:
     name = sys.argv[1] if len(sys.argv) > 1 else "sumo-graph-tf32"
     model = sys.argv[2] if len(sys.argv) > 2 else "1b"
     device = torch.device("cuda")
-    params = [torch.randn(s, device=device).requires_grad_() for s in matrix_shapes(model)]
-    for p in params:
-        p.grad = torch.randn_like(p) * 1e-3
-    optimizer = build(name, params, 128, 200)
-    tf32 = name.endswith("tf32")
-    timed_steps(optimizer, 4, device, tf32)
+    optimizer, tf32 = warmed_up(name, model, device)
     activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     with torch.profiler.profile(activities=activities, with_stack=True) as profiler:
         timed_steps(optimizer, 3, device, tf32)

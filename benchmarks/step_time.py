@@ -116,6 +116,18 @@ def timed_steps(optimizer, steps: int, device: torch.device, tf32: bool) -> list
     return times
 
 
+def warmed_up(name: str, model: str, device: torch.device, gap: int = 200, warmup: int = 4):
+    """``build(name)`` over LLaMA ``model``'s matrices with random gradients, after ``warmup``
+    plain steps; and whether it is timed under TF32 (the name's "-tf32" suffix)."""
+    params = [torch.randn(s, device=device).requires_grad_() for s in matrix_shapes(model)]
+    for p in params:
+        p.grad = torch.randn_like(p) * 1e-3
+    optimizer = build(name, params, 128, gap)
+    tf32 = name.endswith("tf32")
+    timed_steps(optimizer, warmup, device, tf32)
+    return optimizer, tf32
+
+
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:
     """Bytes of the optimizer's state tensors on this rank (a DTensor counts its local shard)."""
     return sum(
