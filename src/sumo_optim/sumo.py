@@ -17,6 +17,7 @@ against AdamW's ``2mn``. Parameters that are not matrices get AdamW (see
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -231,7 +232,7 @@ class SUMO(SubspaceOptimizer):
         return updates, flags, all_trusted, previous_norms
 
     def _checks_projection(self, p: Tensor, group: dict[str, Any]) -> bool:
-        state, shape = self.state.get(p, {}), (p.shape[0], p[0].numel())
+        state, shape = self.state.get(p, {}), (p.shape[0], math.prod(p.shape[1:]))
         if "moment" not in state or group["complement_scale"]:  # the complement reads G itself
             return False
         return self._side(shape, group) == "full" or not is_refresh_step(state["step"] + 1, group["update_freq"])
