@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from sumo_optim import orthogonalize, orthogonalize_newton_schulz, random_orthonormal, top_singular_vectors
+from sumo_optim import linalg, orthogonalize, orthogonalize_newton_schulz, random_orthonormal, top_singular_vectors
 from sumo_optim.linalg import (
     orthogonalize_cholesky,
     orthogonalize_cholesky_many,
@@ -188,6 +188,27 @@ def test_cholesky_many_equals_one_stack_at_a_time_with_mixed_shapes_and_fallback
         assert result.shape == matrix.shape
         torch.testing.assert_close(result, orthogonalize(matrix), rtol=0, atol=1e-6)
         torch.testing.assert_close(result, orthogonalize_cholesky(matrix), rtol=0, atol=1e-6)
+
+
+def test_cholesky_route_in_chunks_equals_one_chunk(monkeypatch):
+    """Stacks split into chunks of a few matrices (uneven last chunk, fallbacks in some chunks,
+    extra batch dimensions) give the same results and flags as whole stacks."""
+    g = torch.Generator().manual_seed(int(torch.randint(0, 10**6, ())))
+    wide = torch.stack([matrix_with_spectrum(torch.logspace(0, -5, 6), 6, 40, g) for _ in range(7)])
+    wide[2] = matrix_with_spectrum([2.0, 1.0], 6, 40, g)  # rank 2: the fallback
+    tall = torch.stack([matrix_with_spectrum(torch.logspace(0, -3, 6), 30, 6, g) for _ in range(6)]).view(2, 3, 30, 6)
+    tall[1, 2, 4, 0] = float("nan")
+    whole = linalg.orthogonalize_cholesky_unchecked([wide, tall])
+    monkeypatch.setattr(linalg, "CHUNK_BYTES", 2 * 8 * 6 * 40)  # two matrices per chunk
+    chunked = linalg.orthogonalize_cholesky_unchecked([wide, tall])
+    for matrix, result, flags, result_whole, flags_whole in zip([wide, tall], *chunked, *whole):
+        assert result.shape == matrix.shape and result.is_contiguous()
+        torch.testing.assert_close(result, result_whole, rtol=0, atol=1e-7)
+        assert torch.equal(flags, flags_whole)
+    assert chunked[1][0].tolist() == [True, True, False, True, True, True, True]
+    assert not chunked[1][1][1, 2] and chunked[1][1].sum() == 5
+    trusted = chunked[1][0]
+    torch.testing.assert_close(chunked[0][0][trusted], orthogonalize(wide[trusted]), rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("side", ["left", "right"])

@@ -20,6 +20,7 @@ from torch import Tensor
 from .kernels import grouped_addmm_
 
 __all__ = [
+    "CHUNK_BYTES",
     "NEWTON_SCHULZ_COEFFICIENTS",
     "orthogonalize",
     "orthogonalize_cholesky",
@@ -35,6 +36,11 @@ __all__ = [
 
 # Muon's quintic coefficients (Keller Jordan, 2024; the values torch.optim.Muon uses).
 NEWTON_SCHULZ_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+
+# Float64 bytes of the r×n matrices that the Cholesky route works on at once (see
+# :func:`orthogonalize_cholesky_unchecked`): a stack of a LLaMA-7B's 96 moments of 128×11008
+# would otherwise hold 1.1 GB per float64 copy.
+CHUNK_BYTES = 2**28
 
 
 def orthogonalize(matrix: Tensor, rtol: float | None = None) -> Tensor:
@@ -96,7 +102,8 @@ def orthogonalize_cholesky(matrix: Tensor, rtol: float | None = None) -> Tensor:
        (r×r) and applied by one batched product instead of a triangular solve over r×n:
        the residual ``L₁ L₁⁻¹ − I`` of a triangular inverse is ~κ eps64 (Higham, §14.1),
        and the second pass restores orthogonality;
-    2. ``U Vᵀ(M) = polar(R) · Y = (polar(R) L₂⁻¹) Y₁``, the r×r polar factor by Newton–Schulz.
+    2. ``U Vᵀ(M) = polar(R) · Y = T M`` with ``T = polar(R) L₂⁻¹ L₁⁻¹`` (r×r), the r×r polar
+       factor by Newton–Schulz. ``T M`` in float64 has error ~κ eps64 relative, as ``Y₁`` has.
 
     The r×r work batches well on GPUs where batched SVD and eigh do not. Matrices the fast path
     cannot vouch for (Cholesky failure, a condition number beyond ``1/rtol``, non-finite
@@ -137,26 +144,30 @@ def orthogonalize_cholesky_unchecked(
     Returns the results, zero wherever the fast path cannot vouch for them, and per stack the
     flags (its batch shape) saying where it can; :func:`replace_untrusted_` completes the rest.
     A caller can so queue more work on the results before it looks at the flags.
+
+    The r×n work runs on chunks of at most :data:`CHUNK_BYTES` of float64 data, the r×r polar
+    iteration on all chunks at once, so the float64 working memory is bounded by the chunk size
+    (about three chunks) rather than by the model.
     """
     prepared = []
     for matrix in matrices:
         if matrix.ndim < 2:
             raise ValueError(f"orthogonalize needs a matrix, got shape {tuple(matrix.shape)}")
         transposed = matrix.shape[-2] > matrix.shape[-1]
-        wide = matrix.mT if transposed else matrix
+        wide = (matrix.mT if transposed else matrix).reshape(-1, *sorted(matrix.shape[-2:]))
         rows, cols = wide.shape[-2:]
         tolerance = rtol
         if tolerance is None:
             tolerance = max(4 * torch.finfo(matrix.dtype).eps, torch.finfo(torch.float64).eps * max(rows, cols))
-        prepared.append((matrix, transposed, wide, tolerance, _cholesky_qr2(wide.reshape(-1, rows, cols))))
+        size = max(1, CHUNK_BYTES // (8 * rows * cols))
+        chunks = [_cholesky_qr2(chunk) for chunk in wide.split(size)]
+        prepared.append((matrix, transposed, wide, size, tolerance, chunks))
     # One polar iteration per (short side, tolerance): its step count depends on the tolerance.
-    polars: dict[tuple[int, float], list[int]] = {}
-    for i, (_, _, wide, tolerance, _) in enumerate(prepared):
-        polars.setdefault((wide.shape[-2], tolerance), []).append(i)
-    results: list[Tensor | None] = [None] * len(prepared)
-    checks: list[Tensor | None] = [None] * len(prepared)
+    polars: dict[tuple[int, float], list[tuple[int, int]]] = {}
+    for i, (_, _, wide, _, tolerance, chunks) in enumerate(prepared):
+        polars.setdefault((wide.shape[-2], tolerance), []).extend((i, c) for c in range(len(chunks)))
     for (rows, tolerance), members in polars.items():
-        factors = torch.cat([prepared[i][-1]["factor"] for i in members])
+        factors = torch.cat([prepared[i][-1][c]["factor"] for i, c in members])
         polar_all = _polar_of_square(factors, tolerance / math.sqrt(rows))
         identity = torch.eye(rows, dtype=torch.float64, device=factors.device)
         # Rank test: H = polar(R)ᵀ R is symmetric positive definite with M's singular values as
@@ -165,37 +176,42 @@ def orthogonalize_cholesky_unchecked(
         spd = (spd + spd.mT) / 2
         _, info3 = torch.linalg.cholesky_ex(spd - tolerance * _largest_eigenvalue(spd)[..., None, None] * identity)
         trusted = (info3 == 0) & ((polar_all @ polar_all.mT - identity).abs().amax(dim=(-2, -1)) < 1e-6)
-        counts = [prepared[i][-1]["factor"].shape[0] for i in members]
-        for i, polar, polar_trusted in zip(members, polar_all.split(counts), trusted.split(counts)):
-            _, transposed, _, _, parts = prepared[i]
-            # polar(R) Y = (polar(R) L₂⁻¹) Y₁: one r×r product, then one batched product over r×n,
-            # for a tall input as (Y₁ᵀ (polar(R) L₂⁻¹)ᵀ), so the result is row-major in the input's
-            # shape: a transposed view there sends later products to slower cuBLAS kernels (NOTES v7).
-            left = polar @ parts["inverse2"]
-            results[i] = parts["rows"].mT @ left.mT if transposed else left @ parts["rows"]
-            checks[i] = parts["trusted"] & polar_trusted & torch.isfinite(left).all(dim=(-2, -1))
-    outputs = []
-    for (matrix, *_), result, trusted in zip(prepared, results, checks):
-        result = result.reshape(matrix.shape).to(matrix.dtype)
+        counts = [prepared[i][-1][c]["factor"].shape[0] for i, c in members]
+        for (i, c), polar, polar_trusted in zip(members, polar_all.split(counts), trusted.split(counts)):
+            parts = prepared[i][-1][c]
+            # U Vᵀ(M) = polar(R) L₂⁻¹ L₁⁻¹ M: an r×r matrix T, applied to M once per chunk below.
+            parts["left"] = polar @ parts["inverse2"] @ parts["inverse1"]
+            parts["trusted"] = parts["trusted"] & polar_trusted & torch.isfinite(parts["left"]).all(dim=(-2, -1))
+    outputs, flags = [], []
+    for matrix, transposed, wide, size, _, chunks in prepared:
+        result = torch.empty_like(matrix, memory_format=torch.contiguous_format)
+        # A tall result as Mᵀ Tᵀ, row-major in the input's shape: a transposed view there sends
+        # later products to slower cuBLAS kernels (NOTES v7).
+        for out, chunk, parts in zip(result.view(-1, *result.shape[-2:]).split(size), wide.split(size), chunks):
+            chunk = chunk.to(torch.float64)
+            out.copy_(chunk.mT @ parts["left"].mT if transposed else parts["left"] @ chunk)
+        trusted = torch.cat([parts["trusted"] for parts in chunks])
         result.masked_fill_(~trusted.reshape(*matrix.shape[:-2], 1, 1), 0.0)
         outputs.append(result)
-    return outputs, [trusted.reshape(matrix.shape[:-2]) for matrix, trusted in zip(matrices, checks)]
+        flags.append(trusted.reshape(matrix.shape[:-2]))
+    return outputs, flags
 
 
 def _cholesky_qr2(batch: Tensor) -> dict[str, Tensor]:
-    """CholeskyQR2 of wide matrices (b×r×n) in float64: ``M = L₁L₂ Y``, keeping ``Y₁`` and ``L₂⁻¹``."""
+    """CholeskyQR2 of wide matrices (b×r×n) in float64: ``M = L₁L₂ Y``, keeping ``L₁⁻¹`` and ``L₂⁻¹`` (r×r)."""
     batch = batch.to(torch.float64)
     rows = batch.shape[-2]
     identity = torch.eye(rows, dtype=torch.float64, device=batch.device)
     lower1, info1 = torch.linalg.cholesky_ex(batch @ batch.mT)
-    rows_1 = torch.linalg.solve_triangular(lower1, identity, upper=False) @ batch  # Y₁ = L₁⁻¹ M
+    inverse1 = torch.linalg.solve_triangular(lower1, identity, upper=False)
+    rows_1 = inverse1 @ batch  # Y₁ = L₁⁻¹ M
     gram2 = rows_1 @ rows_1.mT
     lower2, info2 = torch.linalg.cholesky_ex(gram2)
     # gram2's diagonal holds Y₁'s squared row norms: finite iff every entry of Y₁ is.
     trusted = (info1 == 0) & (info2 == 0) & torch.isfinite(gram2).all(dim=(-2, -1))
     return {
         "factor": lower1 @ lower2,
-        "rows": rows_1,
+        "inverse1": inverse1,
         "inverse2": torch.linalg.solve_triangular(lower2, identity, upper=False),
         "trusted": trusted,
     }

@@ -93,8 +93,9 @@ class SUMO(SubspaceOptimizer):
         cuda_graph: on CUDA, replay Blocks 2 and 3 of all matrices (projection,
             orthogonalization, limiter: several hundred small kernels at LLaMA-1B) as one CUDA
             graph (see :class:`~sumo_optim.base.SubspaceOptimizer`); the graph keeps its
-            working memory between steps (the float64 orthogonalization's, ~1.8 GB at
-            LLaMA-1B, r = 128).
+            working memory between steps (1.6 GiB at LLaMA-1B and 2.1 GiB at 7B, r = 128:
+            the float64 orthogonalization works on chunks of
+            :data:`~sumo_optim.linalg.CHUNK_BYTES`).
 
     States (``self.state[p]``): ``basis`` Q, ``moment`` M, ``step``, ``seed``, and
     ``previous_norm`` with the limiter; float32 for bf16/fp16 parameters.
