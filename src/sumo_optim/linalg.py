@@ -180,8 +180,8 @@ def orthogonalize_cholesky_unchecked(
         for (i, c), polar, polar_trusted in zip(members, polar_all.split(counts), trusted.split(counts)):
             parts = prepared[i][-1][c]
             # U Vᵀ(M) = polar(R) L₂⁻¹ L₁⁻¹ M: an r×r matrix T, applied to M once per chunk below.
-            parts["left"] = polar @ parts["inverse2"] @ parts["inverse1"]
-            parts["trusted"] = parts["trusted"] & polar_trusted & torch.isfinite(parts["left"]).all(dim=(-2, -1))
+            parts["transform"] = polar @ parts["inverse2"] @ parts["inverse1"]
+            parts["trusted"] = parts["trusted"] & polar_trusted & torch.isfinite(parts["transform"]).all(dim=(-2, -1))
     outputs, flags = [], []
     for matrix, transposed, wide, size, _, chunks in prepared:
         result = torch.empty_like(matrix, memory_format=torch.contiguous_format)
@@ -189,7 +189,7 @@ def orthogonalize_cholesky_unchecked(
         # later products to slower cuBLAS kernels (NOTES v7).
         for out, chunk, parts in zip(result.view(-1, *result.shape[-2:]).split(size), wide.split(size), chunks):
             chunk = chunk.to(torch.float64)
-            out.copy_(chunk.mT @ parts["left"].mT if transposed else parts["left"] @ chunk)
+            out.copy_(chunk.mT @ parts["transform"].mT if transposed else parts["transform"] @ chunk)
         trusted = torch.cat([parts["trusted"] for parts in chunks])
         result.masked_fill_(~trusted.reshape(*matrix.shape[:-2], 1, 1), 0.0)
         outputs.append(result)
