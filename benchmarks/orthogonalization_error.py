@@ -22,15 +22,14 @@ from pathlib import Path
 import torch
 
 from sumo_optim import orthogonalize, orthogonalize_newton_schulz
+from sumo_optim.testing import matrix_with_spectrum
 
 RESULTS = Path(__file__).parent / "results"
 
 
 def moment_with_condition(rows: int, cols: int, condition: float, generator: torch.Generator) -> torch.Tensor:
-    u, _ = torch.linalg.qr(torch.randn(rows, rows, generator=generator, dtype=torch.float64))
-    v, _ = torch.linalg.qr(torch.randn(cols, rows, generator=generator, dtype=torch.float64))
     spectrum = torch.logspace(0, -torch.log10(torch.tensor(condition)).item(), rows, dtype=torch.float64)
-    return ((u * spectrum) @ v.T).float()
+    return matrix_with_spectrum(spectrum, rows, cols, generator, torch.float32)
 
 
 METHODS = {

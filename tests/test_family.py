@@ -5,7 +5,7 @@ import torch
 
 from sumo_optim import GaLoreAdamW, GoLore, MoFaSGD
 from sumo_optim.mofasgd import thin_qr, top_singular_triplets
-from sumo_optim.testing import galore_torch_adamw
+from sumo_optim.testing import galore_torch_adamw, matrix_with_spectrum
 
 
 @pytest.mark.parametrize("proj_type", ["std", "reverse_std", "left", "right"])
@@ -210,10 +210,8 @@ def test_mofasgd_step_is_spectrally_normalized():
 
 
 def random_with_condition(batch, rows, cols, condition, generator, dtype):
-    left = torch.linalg.qr(torch.randn(batch, rows, cols, generator=generator, dtype=torch.float64))[0]
-    right = torch.linalg.qr(torch.randn(batch, cols, cols, generator=generator, dtype=torch.float64))[0]
-    values = torch.logspace(0, -torch.log10(torch.tensor(condition)).item(), cols, dtype=torch.float64)
-    return (left * values @ right.mT).to(dtype)
+    spectrum = torch.logspace(0, -torch.log10(torch.tensor(condition)).item(), cols)
+    return torch.stack([matrix_with_spectrum(spectrum, rows, cols, generator, dtype) for _ in range(batch)])
 
 
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 2e-6), (torch.float64, 1e-13)])

@@ -10,15 +10,7 @@ from sumo_optim.linalg import (
     orthonormal_columns,
     randomized_top_singular_vectors,
 )
-
-
-def matrix_with_spectrum(singular_values, rows, cols, generator, dtype=torch.float64):
-    """rows×cols matrix U diag(s) Vᵀ with random orthonormal U, V."""
-    k = len(singular_values)
-    u, _ = torch.linalg.qr(torch.randn(rows, k, generator=generator, dtype=torch.float64))
-    v, _ = torch.linalg.qr(torch.randn(cols, k, generator=generator, dtype=torch.float64))
-    s = torch.as_tensor(singular_values, dtype=torch.float64)
-    return ((u * s) @ v.T).to(dtype)
+from sumo_optim.testing import matrix_with_spectrum
 
 
 def reference_polar(matrix):

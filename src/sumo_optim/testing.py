@@ -7,9 +7,29 @@ import importlib
 import importlib.util
 import sys
 import types
+from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["galore_torch_adafactor", "galore_torch_adamw"]
+import torch
+from torch import Tensor
+
+__all__ = ["galore_torch_adafactor", "galore_torch_adamw", "matrix_with_spectrum"]
+
+
+def matrix_with_spectrum(
+    singular_values: Sequence[float] | Tensor,
+    rows: int,
+    cols: int,
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype = torch.float64,
+) -> Tensor:
+    """A ``rows × cols`` matrix ``U diag(s) Vᵀ`` with random orthonormal ``U`` and ``V`` (one column
+    per singular value), built in float64 and returned in ``dtype``."""
+    k = len(singular_values)
+    u, _ = torch.linalg.qr(torch.randn(rows, k, generator=generator, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(cols, k, generator=generator, dtype=torch.float64))
+    s = torch.as_tensor(singular_values, dtype=torch.float64)
+    return ((u * s) @ v.T).to(dtype)
 
 
 def _galore_torch_class(module: str, name: str) -> Any:
