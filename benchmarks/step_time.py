@@ -260,8 +260,6 @@ def main() -> None:
             print("skipping galore-torch: not installed (pip install galore-torch==1.0 --no-deps)")
         elif not known and base != "galore-torch" and base not in sumo_optim.available():
             print(f"skipping {name}: not in sumo_optim.available()")
-        elif name == "adamw-fused" and device.type == "cpu":
-            names.append(name)
         else:
             names.append(name)
     rows = []
