@@ -5,16 +5,28 @@ import itertools
 import pytest
 import torch
 
-from sumo_optim import SUMO
+from sumo_optim import SUMO, create
 
 
 def reference_sumo(
-    weight, gradient_at, steps, lr, rank, update_freq, momentum, scale, weight_decay, limiter, complement_scale
+    weight,
+    gradient_at,
+    steps,
+    lr,
+    rank,
+    update_freq,
+    momentum,
+    scale,
+    weight_decay,
+    limiter,
+    complement_scale,
+    shape_factor=1.0,
 ):
     """Algorithm 1 written out in float64, step t = 0, 1, … as in the paper.
 
     Works in the orientation where the projected side is the row side (transposing wide/tall
-    as Algorithm 1's remark says) and with Q = I when rank ≥ min(m, n).
+    as Algorithm 1's remark says) and with Q = I when rank ≥ min(m, n). ``shape_factor``
+    multiplies the orthogonalized term (the paper's text: √max(m, n)).
     """
     w = weight.double().clone()
     transpose = w.shape[0] > w.shape[1]  # SUMO projects the shorter side
@@ -44,7 +56,7 @@ def reference_sumo(
             if previous_norm is not None and norm > limiter * previous_norm:
                 o = o / norm * limiter * previous_norm
             previous_norm = o.norm()
-        step = scale * basis @ o + complement_scale * (a - basis @ reduced)
+        step = shape_factor * scale * basis @ o + complement_scale * (a - basis @ reduced)
         w = w - lr * (step.T if transpose else step) - lr * weight_decay * w
     return w
 
@@ -226,3 +238,50 @@ def test_cholesky_route_completes_untrusted_moments_after_the_step_is_queued():
     for a, b in zip(results["cholesky"], results["svd"]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert not torch.equal(results["svd"][0], start[0])
+
+
+@pytest.mark.parametrize("case", ["wide", "tall", "rank>=min"])
+def test_paper_rule_matches_float64_block_4(case):
+    """SUMO.paper_rule is Block 4 as printed, W ← W − η(G − Q(Ĝ − O)) − ηλW, with the text's
+    √max(m, n) on the orthogonalized term: checked against the float64 re-derivation."""
+    shape, rank = CASES[case]["shape"], CASES[case]["rank"]
+    options = dict(lr=0.004, rank=rank, update_freq=7, momentum=0.9, weight_decay=0.05, limiter=None, scale=1.0)
+    seed = sum(map(ord, "paper" + case))
+    weight = torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    gradient_at = make_gradient_at(shape, seed)
+    expected = reference_sumo(weight, gradient_at, 40, **options, complement_scale=1.0, shape_factor=max(shape) ** 0.5)
+    for dtype, tolerance in ((torch.float64, 1e-9), (torch.float32, 2e-5)):
+        param = torch.nn.Parameter(weight.to(dtype).clone())
+        optimizer = SUMO.paper_rule([param], refresh="svd", **options)
+        for t in range(40):
+            param.grad = gradient_at(t, param.detach()).to(dtype)
+            optimizer.step()
+        assert (param.detach().double() - expected).norm() / expected.norm() < tolerance
+    assert (weight - expected).norm() > 0.1
+
+
+def test_paper_rule_is_a_named_setting():
+    param = torch.nn.Parameter(torch.randn(6, 10))
+    for optimizer in (SUMO.paper_rule([param]), create("sumo_paper", [param], rank=2)):
+        group = optimizer.param_groups[0]
+        assert (group["complement_scale"], group["adjust_lr_fn"]) == (1.0, "paper")
+    with pytest.raises(ValueError, match="complement_scale"):
+        SUMO.paper_rule([param], complement_scale=0.0)
+    with pytest.raises(ValueError, match="adjust_lr_fn"):
+        SUMO([param], adjust_lr_fn="sqrt")
+
+
+def test_checkpoint_from_before_adjust_lr_fn_loads_and_steps():
+    """A group saved before a hyperparameter existed takes the loading optimizer's value for it."""
+    param = torch.nn.Parameter(torch.randn(6, 10))
+    optimizer = SUMO([param], rank=2)
+    param.grad = torch.randn(6, 10)
+    optimizer.step()
+    saved = optimizer.state_dict()
+    for group in saved["param_groups"]:
+        del group["adjust_lr_fn"]
+    for value in ("none", "paper"):
+        resumed = SUMO([param], rank=2, adjust_lr_fn=value)
+        resumed.load_state_dict(saved)
+        assert resumed.param_groups[0]["adjust_lr_fn"] == value
+        resumed.step()

@@ -6,11 +6,14 @@ from .galore import GaLoreAdamW
 from .golore import GoLore
 from .grouping import param_groups
 from .linalg import orthogonalize, orthogonalize_newton_schulz, random_orthonormal, top_singular_vectors
+from .lr_adjust import LR_ADJUSTMENTS, lr_adjustment
 from .mofasgd import MoFaSGD
 from .registry import available, create, register
-from .sumo import SUMO
+from .sumo import PAPER_RULE, SUMO
 
 __all__ = [
+    "LR_ADJUSTMENTS",
+    "PAPER_RULE",
     "SUMO",
     "GaLoreAdafactor",
     "GaLoreAdamW",
@@ -19,6 +22,7 @@ __all__ = [
     "SubspaceOptimizer",
     "available",
     "create",
+    "lr_adjustment",
     "orthogonalize",
     "orthogonalize_newton_schulz",
     "param_groups",

@@ -448,6 +448,9 @@ class SubspaceOptimizer(Optimizer):
         except (KeyError, TypeError) as error:
             raise ValueError(f"not an optimizer state dict: missing {error}") from error
         super().load_state_dict(state_dict)
+        for group in self.param_groups:  # hyperparameters newer than the checkpoint: this optimizer's values
+            for name, value in self.defaults.items():
+                group.setdefault(name, value)
         params = [p for g in self.param_groups for p in g["params"]]
         groups = [g for g in self.param_groups for _ in g["params"]]
         for index, (p, group, key) in enumerate(zip(params, groups, saved_ids)):

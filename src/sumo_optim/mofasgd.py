@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from .base import SubspaceOptimizer, _is_number
+from .lr_adjust import LR_ADJUSTMENTS, lr_adjustment
 
 __all__ = ["MoFaSGD", "thin_qr", "top_singular_triplets", "update_momentum_factors"]
 
@@ -93,6 +94,9 @@ class MoFaSGD(SubspaceOptimizer):
         lr: η. rank: r, capped at ``min(m, n) // 2`` so the 2r-wide QRs exist.
         beta: momentum decay β in ``M ← β M + Ĝ``.
         scale: α, the scale of ``U Vᵀ``.
+        adjust_lr_fn: learning-rate convention ``f(m, n)`` of the step ``α f U Vᵀ``: ``"none"``
+            (default), ``"original"``, ``"match_rms_adamw"`` or ``"paper"``
+            (:mod:`sumo_optim.lr_adjust`).
         weight_decay: decoupled λ. adamw_betas, adamw_eps, nonfinite, seed, layerwise: as in SUMO.
     """
 
@@ -103,6 +107,7 @@ class MoFaSGD(SubspaceOptimizer):
         rank: int = 128,
         beta: float = 0.95,
         scale: float = 1.0,
+        adjust_lr_fn: str = "none",
         weight_decay: float = 0.0,
         adamw_betas: tuple[float, float] = (0.9, 0.999),
         adamw_eps: float = 1e-8,
@@ -115,6 +120,7 @@ class MoFaSGD(SubspaceOptimizer):
             rank=rank,
             beta=beta,
             scale=scale,
+            adjust_lr_fn=adjust_lr_fn,
             weight_decay=weight_decay,
             adamw_betas=adamw_betas,
             adamw_eps=adamw_eps,
@@ -130,6 +136,8 @@ class MoFaSGD(SubspaceOptimizer):
             raise ValueError(f"beta must be in [0, 1), got {group['beta']!r}")
         if not _is_number(group["scale"]) or group["scale"] < 0:
             raise ValueError(f"scale must be a finite number >= 0, got {group['scale']!r}")
+        if group["adjust_lr_fn"] not in LR_ADJUSTMENTS:
+            raise ValueError(f"adjust_lr_fn must be one of {LR_ADJUSTMENTS}, got {group['adjust_lr_fn']!r}")
 
     @staticmethod
     def _rank(shape: tuple[int, int], group: dict[str, Any]) -> int:
@@ -181,9 +189,10 @@ class MoFaSGD(SubspaceOptimizer):
 
     @staticmethod
     def _apply_step(weights: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
-        """``W ← W − η α U Vᵀ − η λ W``, dropping directions whose σ is zero (a zero momentum)."""
+        """``W ← W − η α f(m, n) U Vᵀ − η λ W``, dropping directions whose σ is zero (a zero momentum)."""
         u, sigma, v = state["left"], state["singular_values"], state["right"]
         tolerance = max(4 * torch.finfo(sigma.dtype).eps, torch.finfo(torch.float64).eps * max(weights.shape))
         nonzero = (sigma > tolerance * sigma.amax()).to(sigma.dtype)  # a zero momentum gives a zero step
         weights.mul_(1 - group["lr"] * group["weight_decay"])
-        weights.addmm_(u * nonzero, v.mT, alpha=-group["lr"] * group["scale"])
+        alpha = -group["lr"] * group["scale"] * lr_adjustment(weights.shape, group["adjust_lr_fn"])
+        weights.addmm_(u * nonzero, v.mT, alpha=alpha)

@@ -48,6 +48,7 @@ def create(name: str, params: Any, **kwargs: Any) -> torch.optim.Optimizer:
 
 
 register("sumo", SUMO)
+register("sumo_paper", SUMO.paper_rule)
 register("galore", GaLoreAdamW)
 register("galore_adafactor", GaLoreAdafactor)
 register("golore", GoLore)

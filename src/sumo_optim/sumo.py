@@ -8,7 +8,11 @@ Algorithm 1, for a weight ``W ∈ R^{m×n}`` with gradient ``G`` (written for th
 2. ``Ĝ = Qᵀ G``;  ``M ← μ M + Ĝ``                                              (Block 2)
 3. ``O = U Vᵀ`` where ``M = U Σ Vᵀ`` is the exact thin SVD                      (Block 2)
 4. optional norm-growth limiter: if ``‖O‖ / ‖O_prev‖ > γ``, ``O ← O γ ‖O_prev‖ / ‖O‖`` (Block 3)
-5. ``W ← W − η (α Q O + β (G − Q Ĝ)) − η λ W``                                  (Block 4)
+5. ``W ← W − η (α f(m, n) Q O + β (G − Q Ĝ)) − η λ W``                         (Block 4)
+
+``f`` is a learning-rate convention for orthogonalized steps (:mod:`sumo_optim.lr_adjust`),
+1 by default. Algorithm 1 as printed has ``α = β = 1``; its text adds ``f = √max(m, n)``:
+:data:`PAPER_RULE` and :meth:`SUMO.paper_rule` are that setting.
 
 The optimizer state of a matrix is ``Q`` (m×r) and ``M`` (r×n): ``(m + n) r`` numbers
 against AdamW's ``2mn``. Parameters that are not matrices get AdamW (see
@@ -30,13 +34,17 @@ from .linalg import (
     orthogonalize_cholesky_unchecked,
     orthogonalize_newton_schulz,
 )
+from .lr_adjust import LR_ADJUSTMENTS, lr_adjustment
 from .stacks import Matrix, project_back_, stacks
 from .subspace import choose_side, compute_bases, is_refresh_step, project, project_back, transport
 
-__all__ = ["SUMO", "limit_norm_growth"]
+__all__ = ["PAPER_RULE", "SUMO", "limit_norm_growth"]
 
 REFRESH_METHODS = ("svd", "randomized")
 ORTHOGONALIZATIONS = ("exact", "svd", "cholesky", "newton_schulz")
+# Algorithm 1 as the paper defines it: Block 4's unscaled complement term and the text's
+# √max(m, n) scaling of the orthogonalized step (arXiv 2505.24749, Sec. 4 and Algorithm 1).
+PAPER_RULE: dict[str, Any] = {"complement_scale": 1.0, "adjust_lr_fn": "paper"}
 
 
 def limit_norm_growth(update: Tensor, previous_norm: Tensor, growth_limit: float) -> tuple[Tensor, Tensor]:
@@ -75,6 +83,11 @@ class SUMO(SubspaceOptimizer):
         complement_scale: β, weight of the gradient's orthogonal complement ``(I − QQᵀ) G``
             in the update. Algorithm 1's Block 4 uses 1; the default 0 takes the step in the
             subspace only (the project's spec, and GaLore-class methods).
+        adjust_lr_fn: learning-rate convention ``f(m, n)`` of the orthogonalized step ``Q O``
+            (not of the complement term): ``"none"`` (default, ``f = 1``), ``"original"``
+            (Muon's ``√max(1, m/n)``), ``"match_rms_adamw"`` (``0.2 √max(m, n)``: AdamW's
+            update RMS at full rank, so AdamW's learning rate carries over) or ``"paper"``
+            (``√max(m, n)``). :mod:`sumo_optim.lr_adjust` gives the update RMS of each.
         orthogonalization: ``"exact"`` (default: ``U Vᵀ`` to float64 accuracy, by one SVD per
             matrix on CPU and by the batched Cholesky-QR2 + Newton–Schulz route of
             :func:`~sumo_optim.linalg.orthogonalize_cholesky` on GPUs; both give the same
@@ -117,6 +130,7 @@ class SUMO(SubspaceOptimizer):
         refresh: str = "randomized",
         power_iterations: int = 2,
         complement_scale: float = 0.0,
+        adjust_lr_fn: str = "none",
         orthogonalization: str = "exact",
         adamw_betas: tuple[float, float] = (0.9, 0.999),
         adamw_eps: float = 1e-8,
@@ -136,6 +150,7 @@ class SUMO(SubspaceOptimizer):
             refresh=refresh,
             power_iterations=power_iterations,
             complement_scale=complement_scale,
+            adjust_lr_fn=adjust_lr_fn,
             orthogonalization=orthogonalization,
             adamw_betas=adamw_betas,
             adamw_eps=adamw_eps,
@@ -143,6 +158,18 @@ class SUMO(SubspaceOptimizer):
             seed=seed,
         )
         super().__init__(params, defaults, layerwise=layerwise, cuda_graph=cuda_graph)
+
+    @classmethod
+    def paper_rule(cls, params: Any, **kwargs: Any) -> SUMO:
+        """SUMO as the paper defines it (:data:`PAPER_RULE`): ``W ← W − η (√max(m, n) Q O + (I − QQᵀ) G) − η λ W``.
+
+        ``kwargs`` are :class:`SUMO`'s other arguments; passing ``complement_scale`` or
+        ``adjust_lr_fn`` too leaves the paper's rule and is refused.
+        """
+        clash = sorted(set(PAPER_RULE) & set(kwargs))
+        if clash:
+            raise ValueError(f"SUMO.paper_rule sets {', '.join(clash)} itself; use SUMO(...) to choose them")
+        return cls(params, **PAPER_RULE, **kwargs)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         super()._validate_group(group)
@@ -157,6 +184,8 @@ class SUMO(SubspaceOptimizer):
         limiter = group["limiter"]
         if limiter is not None and (not _is_number(limiter) or limiter < 1):
             raise ValueError(f"limiter (γ) must be None or a number >= 1, got {limiter!r}")
+        if group["adjust_lr_fn"] not in LR_ADJUSTMENTS:
+            raise ValueError(f"adjust_lr_fn must be one of {LR_ADJUSTMENTS}, got {group['adjust_lr_fn']!r}")
         if group["refresh"] not in REFRESH_METHODS:
             raise ValueError(f"refresh must be one of {REFRESH_METHODS}, got {group['refresh']!r}")
         if group["orthogonalization"] not in ORTHOGONALIZATIONS:
@@ -196,8 +225,9 @@ class SUMO(SubspaceOptimizer):
         for members in stacks(matrices, lambda x: (id(x.group), x.side, x.weights.shape, x.weights.stride())):
             group, side = members[0].group, members[0].side
             lr = group["lr"]
-            # W ← (1 − ηλ) W − ηα Q O  (right side: O Qᵀ)
-            project_back_(members, [x.update for x in members], 1 - lr * group["weight_decay"], -lr * group["scale"])
+            # W ← (1 − ηλ) W − η α f(m, n) Q O  (right side: O Qᵀ)
+            alpha = -lr * group["scale"] * lr_adjustment(members[0].weights.shape, group["adjust_lr_fn"])
+            project_back_(members, [x.update for x in members], 1 - lr * group["weight_decay"], alpha)
             if group["complement_scale"] and side != "full":  # + β (I − Q Qᵀ) G
                 for x in members:
                     basis = x.state["basis"]
@@ -317,7 +347,8 @@ class SUMO(SubspaceOptimizer):
             if group["limiter"] is not None:
                 update, norm = limit_norm_growth(update, previous_norm, group["limiter"])
                 item.state["previous_norm"].copy_(norm)
-            project_back_([item], [update], 1.0, -group["lr"] * group["scale"])
+            alpha = -group["lr"] * group["scale"] * lr_adjustment(item.weights.shape, group["adjust_lr_fn"])
+            project_back_([item], [update], 1.0, alpha)
 
 
 def _orthogonalizer(group: dict[str, Any], device: torch.device):
