@@ -105,6 +105,27 @@ def test_resume_equals_uninterrupted(corpus, cache, tmp_path):
     assert steps == sorted(steps) and steps.count(30) == 2  # no duplicated history: one loss, one final eval
 
 
+@pytest.mark.parametrize("optimizer", ["sumo", "adamw"])
+def test_gradient_accumulation_equals_the_whole_batch(corpus, cache, tmp_path, optimizer):
+    """grad_accum=4 micro-batches of 2 sequences give the step of one batch of 8 (float32 rounding)."""
+    from safetensors.torch import load_file
+
+    weights, losses = [], []
+    for accum in (1, 4):
+        config = tiny(
+            corpus, cache, tmp_path / f"accum{accum}", optimizer=optimizer, steps=6, grad_accum=accum, log_every=1
+        )
+        train(config, progress=False)
+        weights.append(load_file(str(Path(config.run_dir) / "step-0000006" / "model.safetensors")))
+        metrics = [json.loads(line) for line in (Path(config.run_dir) / "metrics.jsonl").read_text().splitlines()]
+        losses.append([m["loss"] for m in metrics if "loss" in m])
+    for name, expected in weights[0].items():
+        torch.testing.assert_close(weights[1][name], expected, rtol=1e-4, atol=1e-5)
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)  # the mean over the batch, not a sum of parts
+    with pytest.raises(ValueError, match="grad_accum"):
+        tiny(corpus, cache, tmp_path / "bad", batch_size=8, grad_accum=3)
+
+
 def test_corrupt_or_foreign_checkpoint_is_refused(corpus, cache, tmp_path):
     config = tiny(corpus, cache, tmp_path / "run", steps=10, eval_every=100)
     train(config, progress=False)
@@ -263,11 +284,12 @@ def test_paper_comparison_smoke_runs_end_to_end(corpus, cache, tmp_path):
 
 
 def test_torchrun_data_parallel_run_equals_one_process(corpus, cache, tmp_path):
-    """sumo-train under torchrun on 2 CPU processes (DDP, gloo) gives the one-process run."""
+    """sumo-train under torchrun on 2 CPU processes (DDP, gloo, 2 micro-batches each) gives the
+    one-process run."""
     one = tiny(corpus, cache, tmp_path / "one", optimizer="sumo", steps=6, eval_every=100, log_every=3)
     expected = train(one, progress=False)
     config = tmp_path / "ddp.json"
-    config.write_text(json.dumps({**one.to_dict(), "run_dir": str(tmp_path / "ddp")}))
+    config.write_text(json.dumps({**one.to_dict(), "run_dir": str(tmp_path / "ddp"), "grad_accum": 2}))
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     command = [*launcher, "-m", "sumo_train.cli", "pretrain", "--config", str(config), "--no-progress"]
     run = subprocess.run(command, capture_output=True, text=True, timeout=300)
@@ -306,7 +328,7 @@ def test_torchrun_sharded_run_and_its_resume_equal_one_process(one_process, tmp_
     """distributed=ddp-sharded / fsdp2 on 2 processes: the one-process result, DCP checkpoints,
     and resuming the mid-run one finishes at the same loss (on 2 processes, and on 1)."""
     one, expected = one_process
-    config = {**one.to_dict(), "distributed": mode, "checkpoint_every": 3}
+    config = {**one.to_dict(), "distributed": mode, "checkpoint_every": 3, "grad_accum": 2}
     run_dir = tmp_path / mode
     got = torchrun_pretrain(config, run_dir)
     assert got["world_size"] == 2

@@ -17,7 +17,16 @@ except ImportError:  # Python 3.10
 
 # Per-optimizer learning rates that work at small scale (GaLore's LLaMA scripts: lr 0.01, scale
 # 0.25 for GaLore; Muon-style spectral steps take ~0.02; AdamW 1e-3 for the small presets).
-DEFAULT_LR = {"sumo": 0.02, "galore": 0.01, "golore": 0.01, "mofasgd": 0.02, "adamw": 1e-3, "muon": 0.02}
+# SUMO's paper rule scales its step by √max(m, n) (≈ 23–37 at 60M), hence its smaller rate.
+DEFAULT_LR = {
+    "sumo": 0.02,
+    "sumo_paper": 1e-3,
+    "galore": 0.01,
+    "golore": 0.01,
+    "mofasgd": 0.02,
+    "adamw": 1e-3,
+    "muon": 0.02,
+}
 
 DISTRIBUTED_MODES = ("ddp", "ddp-sharded", "fsdp2")
 
@@ -37,7 +46,8 @@ class RunConfig:
     corpus: str = "shakespeare"
     vocab_size: int = 8192
     seq_len: int = 256
-    batch_size: int = 32
+    batch_size: int = 32  # sequences per optimizer step (all ranks and micro-batches together)
+    grad_accum: int = 1  # micro-batches per step: each forward sees batch_size / (world size · grad_accum)
     steps: int = 1000
     warmup_fraction: float = 0.1
     min_lr_ratio: float = 0.1
@@ -73,6 +83,7 @@ class RunConfig:
             "update_freq",
             "seq_len",
             "batch_size",
+            "grad_accum",
             "steps",
             "eval_every",
             "eval_batches",
@@ -90,6 +101,8 @@ class RunConfig:
             errors.append(f"distributed must be one of {', '.join(DISTRIBUTED_MODES)}, got {self.distributed!r}")
         if self.distributed != "ddp" and self.optimizer in ("adamw", "muon"):
             errors.append(f"distributed={self.distributed!r} needs a low-rank optimizer, not {self.optimizer!r}")
+        if isinstance(self.grad_accum, int) and self.grad_accum >= 1 and self.batch_size % self.grad_accum:
+            errors.append(f"batch_size ({self.batch_size}) must be a multiple of grad_accum ({self.grad_accum})")
         if self.lr is not None and not self.lr > 0:
             errors.append(f"lr must be > 0, got {self.lr!r}")
         if self.grad_clip < 0 or self.weight_decay < 0:

@@ -15,6 +15,7 @@ the whole optimizer state, so every rank writes its part of each checkpoint thro
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -87,6 +88,17 @@ def parallelize(task: Task, world_size: int, device: torch.device, mode: str) ->
     fully_shard(model, mesh=mesh)
 
 
+def gradient_sync(task: Task, world_size: int, mode: str, last: bool) -> contextlib.AbstractContextManager:
+    """Data-parallel gradients are reduced on a step's last micro-batch only: DDP's ``no_sync``
+    (around forward and backward) or FSDP2's ``set_requires_gradient_sync`` before the others."""
+    if world_size == 1:
+        return contextlib.nullcontext()
+    if mode == "fsdp2":
+        task.model.set_requires_gradient_sync(last)
+        return contextlib.nullcontext()
+    return contextlib.nullcontext() if last else task.train_model.no_sync()
+
+
 def build_optimizers(config: RunConfig, model: nn.Module) -> list[torch.optim.Optimizer]:
     """The run's optimizer(s): low-rank ones over ``sumo_optim.param_groups`` (linear weights in
     the subspace, the rest AdamW at ``adamw_lr``); ``muon`` is ``torch.optim.Muon`` on the same
@@ -105,7 +117,7 @@ def build_optimizers(config: RunConfig, model: nn.Module) -> list[torch.optim.Op
             torch.optim.AdamW(rest, lr=config.adamw_lr, weight_decay=decay),
         ]
     options: dict[str, Any] = {"rank": config.rank}
-    if name == "sumo":
+    if name in ("sumo", "sumo_paper"):
         options.update(update_freq=config.update_freq, scale=config.resolved_scale(), seed=config.seed)
     elif name in ("galore", "golore"):
         options.update(update_proj_gap=config.update_freq, scale=config.resolved_scale(), seed=config.seed)
@@ -175,18 +187,28 @@ class Task:
         labels = torch.tensor([label for _, label in examples])
         return {k: v.to(self.device) for k, v in encoded.items()}, labels.to(self.device)
 
-    def loss(self, index: int) -> torch.Tensor:
-        """Training loss of this rank's part of batch number ``index`` (the batch depends only on
-        seed and index)."""
+    def micro_batches(self, index: int) -> list[Any]:
+        """This rank's ``grad_accum`` micro-batches of batch number ``index``. The batch depends only
+        on seed and index, so neither the world size nor ``grad_accum`` changes what is trained on."""
         config = self.config
         if config.task == "pretrain":
             x, y = data_lib.token_batch(self.tokens.train, config.batch_size, config.seq_len, config.seed, index)
             x, y = x.chunk(self.world_size)[self.rank], y.chunk(self.world_size)[self.rank]
-            logits = self.train_model(input_ids=x.to(self.device)).logits
-            return nn.functional.cross_entropy(logits.flatten(0, 1).float(), y.to(self.device).flatten())
+            return list(zip(x.chunk(config.grad_accum), y.chunk(config.grad_accum)))
         generator = torch.Generator().manual_seed(config.seed * 1_000_003 + index)
         picks = torch.randint(0, len(self.train_examples), (config.batch_size,), generator=generator)
-        inputs, labels = self._sentences([self.train_examples[i] for i in picks.chunk(self.world_size)[self.rank]])
+        return [
+            [self.train_examples[i] for i in part]
+            for part in picks.chunk(self.world_size)[self.rank].chunk(config.grad_accum)
+        ]
+
+    def loss(self, micro_batch: Any) -> torch.Tensor:
+        """Mean training loss of one micro-batch of :meth:`micro_batches`."""
+        if self.config.task == "pretrain":
+            x, y = micro_batch
+            logits = self.train_model(input_ids=x.to(self.device)).logits
+            return nn.functional.cross_entropy(logits.flatten(0, 1).float(), y.to(self.device).flatten())
+        inputs, labels = self._sentences(micro_batch)
         return nn.functional.cross_entropy(self.train_model(**inputs).logits.float(), labels)
 
     @torch.no_grad()
@@ -195,6 +217,12 @@ class Task:
         limit = config.final_eval_batches if full and config.final_eval_batches else None
         if limit:
             full, config = False, dataclasses.replace(config, eval_batches=limit)
+        # forwards of one micro-batch each (the memory of a training forward), over the same tokens
+        config = dataclasses.replace(
+            config,
+            batch_size=config.batch_size // config.grad_accum,
+            eval_batches=config.eval_batches * config.grad_accum,
+        )
         self.model.eval()
         try:
             if config.task == "pretrain":
@@ -227,8 +255,11 @@ def train(config: RunConfig, resume: bool = False, progress: bool = True) -> dic
     from tqdm.auto import tqdm
 
     rank, world_size, device = join_torchrun(pick_device(config.device))
-    if config.batch_size % world_size:
-        raise ValueError(f"batch_size ({config.batch_size}) must be a multiple of the world size ({world_size})")
+    if config.batch_size % (world_size * config.grad_accum):
+        raise ValueError(
+            f"batch_size ({config.batch_size}) must be a multiple of the world size ({world_size}) × grad_accum "
+            f"({config.grad_accum})"
+        )
     main_process = rank == 0
     run_dir = Path(config.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -299,9 +330,14 @@ def train(config: RunConfig, resume: bool = False, progress: bool = True) -> dic
     )
     began, window_start, window_tokens = time.perf_counter(), time.perf_counter(), 0
     for step in bar:
-        with autocast:
-            loss = task.loss(step)
-        loss.backward()
+        parts = task.micro_batches(step)
+        loss = torch.zeros((), device=device)
+        for i, part in enumerate(parts):
+            with gradient_sync(task, world_size, config.distributed, last=i == len(parts) - 1):
+                with autocast:
+                    part_loss = task.loss(part) / len(parts)
+                part_loss.backward()
+            loss += part_loss.detach()
         if config.grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         for optimizer in optimizers:
