@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -35,12 +37,23 @@ PRETRAIN_GRID = {
     "golore": (0.005, 0.01, 0.02),
     "mofasgd": (0.005, 0.02, 0.05),
     "sumo": (0.01, 0.02, 0.05),
+    "sumo_paper": (5e-4, 1e-3, 2e-3),
+    "sumo_rms": (2e-3, 4e-3, 8e-3),
 }
+# Labels that are one optimizer with other options: (optimizer, optimizer_options).
+VARIANTS = {
+    "sumo_paper": ("sumo_paper", {}),  # Algorithm 1 as printed: complement term, √max(m, n) scaling
+    "sumo_rms": ("sumo", {"adjust_lr_fn": "match_rms_adamw"}),  # AdamW's update RMS at full rank
+    "muon_rms": ("muon", {"adjust_lr_fn": "match_rms_adamw"}),
+}
+PRETRAIN_GRID["muon_rms"] = (2e-3, 4e-3, 8e-3)
 FINETUNE_GRID = {"adamw": (2e-5, 5e-5, 1e-4), "galore": (1e-4, 3e-4, 1e-3), "sumo": (1e-3, 3e-3, 1e-2)}
 
 
-def run_one(run_dir: Path, fields: dict[str, Any], task: str) -> dict[str, Any]:
+def run_one(run_dir: Path, fields: dict[str, Any], task: str, deadline: float | None = None) -> dict[str, Any]:
     summary_path = run_dir / "summary.json"
+    if not summary_path.exists() and deadline is not None and time.monotonic() > deadline:
+        return {"run_dir": str(run_dir), "not_started": True, **fields}
     if not summary_path.exists():
         command = [sys.executable, "-m", "sumo_train.cli", task, "--no-progress", "--run-dir", str(run_dir)]
         for name, value in fields.items():
@@ -99,9 +112,15 @@ def plan(args: argparse.Namespace) -> list[tuple[str, str, dict[str, Any]]]:
             "vocab_size": args.vocab_size,
             "adamw_lr": args.adamw_lr or 3e-3,
             "corpus": args.corpus,
+            "grad_accum": args.grad_accum,
+            "final_eval_batches": args.final_eval_batches,
         }
         grid = {name: PRETRAIN_GRID[name] for name in args.optimizers.split(",")}
-        settings = [(name, name, {"rank": args.rank}) for name in grid]
+        settings = []
+        for label in grid:
+            name, options = VARIANTS.get(label, (label, {}))
+            extra = {"rank": args.rank} | ({"optimizer_options": options} if options else {})
+            settings.append((label, name, extra))
     else:
         common = {
             "cache_dir": args.cache_dir,
@@ -159,6 +178,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vocab-size", type=int, default=8192)
     parser.add_argument("--eval-every", type=int, default=50)
     parser.add_argument("--eval-batches", type=int, default=10)
+    parser.add_argument("--final-eval-batches", type=int, default=0, help="0: the whole validation split")
+    parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (same global batch)")
+    parser.add_argument(
+        "--deadline-minutes",
+        type=float,
+        default=None,
+        help="start no run after this many minutes (runs under way finish); the rest waits for the next call",
+    )
     parser.add_argument(
         "--adamw-lr", type=float, default=None, help="lr of the AdamW-trained non-matrix params (3e-3 / 5e-5)"
     )
@@ -181,16 +208,26 @@ def main(argv: list[str] | None = None) -> int:
     if args.task == "pretrain":  # tokenize once, before the runs start side by side
         first = runs[0][2]
         prepare_tokens(first["corpus"], first["cache_dir"], first["vocab_size"])
+    deadline = time.monotonic() + 60 * args.deadline_minutes if args.deadline_minutes is not None else None
     with ThreadPoolExecutor(args.parallel) as pool:
         jobs = [
-            pool.submit(run_one, args.out / "runs" / f"{label.replace(' ', '_')}-lr{fields['lr']:g}", fields, args.task)
+            pool.submit(
+                run_one,
+                args.out / "runs" / f"{label.replace(' ', '_')}-lr{fields['lr']:g}",
+                fields,
+                args.task,
+                deadline,
+            )
             for label, _, fields in runs
         ]
         results = [{"label": label, **job.result()} for (label, _, _), job in zip(runs, jobs)]
     failed = [r for r in results if "failed" in r]
     for r in failed:
         print(f"failed ({r['failed']}): {r['run_dir']}, see its stdout.log", file=sys.stderr)
-    done = [r for r in results if "failed" not in r]
+    waiting = [r for r in results if "not_started" in r]
+    if waiting:
+        print(f"{len(waiting)} run(s) not started (deadline); run the same command again to continue", file=sys.stderr)
+    done = [r for r in results if "failed" not in r and "not_started" not in r]
     if not done:
         return 1
     higher_is_better = args.task == "finetune"
@@ -204,8 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         "| optimizer | best lr (of the sweep) | "
         + ("val accuracy | val loss" if higher_is_better else "val loss | val ppl")
-        + f" | steps to {reference_label}'s best | time to it | wall | peak GPU memory | optimizer state |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        + f" | steps to {reference_label}'s best | time to it | wall | tokens/s | peak GPU memory | optimizer state |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for label, r in best.items():
         if higher_is_better:
@@ -219,8 +256,10 @@ def main(argv: list[str] | None = None) -> int:
         memory = f"{r['peak_memory_bytes'] / 2**20:,.0f} MiB" if r.get("peak_memory_bytes") else "n/a (CPU)"
         tried = sorted(x["lr"] for x in done if x["label"] == label)
         edge = " (edge)" if len(tried) > 1 and r["lr"] in (tried[0], tried[-1]) else ""
+        rates = [m["tokens_per_s"] for m in read_metrics(Path(r["run_dir"])) if "tokens_per_s" in m]
+        rate = f"{statistics.median(rates):,.0f}" if rates else "–"
         lines.append(
-            f"| {label} | {r['lr']:g}{edge} | {quality} | {reach} | {r['wall_s']:.0f} s | {memory} | "
+            f"| {label} | {r['lr']:g}{edge} | {quality} | {reach} | {r['wall_s']:.0f} s | {rate} | {memory} | "
             f"{r['optimizer_state_bytes'] / 2**20:.2f} MiB |"
         )
     table = "\n".join(lines)
