@@ -158,10 +158,13 @@ def plan(args: argparse.Namespace) -> list[tuple[str, str, dict[str, Any]]]:
         grid[name] = tuple(sorted(float(v) for v in values.split(",")))
     runs = []
     for label, name, extra in settings:
-        lrs = grid[name][:1] if args.smoke else grid[name]
-        for lr in lrs:
-            runs.append((label, name, {**common, **extra, "optimizer": name, "lr": lr}))
-    return runs
+        lrs = grid[label] if label in grid else grid[name]  # finetune labels: "sumo r=4"
+        lrs = lrs[:1] if args.smoke else lrs
+        for position, lr in enumerate(lrs):
+            distance = abs(position - (len(lrs) - 1) / 2)  # the middle of each grid first, then outwards
+            runs.append((distance, label, name, {**common, **extra, "optimizer": name, "lr": lr}))
+    runs.sort(key=lambda run: run[0])  # stable: optimizers in the order given
+    return [run[1:] for run in runs]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -65,7 +65,7 @@ def tiny(corpus, cache, run_dir, **overrides):
     return load_config(None, values)
 
 
-@pytest.mark.parametrize("optimizer", ["sumo", "galore", "golore", "mofasgd", "adamw", "muon"])
+@pytest.mark.parametrize("optimizer", ["sumo", "sumo_paper", "galore", "golore", "mofasgd", "adamw", "muon"])
 def test_each_optimizer_lowers_the_loss_and_writes_a_run(corpus, cache, tmp_path, optimizer):
     config = tiny(
         corpus,
@@ -274,9 +274,11 @@ def test_paper_comparison_smoke_runs_end_to_end(corpus, cache, tmp_path):
     spec.loader.exec_module(script)
     out = tmp_path / "study"
     common = ["--smoke", "--parallel", "2", "--cache-dir", str(cache), "--out", str(out)]
-    assert script.main(["pretrain", "--optimizers", "galore,sumo", "--corpus", str(corpus), *common]) == 0
+    assert script.main(["pretrain", "--optimizers", "galore,sumo_rms", "--corpus", str(corpus), *common]) == 0
     table = (out / "results.md").read_text()
-    assert "| galore |" in table and "| sumo |" in table and "steps to galore's best" in table
+    assert "| galore |" in table and "| sumo_rms |" in table and "steps to galore's best" in table
+    config = json.loads(next((out / "runs").glob("sumo_rms-*/config.json")).read_text())
+    assert config["optimizer_options"] == {"adjust_lr_fn": "match_rms_adamw"}
     assert (out / "loss_curves.png").stat().st_size > 10_000
     finetune = out / "finetune"
     assert script.main(["finetune", "--ranks", "4", *common[:-1], str(finetune)]) == 0
