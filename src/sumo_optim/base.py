@@ -83,6 +83,9 @@ class SubspaceOptimizer(Optimizer):
     With ``layerwise=True`` (:meth:`_register_layerwise_hooks`), each parameter is updated in a
     hook of its own as soon as its gradient exists. The hooks do not keep the optimizer alive;
     :meth:`remove_hooks` takes them off the parameters (after which backward updates nothing).
+    Layer-wise mode is single-process only: it raises ``RuntimeError`` under
+    ``torch.distributed`` with more than one rank (it would update on each rank's local
+    gradient, before DDP's all-reduce).
     """
 
     steps_matrices_together = False
@@ -94,6 +97,8 @@ class SubspaceOptimizer(Optimizer):
     ) -> None:
         if layerwise and cuda_graph:
             raise ValueError("cuda_graph=True replays a whole step's matrices; it does not combine with layerwise=True")
+        if layerwise:
+            _refuse_layerwise_under_data_parallel()
         defaults = {"subspace": True, "nonfinite": "raise", "seed": 0, **defaults}
         super().__init__(params, defaults)
         self.layerwise = layerwise
@@ -495,10 +500,22 @@ class SubspaceOptimizer(Optimizer):
                 )
 
 
+def _refuse_layerwise_under_data_parallel() -> None:
+    """Layer-wise updates use each rank's local gradient, before DDP averages it: refused."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if torch.distributed.get_world_size() > 1:
+            raise RuntimeError(
+                "layer-wise mode (layerwise=True) updates each parameter on this rank's local "
+                "gradient, before DDP's all-reduce, so ranks would diverge: it is single-process "
+                "only. Use layerwise=False under torch.distributed with more than one rank."
+            )
+
+
 def _layerwise_hook(optimizer: weakref.ref[SubspaceOptimizer], number: int, index: int, p: Tensor) -> None:
     """Layer-wise mode's post-accumulate-grad hook: updates ``p`` in group ``number`` of the
     optimizer, if it still exists."""
     owner = optimizer()
     if owner is None:
         return
+    _refuse_layerwise_under_data_parallel()  # two cheap calls unless a process group exists
     owner._layerwise_update(p, owner.param_groups[number], index)
