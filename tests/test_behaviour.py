@@ -1,7 +1,9 @@
 """What users rely on from any optimizer of the library: resume, errors, schedulers, dtypes."""
 
 import copy
+import gc
 import io
+import weakref
 
 import pytest
 import torch
@@ -69,6 +71,13 @@ def build(name, seed=0, dtype=torch.float32):
     torch.manual_seed(seed)
     model = TinyNet().to(dtype)
     return model, OPTIMIZERS[name](param_groups(model, lr=0.02))
+
+
+def build_layerwise(name, model):
+    """OPTIMIZERS[name]'s configuration in layer-wise mode."""
+    groups = OPTIMIZERS[name](param_groups(model, lr=0.02)).param_groups
+    extra = {"total_steps": 40} if name == "golore" else {}
+    return type(OPTIMIZERS[name](groups))(groups, **extra, layerwise=True)
 
 
 @pytest.mark.parametrize("name", OPTIMIZERS)
@@ -466,10 +475,7 @@ def test_layerwise_mode_equals_step_mode_and_frees_gradients(name):
 
     torch.manual_seed(0)
     model = TinyNet()
-    factory = OPTIMIZERS[name]
-    optimizer = factory(param_groups(model, lr=0.02))
-    groups = optimizer.param_groups
-    optimizer = type(optimizer)(groups, **({"total_steps": 40} if name == "golore" else {}), layerwise=True)
+    optimizer = build_layerwise(name, model)
     live, peak = {}, [0]
 
     def track(p):  # runs after the optimizer's hook: counts the gradients still alive
@@ -485,3 +491,41 @@ def test_layerwise_mode_equals_step_mode_and_frees_gradients(name):
     assert peak[0] == 0  # no gradient outlived its own hook
     for p, q in zip(model.parameters(), expected):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", [name for name in sumo_optim.available() if name != "adamw"])
+def test_layerwise_hooks_keep_neither_model_nor_optimizer_alive(name):
+    model = TinyNet()
+    extra = {"total_steps": 10} if name == "golore" else {}
+    optimizer = sumo_optim.create(name, param_groups(model), rank=3, layerwise=True, **extra)
+    train(model, optimizer, make_batches(1))
+    param, owner = weakref.ref(model.hidden.weight), weakref.ref(optimizer)
+    del model, optimizer
+    gc.collect()
+    assert param() is None
+    assert owner() is None
+
+
+def test_remove_hooks_stops_layerwise_updates():
+    model = TinyNet()
+    optimizer = build_layerwise("sumo", model)
+    train(model, optimizer, make_batches(1))
+    optimizer.remove_hooks()
+    optimizer.remove_hooks()  # idempotent
+    before = [p.detach().clone() for p in model.parameters()]
+    train(model, optimizer, make_batches(1, seed=1))
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    assert all(p.grad is not None for p in model.parameters())  # no hook used and freed them
+
+
+def test_layerwise_hooks_use_the_groups_of_load_state_dict():
+    """load_state_dict replaces the group dicts; the hooks must read the new ones (a scheduler's lr)."""
+    model = TinyNet()
+    optimizer = build_layerwise("galore", model)
+    train(model, optimizer, make_batches(1))
+    optimizer.load_state_dict(optimizer.state_dict())
+    for group in optimizer.param_groups:
+        group["lr"] = 0.0
+    before = [p.detach().clone() for p in model.parameters()]
+    train(model, optimizer, make_batches(1, seed=1))
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))

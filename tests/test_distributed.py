@@ -2,7 +2,8 @@
 
 Scenarios, one spawn each, looping over the optimizers inside: DDP replicated and owner-sharded;
 FSDP2 with a DCP checkpoint at step 3; resuming that checkpoint in fresh processes on 2 ranks
-and on 1 rank (another world size). The reference is one process on the full batch.
+and on 1 rank (another world size). The reference is one process on the full batch. Layer-wise
+mode, which would update on local gradients, is refused on 2 ranks.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import os
 import socket
 import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -193,6 +195,27 @@ def resume_scenario(rank: int, world: int, directory: Path) -> None:
         assert_close(full_parameters(model), expected, f"{name} resumed on {world} rank(s), rank {rank}")
 
 
+def layerwise_scenario(rank: int, world: int, directory: Path) -> None:
+    """Layer-wise mode updates on each rank's local gradient, before DDP's all-reduce: refused
+    when built under the group, and by its hook if it was built before the group existed."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    for name in OPTIMIZERS:
+        algorithm, options = OPTIMIZERS[name]
+        with pytest.raises(RuntimeError, match=r"layer-wise.*before DDP's all-reduce.*single-process"):
+            sumo_optim.create(algorithm, sumo_optim.param_groups(MLP()), **options, layerwise=True)
+
+    model = MLP()
+    with mock.patch.object(dist, "is_initialized", return_value=False):  # as if built before the group
+        optimizer = sumo_optim.SUMO(sumo_optim.param_groups(model), lr=0.02, rank=3, layerwise=True)
+    wrapped = DistributedDataParallel(model)  # (copies rank 0's weights)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match="layer-wise"):
+        wrapped(batch(0)[0]).sum().backward()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    optimizer.remove_hooks()
+
+
 def _worker(rank: int, world: int, scenario: str, directory: str, store: str) -> None:
     faulthandler.enable()  # a crash in C++ (gloo) still shows where Python was
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -236,6 +259,10 @@ def test_fsdp2_and_checkpoint_resume_on_same_and_other_world_size(tmp_path):
     spawn("fsdp_scenario", 2, tmp_path)
     spawn("resume_scenario", 2, tmp_path)
     spawn("resume_scenario", 1, tmp_path)
+
+
+def test_layerwise_mode_is_refused_on_two_ranks(tmp_path):
+    spawn("layerwise_scenario", 2, tmp_path)
 
 
 def benchmark_scenario(rank: int, world: int, directory: Path) -> None:

@@ -13,13 +13,16 @@ parameter's dtype once per step.
 
 from __future__ import annotations
 
+import functools
 import math
+import weakref
 from collections.abc import Callable, Hashable, Iterable
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
+from torch.utils.hooks import RemovableHandle
 
 from . import distributed
 from .cuda_graph import GraphedCall, tensor_key
@@ -76,6 +79,13 @@ class SubspaceOptimizer(Optimizer):
     (:mod:`sumo_optim.cuda_graph`) once gradients and states have stayed at the same addresses
     for two steps (as they do in a training loop), replayed while they stay, and re-captured
     when they move (a new checkpoint, other gradients). States must then be updated in place.
+
+    With ``layerwise=True`` (:meth:`_register_layerwise_hooks`), each parameter is updated in a
+    hook of its own as soon as its gradient exists. The hooks do not keep the optimizer alive;
+    :meth:`remove_hooks` takes them off the parameters (after which backward updates nothing).
+    Layer-wise mode is single-process only: it raises ``RuntimeError`` under
+    ``torch.distributed`` with more than one rank (it would update on each rank's local
+    gradient, before DDP's all-reduce).
     """
 
     steps_matrices_together = False
@@ -87,6 +97,8 @@ class SubspaceOptimizer(Optimizer):
     ) -> None:
         if layerwise and cuda_graph:
             raise ValueError("cuda_graph=True replays a whole step's matrices; it does not combine with layerwise=True")
+        if layerwise:
+            _refuse_layerwise_under_data_parallel()
         defaults = {"subspace": True, "nonfinite": "raise", "seed": 0, **defaults}
         super().__init__(params, defaults)
         self.layerwise = layerwise
@@ -94,6 +106,7 @@ class SubspaceOptimizer(Optimizer):
         self.projection_graph = GraphedCall() if cuda_graph else None  # :meth:`_project`'s own
         # Owner-sharded mode under DDP (see :func:`sumo_optim.distributed.shard_matrices`).
         self.sharding: distributed.MatrixSharding | None = None
+        self._layerwise_handles: list[RemovableHandle] = []
         if layerwise:
             self._register_layerwise_hooks()
 
@@ -101,27 +114,37 @@ class SubspaceOptimizer(Optimizer):
         """Layer-wise mode (GaLore, §4.3): each parameter is updated in a post-accumulate-grad hook
         as soon as its gradient is ready, and the gradient is freed at once, so at most a few
         gradients exist at any time. ``step()`` then only runs the closure; gradient accumulation
-        over several backward passes is not possible in this mode."""
+        over several backward passes is not possible in this mode.
+
+        The hooks hold the optimizer by weak reference (a parameter never keeps its optimizer
+        alive) and look up their group when they fire (so ``load_state_dict``'s new groups count).
+        """
+        optimizer = weakref.ref(self)
         index = 0
-        for group in self.param_groups:
+        for number, group in enumerate(self.param_groups):
             for p in group["params"]:
                 if p.requires_grad:
-                    p.register_post_accumulate_grad_hook(self._layerwise_hook(group, index))
+                    hook = functools.partial(_layerwise_hook, optimizer, number, index)
+                    self._layerwise_handles.append(p.register_post_accumulate_grad_hook(hook))
                 index += 1
 
-    def _layerwise_hook(self, group: dict[str, Any], index: int) -> Callable[[Tensor], None]:
-        def hook(p: Tensor) -> None:
-            if distributed.is_dtensor(p) and self._uses_matrix_rule(p, group):
-                raise NotImplementedError("layerwise=True does not support FSDP2 (sharded) matrices")
-            with torch.no_grad():
-                work = [(p, group, index)]
-                if self._finite_gradients(work)[0]:
-                    self._update_parameter(p, group, index)
-                else:
-                    self.state[p]["skipped_steps"] = self.state[p].get("skipped_steps", 0) + 1
-            p.grad = None
+    def remove_hooks(self) -> None:
+        """Removes layer-wise mode's gradient hooks (idempotent; nothing to do otherwise): backward
+        then no longer updates any weight, and ``step()`` still does nothing."""
+        for handle in self._layerwise_handles:
+            handle.remove()
+        self._layerwise_handles.clear()
 
-        return hook
+    def _layerwise_update(self, p: Tensor, group: dict[str, Any], index: int) -> None:
+        if distributed.is_dtensor(p) and self._uses_matrix_rule(p, group):
+            raise NotImplementedError("layerwise=True does not support FSDP2 (sharded) matrices")
+        with torch.no_grad():
+            work = [(p, group, index)]
+            if self._finite_gradients(work)[0]:
+                self._update_parameter(p, group, index)
+            else:
+                self.state[p]["skipped_steps"] = self.state[p].get("skipped_steps", 0) + 1
+        p.grad = None
 
     # ----------------------------------------------------------------- validation
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -478,3 +501,24 @@ class SubspaceOptimizer(Optimizer):
                     f"state '{name}' of parameter {index} has shape {tuple(value.shape)}, expected {shape}: "
                     "the checkpoint does not belong to this model or these hyperparameters"
                 )
+
+
+def _refuse_layerwise_under_data_parallel() -> None:
+    """Layer-wise updates use each rank's local gradient, before DDP averages it: refused."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if torch.distributed.get_world_size() > 1:
+            raise RuntimeError(
+                "layer-wise mode (layerwise=True) updates each parameter on this rank's local "
+                "gradient, before DDP's all-reduce, so ranks would diverge: it is single-process "
+                "only. Use layerwise=False under torch.distributed with more than one rank."
+            )
+
+
+def _layerwise_hook(optimizer: weakref.ref[SubspaceOptimizer], number: int, index: int, p: Tensor) -> None:
+    """Layer-wise mode's post-accumulate-grad hook: updates ``p`` in group ``number`` of the
+    optimizer, if it still exists."""
+    owner = optimizer()
+    if owner is None:
+        return
+    _refuse_layerwise_under_data_parallel()  # two cheap calls unless a process group exists
+    owner._layerwise_update(p, owner.param_groups[number], index)
