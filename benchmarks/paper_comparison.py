@@ -52,7 +52,8 @@ FINETUNE_GRID = {"adamw": (2e-5, 5e-5, 1e-4), "galore": (1e-4, 3e-4, 1e-3), "sum
 
 def run_one(run_dir: Path, fields: dict[str, Any], task: str, deadline: float | None = None) -> dict[str, Any]:
     summary_path = run_dir / "summary.json"
-    if not summary_path.exists() and deadline is not None and time.monotonic() > deadline:
+    stopped = (deadline is not None and time.monotonic() > deadline) or (run_dir.parents[1] / "STOP").exists()
+    if not summary_path.exists() and stopped:
         return {"run_dir": str(run_dir), "not_started": True, **fields}
     if not summary_path.exists():
         command = [sys.executable, "-m", "sumo_train.cli", task, "--no-progress", "--run-dir", str(run_dir)]
@@ -187,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         "--deadline-minutes",
         type=float,
         default=None,
-        help="start no run after this many minutes (runs under way finish); the rest waits for the next call",
+        help="start no run after this many minutes (nor once a file OUT/STOP exists); runs under way finish",
     )
     parser.add_argument(
         "--adamw-lr", type=float, default=None, help="lr of the AdamW-trained non-matrix params (3e-3 / 5e-5)"
