@@ -135,3 +135,26 @@ def test_installed_distributions_are_listed_without_reading():
     assert any(name.startswith(("torch/torch/", "pip/pip/")) for name, _, _ in listing.files)
     assert all(path.suffix == ".py" for _, _, path in listing.files[:200])
     assert all(path.is_file() for _, _, path in listing.files[:: max(1, len(listing.files) // 50)])
+
+
+def test_source_code_adds_native_sources_and_every_installed_distribution(target):
+    """source-code reads C/C++/CUDA/Cython files beside the .py ones; without DIR it takes every
+    installed distribution except this project."""
+    write_distribution(
+        target,
+        "gamma",
+        "0.1",
+        {"gamma/kernel.cu": b"__global__ void k() {}\n", "gamma/api.h": b"int f(void);\n", "gamma/g.py": b"x = 1\n"},
+    )
+    python_only = {name for name, _, _ in corpus_lib.code_files(f"python-code:{target}").files}
+    mixed = corpus_lib.code_files(f"source-code:{target}")
+    assert {name for name, _, _ in mixed.files} - python_only == {"gamma/gamma/kernel.cu", "gamma/gamma/api.h"}
+    assert mixed.name == "source-code" and "gamma" in mixed.versions
+    documents = data_lib.load_documents(f"source-code:{target}")
+    assert ("gamma/gamma/api.h", "int f(void);\n") in documents
+    everything = corpus_lib.code_files("source-code")
+    installed = {corpus_lib.canonical_name(d.metadata["Name"]) for d in importlib.metadata.distributions()}
+    assert set(everything.versions) == installed - {"sumo-optim"}
+    assert not any(name.startswith("sumo-optim/") for name, _, _ in everything.files)
+    with pytest.raises(ValueError, match="source-code"):
+        corpus_lib.code_files("c-code")

@@ -1,4 +1,4 @@
-"""``python-code``: a pre-training corpus of Python source, from installed distributions.
+"""``python-code`` and ``source-code``: pre-training corpora of source code, from installed distributions.
 
 No text package on PyPI is large enough for a convergence study (>= 100M tokens), but the
 source code of the scientific Python stack is: the ``.py`` files of :data:`CODE_DISTRIBUTIONS`
@@ -13,6 +13,11 @@ the per-distribution table, e.g. before a sweep of parallel runs.
   those not installed are skipped and listed in ``meta.json`` under ``missing``.
 * ``--corpus python-code:DIR``: every distribution installed in ``DIR``, e.g. a folder made by
   ``pip install --no-deps --target DIR pkg==ver ...`` (pinned versions: a reproducible corpus).
+* ``--corpus source-code`` (or ``source-code:DIR``): every distribution installed (not only the
+  list, this project excepted), and besides ``.py`` the other source files they ship
+  (:data:`SOURCE_SUFFIXES`: Cython, C, C++, CUDA sources and headers, stubs): a mixed-language
+  code corpus for when the Python files alone are too few tokens. On the GPU image of
+  2026-12 the listed ``.py`` files came to 296 MB, 80M tokens: short of 100M.
 
 A document is one file, named ``<distribution>/<path inside site-packages>``; documents are
 sorted by name, files with the same bytes as an earlier one are dropped, and so are files over
@@ -46,7 +51,10 @@ from pathlib import Path
 
 from . import data
 
-SOURCE = "python-code"
+# corpus name -> (the distributions read, None for every installed one; the file suffixes read)
+SOURCES: dict[str, tuple[tuple[str, ...] | None, tuple[str, ...]]] = {}
+PYTHON_SUFFIXES = (".py",)
+SOURCE_SUFFIXES = (".py", ".pyi", ".pyx", ".pxd", ".c", ".h", ".cc", ".cpp", ".hpp", ".cu", ".cuh")
 CODE_DISTRIBUTIONS = (
     "transformers",
     "torch",
@@ -84,29 +92,40 @@ CODE_DISTRIBUTIONS = (
     "setuptools",
     "pip",
 )
+SOURCES["python-code"] = (CODE_DISTRIBUTIONS, PYTHON_SUFFIXES)
+SOURCES["source-code"] = (None, SOURCE_SUFFIXES)
+PROJECT = "sumo-optim"  # never part of a corpus: the code under study
 MAX_FILE_BYTES = 1_000_000
 FORMAT = 1  # part of the cache key: bump when the document rules change
 
 
 @dataclass
 class CodeFiles:
-    """The ``.py`` files of a ``python-code`` source, before reading."""
+    """The files of a code source (``python-code``, ``source-code``), before reading."""
 
     files: list[tuple[str, str, Path]]  # (document name, distribution, path), sorted by name
     versions: dict[str, str]  # distribution -> version, of those found
     missing: list[str]  # distributions of the list that are not installed
     directory: str | None  # DIR of ``python-code:DIR``
+    name: str = "python-code"  # the source without its DIR
+
+
+def is_code_source(source: str) -> bool:
+    """Whether ``source`` names a code corpus of this module (``python-code[:DIR]``, ``source-code[:DIR]``)."""
+    return source.partition(":")[0] in SOURCES
 
 
 def canonical_name(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def code_files(source: str = SOURCE) -> CodeFiles:
-    """Lists the files of ``source`` (``python-code`` or ``python-code:DIR``) without reading them."""
+def code_files(source: str = "python-code") -> CodeFiles:
+    """Lists the files of ``source`` (``python-code``, ``source-code``, either with ``:DIR``) without
+    reading them."""
     prefix, _, directory = source.partition(":")
-    if prefix != SOURCE:
-        raise ValueError(f"not a python-code source: {source!r}")
+    if prefix not in SOURCES:
+        raise ValueError(f"not a code source: {source!r}; choose one of {', '.join(SOURCES)} (optionally :DIR)")
+    listed, suffixes = SOURCES[prefix]
     found: dict[str, importlib.metadata.Distribution] = {}
     missing: list[str] = []
     if directory:
@@ -116,8 +135,13 @@ def code_files(source: str = SOURCE) -> CodeFiles:
             if dist.metadata["Name"]:
                 found.setdefault(canonical_name(dist.metadata["Name"]), dist)
         found = dict(sorted(found.items()))
+    elif listed is None:
+        for dist in importlib.metadata.distributions():
+            if dist.metadata["Name"] and canonical_name(dist.metadata["Name"]) != PROJECT:
+                found.setdefault(canonical_name(dist.metadata["Name"]), dist)
+        found = dict(sorted(found.items()))
     else:
-        for name in CODE_DISTRIBUTIONS:
+        for name in listed:
             try:
                 found[name] = importlib.metadata.distribution(name)
             except importlib.metadata.PackageNotFoundError:
@@ -132,10 +156,10 @@ def code_files(source: str = SOURCE) -> CodeFiles:
         (f"{name}/{path.as_posix()}", name, Path(dist.locate_file(path)))
         for name, dist in found.items()
         for path in dist.files or ()
-        if path.suffix == ".py" and ".." not in path.parts
+        if path.suffix in suffixes and ".." not in path.parts
     ]
     versions = {name: dist.version for name, dist in found.items()}
-    return CodeFiles(sorted(files), versions, missing, directory or None)
+    return CodeFiles(sorted(files), versions, missing, directory or None, prefix)
 
 
 def read_code_documents(listing: CodeFiles, progress: bool = False) -> tuple[list[tuple[str, str]], dict]:
@@ -172,7 +196,7 @@ def read_code_documents(listing: CodeFiles, progress: bool = False) -> tuple[lis
         table[dist]["files"] += 1
         table[dist]["bytes"] += len(raw)
     meta = {
-        "source": SOURCE + (f":{listing.directory}" if listing.directory else ""),
+        "source": listing.name + (f":{listing.directory}" if listing.directory else ""),
         "documents": len(documents),
         "bytes": sum(row["bytes"] for row in table.values()),
         "skipped": {kind: skipped[kind] for kind in ("duplicates", "oversize", "empty", "undecodable", "unreadable")},
@@ -205,7 +229,7 @@ def prepare_code_tokens(
         "tokenizer_budget": tokenizer_budget,
     }
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
-    key = Path(cache_dir) / f"{SOURCE}-v{vocab_size}-val{val_percent:g}-{digest[:12]}"
+    key = Path(cache_dir) / f"{listing.name}-v{vocab_size}-val{val_percent:g}-{digest[:12]}"
     if not (key / "meta.json").exists():
 
         def load() -> tuple[list[tuple[str, str]], dict]:

