@@ -79,11 +79,14 @@ def _environment() -> dict[str, str]:
 
 def first_reaching(run_dir: str, key: str, target: float, higher_is_better: bool) -> tuple[float | None, float | None]:
     """(step, elapsed seconds) at which ``key`` first gets as good as ``target``, interpolated
-    linearly between the two validations around the crossing (validations are sparse)."""
+    linearly between the two validations around the crossing (validations are sparse). Reads
+    the periodic validations only (the same windows each time), not the run's final evaluation
+    on the whole split, which measures another set: ``target`` must come from the same windows
+    (:func:`last_periodic`)."""
     sign = -1.0 if higher_is_better else 1.0  # compare as "lower is better"
     previous = None
     for entry in read_metrics(Path(run_dir)):
-        if key not in entry:
+        if key not in entry or entry.get("final"):
             continue
         value = sign * entry[key]
         if value <= sign * target:
@@ -98,6 +101,12 @@ def first_reaching(run_dir: str, key: str, target: float, higher_is_better: bool
             return step, elapsed
         previous = (entry["step"], entry.get("elapsed_s"), value)
     return None, None
+
+
+def last_periodic(run_dir: str, key: str) -> float | None:
+    """The run's last periodic validation value of ``key`` (not its final whole-split evaluation)."""
+    values = [e[key] for e in read_metrics(Path(run_dir)) if key in e and not e.get("final")]
+    return values[-1] if values else None
 
 
 def plan(args: argparse.Namespace) -> list[tuple[str, str, dict[str, Any]]]:
@@ -205,11 +214,16 @@ def main(argv: list[str] | None = None) -> int:
         help="another lr grid for NAME (repeatable)",
     )
     parser.add_argument("--smoke", action="store_true", help="tiny CPU version: one lr each, a few steps")
+    parser.add_argument(
+        "--report-only", action="store_true", help="start no run: the table and plot of the runs under --out"
+    )
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
 
     runs = plan(args)
-    if args.task == "pretrain":  # tokenize once, before the runs start side by side
+    if args.report_only:
+        args.deadline_minutes = 0.0
+    elif args.task == "pretrain":  # tokenize once, before the runs start side by side
         first = runs[0][2]
         prepare_tokens(first["corpus"], first["cache_dir"], first["vocab_size"])
     deadline = time.monotonic() + 60 * args.deadline_minutes if args.deadline_minutes is not None else None
@@ -245,18 +259,26 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         "| optimizer | best lr (of the sweep) | "
         + ("val accuracy | val loss" if higher_is_better else "val loss | val ppl")
-        + f" | steps to {reference_label}'s best | time to it | wall | tokens/s | peak GPU memory | optimizer state |",
+        + f" | steps to {reference_label}'s last validation (× its steps) | time to it | wall | tokens/s"
+        + " | peak GPU memory | optimizer state |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    reference_steps = None
+    if reference and (target := last_periodic(reference["run_dir"], key)) is not None:
+        reference_steps = first_reaching(reference["run_dir"], key, target, higher_is_better)[0]
     for label, r in best.items():
         if higher_is_better:
             quality = f"{r['val_accuracy']:.4f} | {r['val_loss']:.4f}"
         else:
             quality = f"{r['val_loss']:.4f} | {r['val_ppl']:.2f}"
+        target = last_periodic(reference["run_dir"], key) if reference else None
         step, seconds = (
-            first_reaching(r["run_dir"], key, reference[key], higher_is_better) if reference else (None, None)
+            first_reaching(r["run_dir"], key, target, higher_is_better) if target is not None else (None, None)
         )
-        reach = f"{step:.0f} | {seconds:.0f} s" if step is not None and seconds is not None else "not reached | –"
+        if step is not None and seconds is not None:
+            reach = f"{step:.0f} ({step / reference_steps:.2f}×) | {seconds:.0f} s"
+        else:
+            reach = "not reached | –"
         memory = f"{r['peak_memory_bytes'] / 2**20:,.0f} MiB" if r.get("peak_memory_bytes") else "n/a (CPU)"
         tried = sorted(x["lr"] for x in done if x["label"] == label)
         edge = " (edge)" if len(tried) > 1 and r["lr"] in (tried[0], tried[-1]) else ""

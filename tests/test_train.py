@@ -79,7 +79,12 @@ def test_each_optimizer_lowers_the_loss_and_writes_a_run(corpus, cache, tmp_path
     run = Path(config.run_dir)
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics if "loss" in m] == [5, 10, 15, 20, 25, 30]
-    assert sum("val_loss" in m for m in metrics) == 2  # step 15 and the final evaluation
+    # steps 15 and 30 on the same validation windows, then the whole split marked final
+    assert [(m["step"], m.get("final", False)) for m in metrics if "val_loss" in m] == [
+        (15, False),
+        (30, False),
+        (30, True),
+    ]
     assert (run / "step-0000030" / "model.safetensors").exists()
     assert any((run / "tensorboard").iterdir())
     assert summary["optimizer_state_bytes"] > 0
@@ -102,7 +107,7 @@ def test_resume_equals_uninterrupted(corpus, cache, tmp_path):
     assert expected.keys() == resumed.keys()
     assert all(torch.equal(expected[k], resumed[k]) for k in expected)
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert steps == sorted(steps) and steps.count(30) == 2  # no duplicated history: one loss, one final eval
+    assert steps == sorted(steps) and steps.count(30) == 3  # no duplicated history: loss, validation, final
 
 
 @pytest.mark.parametrize("optimizer", ["sumo", "adamw"])
@@ -276,7 +281,7 @@ def test_paper_comparison_smoke_runs_end_to_end(corpus, cache, tmp_path):
     common = ["--smoke", "--parallel", "2", "--cache-dir", str(cache), "--out", str(out)]
     assert script.main(["pretrain", "--optimizers", "galore,sumo_rms", "--corpus", str(corpus), *common]) == 0
     table = (out / "results.md").read_text()
-    assert "| galore |" in table and "| sumo_rms |" in table and "steps to galore's best" in table
+    assert "| galore |" in table and "| sumo_rms |" in table and "steps to galore's last validation" in table
     config = json.loads(next((out / "runs").glob("sumo_rms-*/config.json")).read_text())
     assert config["optimizer_options"] == {"adjust_lr_fn": "match_rms_adamw"}
     assert (out / "loss_curves.png").stat().st_size > 10_000
@@ -346,4 +351,4 @@ def test_torchrun_sharded_run_and_its_resume_equal_one_process(one_process, tmp_
     alone = train(load_config(None, {**config, "run_dir": str(single)}), resume=True, progress=False)
     assert alone["val_loss"] == pytest.approx(expected["val_loss"], rel=1e-5)
     steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [3, 6, 6]  # rank 0 alone logs: the history up to step 3, then the resumed steps
+    assert steps == [3, 6, 6, 6]  # rank 0 alone logs: the history up to step 3, then loss, validation, final

@@ -16,7 +16,8 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
 
 def plot_runs(run_dirs: list[Path], out: Path, title: str = "", labels: list[str] | None = None) -> Path:
     """Training loss (left) and validation loss (right) against step, one line per run
-    (labelled by ``labels`` or the run's optimizer)."""
+    (labelled by ``labels`` or the run's optimizer); a star marks the final evaluation on the
+    whole validation split. The y-axes show the last four fifths of the steps, where runs differ."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -27,11 +28,19 @@ def plot_runs(run_dirs: list[Path], out: Path, title: str = "", labels: list[str
         metrics = read_metrics(run_dir)
         label = labels[index] if labels else json.loads((Path(run_dir) / "config.json").read_text())["optimizer"]
         train_points = [(m["step"], m["loss"]) for m in metrics if "loss" in m]
-        val_points = [(m["step"], m["val_loss"]) for m in metrics if "val_loss" in m]
+        val_points = [(m["step"], m["val_loss"]) for m in metrics if "val_loss" in m and not m.get("final")]
+        finals = [(m["step"], m["val_loss"]) for m in metrics if "val_loss" in m and m.get("final")]
         if train_points:
             train_axis.plot(*zip(*train_points), label=label, linewidth=1.2)
         if val_points:
-            val_axis.plot(*zip(*val_points), marker="o", markersize=3, label=label)
+            line = val_axis.plot(*zip(*val_points), marker="o", markersize=3, label=label)[0]
+            if finals:  # the whole split: another set of windows than the curve's, so a mark of its own
+                val_axis.plot(*zip(*finals), marker="*", markersize=9, linestyle="none", color=line.get_color())
+    for axis in (train_axis, val_axis):  # zoom on the part after the first fifth, where the runs differ
+        tails = [y for line in axis.get_lines() for x, y in line.get_xydata() if x >= 0.2 * axis.get_xlim()[1]]
+        if tails:
+            margin = 0.05 * (max(tails) - min(tails)) or 0.05
+            axis.set_ylim(min(tails) - margin, max(tails) + margin)
     for axis, name in ((train_axis, "training loss"), (val_axis, "validation loss")):
         axis.set_xlabel("step")
         axis.set_ylabel(name)

@@ -317,7 +317,7 @@ def train(config: RunConfig, resume: bool = False, progress: bool = True) -> dic
         with metrics_path.open("a") as file:
             file.write(json.dumps(entry) + "\n")
         for key, value in entry.items():
-            if key != "step" and isinstance(value, (int, float)):
+            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
                 writer.add_scalar(key, value, entry["step"])
 
     bar = tqdm(
@@ -358,7 +358,7 @@ def train(config: RunConfig, resume: bool = False, progress: bool = True) -> dic
             log({"step": done, "loss": loss.item(), "lr": schedulers[0].get_last_lr()[0], "tokens_per_s": rate})
             bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{rate:,.0f}")
             window_start, window_tokens = time.perf_counter(), 0
-        if done % config.eval_every == 0 and done != config.steps:
+        if done % config.eval_every == 0 or done == config.steps:  # the same validation windows every time
             log({"step": done, **task.evaluate(), "elapsed_s": time.perf_counter() - began})
             window_start = time.perf_counter()  # validation time is not training throughput
         if (config.checkpoint_every and done % config.checkpoint_every == 0) or done == config.steps:
@@ -379,8 +379,9 @@ def train(config: RunConfig, resume: bool = False, progress: bool = True) -> dic
                 sumo_dist.save_checkpoint(str(staging), model, optimizers[0])
             if main_process:  # otherwise the optimizer states are replicated: rank 0's are everyone's
                 save_checkpoint(run_dir, done, None if sharded else model, training_state, record)
+    # the whole validation split (or final_eval_batches of it): the run's result, marked "final"
     final = {"step": config.steps, **task.evaluate(full=True), "elapsed_s": time.perf_counter() - began}
-    log(final)
+    log({**final, "final": True})
     if writer is not None:
         writer.close()
     summary = {
