@@ -109,6 +109,17 @@ class SUMO(SubspaceOptimizer):
             working memory between steps (1.6 GiB at LLaMA-1B and 2.1 GiB at 7B, r = 128:
             the float64 orthogonalization works on chunks of
             :data:`~sumo_optim.linalg.CHUNK_BYTES`).
+        bf16_stochastic_rounding: round the float32 result into bfloat16 weights stochastically
+            (unbiased, :func:`~sumo_optim.rounding.stochastic_round_to_bf16`) instead of to
+            nearest, so updates below half a bf16 ulp still move the weights in expectation.
+            The random bits come from (seed, parameter index, step): resumed runs are bit-exact.
+            Other dtypes are unaffected.
+        adamw_state_bits: 32 (default) or 8: store the AdamW parameters' ``exp_avg`` and
+            ``exp_avg_sq`` block-wise quantized to 8 bits (blocks of 256 with a float32 absmax:
+            ~4× smaller), dequantized to float32 for each step
+            (:meth:`~sumo_optim.base.SubspaceOptimizer._store_vector_moments`). State keys are
+            then ``exp_avg_codes``, ``exp_avg_absmax``, ``exp_avg_sq_codes`` and
+            ``exp_avg_sq_absmax`` (of ``√exp_avg_sq``).
 
     States (``self.state[p]``): ``basis`` Q, ``moment`` M, ``step``, ``seed``, and
     ``previous_norm`` with the limiter; float32 for bf16/fp16 parameters.
@@ -138,6 +149,8 @@ class SUMO(SubspaceOptimizer):
         seed: int = 0,
         layerwise: bool = False,
         cuda_graph: bool = False,
+        bf16_stochastic_rounding: bool = False,
+        adamw_state_bits: int = 32,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -156,6 +169,8 @@ class SUMO(SubspaceOptimizer):
             adamw_eps=adamw_eps,
             nonfinite=nonfinite,
             seed=seed,
+            bf16_stochastic_rounding=bf16_stochastic_rounding,
+            adamw_state_bits=adamw_state_bits,
         )
         super().__init__(params, defaults, layerwise=layerwise, cuda_graph=cuda_graph)
 
