@@ -388,14 +388,16 @@ class SubspaceOptimizer(Optimizer):
 
     def _vector_step(self, weights: Tensor, grad: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
         """The rule for everything that is not a low-rank matrix: AdamW."""
-        self._vector_moments(state, grad)
+        self._vector_moments(state, grad, group)
         adamw_update(weights, grad, state, group["lr"], group["adamw_betas"], group["adamw_eps"], group["weight_decay"])
         self._store_vector_moments(state, group)
 
     @staticmethod
-    def _vector_moments(state: dict[str, Any], grad: Tensor) -> tuple[Tensor, Tensor]:
+    def _vector_moments(state: dict[str, Any], grad: Tensor, group: dict[str, Any]) -> tuple[Tensor, Tensor]:
         """AdamW's moments as ``state["exp_avg"]`` and ``state["exp_avg_sq"]`` in ``grad``'s dtype,
         to be updated in place: zero on the first step, dequantized when stored in 8 bits."""
+        if distributed.is_dtensor(grad) and group["adamw_state_bits"] == 8:
+            raise NotImplementedError("adamw_state_bits=8 does not support FSDP2 (DTensor) parameters")
         if "exp_avg_codes" in state:
             exp_avg = dequantize_blockwise(state.pop("exp_avg_codes"), state.pop("exp_avg_absmax"))
             root = dequantize_blockwise(state.pop("exp_avg_sq_codes"), state.pop("exp_avg_sq_absmax"))
@@ -448,9 +450,9 @@ class SubspaceOptimizer(Optimizer):
         if weights is p:
             return
         if group["bf16_stochastic_rounding"] and p.dtype == torch.bfloat16 and weights.dtype == torch.float32:
-            state = self.state[p]
-            generator = refresh_generator(state["seed"], state["step"], weights.device, stream=ROUNDING_STREAM)
-            p.copy_(stochastic_round_to_bf16(weights, generator))
+            state, local = self.state[p], distributed.local_tensor(weights)  # under FSDP2, this rank's shard
+            generator = refresh_generator(state["seed"], state["step"], local.device, stream=ROUNDING_STREAM)
+            distributed.local_tensor(p).copy_(stochastic_round_to_bf16(local, generator))
         else:
             p.copy_(weights)
 

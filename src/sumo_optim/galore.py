@@ -232,5 +232,5 @@ class GaLoreAdamW(SubspaceOptimizer):
         return decay, -step_size * group["scale"] * decay
 
     def _vector_step(self, weights: Tensor, grad: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
-        galore_adam_update(weights, self._vector_moments(state, grad), grad, state["step"], group)
+        galore_adam_update(weights, self._vector_moments(state, grad, group), grad, state["step"], group)
         self._store_vector_moments(state, group)

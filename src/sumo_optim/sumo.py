@@ -119,7 +119,7 @@ class SUMO(SubspaceOptimizer):
             ~4× smaller), dequantized to float32 for each step
             (:meth:`~sumo_optim.base.SubspaceOptimizer._store_vector_moments`). State keys are
             then ``exp_avg_codes``, ``exp_avg_absmax``, ``exp_avg_sq_codes`` and
-            ``exp_avg_sq_absmax`` (of ``√exp_avg_sq``).
+            ``exp_avg_sq_absmax`` (of ``√exp_avg_sq``). Not for FSDP2 (DTensor) parameters.
 
     States (``self.state[p]``): ``basis`` Q, ``moment`` M, ``step``, ``seed``, and
     ``previous_norm`` with the limiter; float32 for bf16/fp16 parameters.
