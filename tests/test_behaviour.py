@@ -665,3 +665,36 @@ def test_bad_low_precision_options_are_refused(name, options, message):
 def test_galore_adafactor_has_no_adamw_states_to_quantize():
     with pytest.raises(ValueError, match="adamw_state_bits"):
         sumo_optim.GaLoreAdafactor([{"params": [nn.Parameter(torch.ones(3))], "adamw_state_bits": 8}])
+
+
+@pytest.mark.parametrize("name", ["sumo", "sumo-randomized-limiter"])
+def test_sumo_bf16_states_resume_bit_exactly_and_track_float32(name):
+    batches = make_batches(40, seed=5)
+    model, optimizer = build(name, state_dtype=torch.bfloat16)
+    losses = train(model, optimizer, batches)
+    state = optimizer.state[model.hidden.weight]
+    assert state["basis"].dtype == state["moment"].dtype == torch.bfloat16
+    assert state["step"] == 40 and ("previous_norm" in state) == (name != "sumo")
+    reference_losses = train(*build(name), batches)
+    assert abs(sum(losses[-10:]) - sum(reference_losses[-10:])) < 0.05 * sum(reference_losses[-10:])
+
+    uninterrupted = [p.detach().clone() for p in model.parameters()]
+    model, optimizer = build(name, state_dtype=torch.bfloat16)
+    train(model, optimizer, batches[:17])
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, buffer)
+    buffer.seek(0)
+    checkpoint = torch.load(buffer, weights_only=True)
+    model, optimizer = build(name, seed=3, state_dtype=torch.bfloat16)
+    model.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    assert optimizer.state[model.hidden.weight]["moment"].dtype == torch.bfloat16
+    train(model, optimizer, batches[17:])
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), uninterrupted))
+
+
+def test_sumo_state_dtype_is_checked():
+    with pytest.raises(ValueError, match="state_dtype"):
+        build("sumo", state_dtype=torch.float16)
+    with pytest.raises(ValueError, match="cuda_graph"):
+        build("sumo", state_dtype=torch.bfloat16, cuda_graph=True)
