@@ -12,17 +12,19 @@ from torch import nn
 import sumo_optim
 from sumo_optim import SUMO, param_groups
 
-# name -> factory(params) building a small-rank configuration that refreshes often.
+# name -> factory(params, **options) building a small-rank configuration that refreshes often.
 OPTIMIZERS = {
-    "sumo": lambda params: SUMO(params, lr=0.02, rank=3, update_freq=4),
-    "sumo-randomized-limiter": lambda params: SUMO(
-        params, lr=0.02, rank=3, update_freq=4, refresh="randomized", limiter=1.1, weight_decay=0.01, seed=5
+    "sumo": lambda params, **options: SUMO(params, lr=0.02, rank=3, update_freq=4, **options),
+    "sumo-randomized-limiter": lambda params, **options: SUMO(
+        params, lr=0.02, rank=3, update_freq=4, refresh="randomized", limiter=1.1, weight_decay=0.01, seed=5, **options
     ),
-    "galore": lambda params: sumo_optim.GaLoreAdamW(params, lr=0.01, rank=3, update_proj_gap=4, weight_decay=0.01),
-    "golore": lambda params: sumo_optim.GoLore(
-        params, total_steps=40, random_fraction=0.5, lr=0.01, rank=3, update_proj_gap=4, seed=2
+    "galore": lambda params, **options: sumo_optim.GaLoreAdamW(
+        params, lr=0.01, rank=3, update_proj_gap=4, weight_decay=0.01, **options
     ),
-    "mofasgd": lambda params: sumo_optim.MoFaSGD(params, lr=0.02, rank=3, weight_decay=0.01),
+    "golore": lambda params, **options: sumo_optim.GoLore(
+        params, total_steps=40, random_fraction=0.5, lr=0.01, rank=3, update_proj_gap=4, seed=2, **options
+    ),
+    "mofasgd": lambda params, **options: sumo_optim.MoFaSGD(params, lr=0.02, rank=3, weight_decay=0.01, **options),
 }
 
 
@@ -67,10 +69,10 @@ def train(model, optimizer, batches, scheduler=None):
     return losses
 
 
-def build(name, seed=0, dtype=torch.float32):
+def build(name, seed=0, dtype=torch.float32, **options):
     torch.manual_seed(seed)
     model = TinyNet().to(dtype)
-    return model, OPTIMIZERS[name](param_groups(model, lr=0.02))
+    return model, OPTIMIZERS[name](param_groups(model, lr=0.02), **options)
 
 
 def build_layerwise(name, model):
@@ -93,20 +95,29 @@ def test_trains_a_small_model_and_moves_adamw_params(name):
     assert state_numel(optimizer, model.embed.weight) == 2 * model.embed.weight.numel()  # AdamW
 
 
+RESUME_CASES = {
+    "float32": (torch.float32, {}),
+    "bf16-stochastic-rounding": (torch.bfloat16, {"bf16_stochastic_rounding": True}),
+    "8bit-adamw": (torch.float32, {"adamw_state_bits": 8}),
+}
+
+
+@pytest.mark.parametrize("case", RESUME_CASES)
 @pytest.mark.parametrize("name", OPTIMIZERS)
-def test_state_dict_resume_is_bit_exact(name):
+def test_state_dict_resume_is_bit_exact(name, case):
+    dtype, options = RESUME_CASES[case]
     batches = make_batches(22, seed=1)
-    model, optimizer = build(name)
+    model, optimizer = build(name, dtype=dtype, **options)
     train(model, optimizer, batches)
     uninterrupted = [p.detach().clone() for p in model.parameters()]
 
-    model, optimizer = build(name)
+    model, optimizer = build(name, dtype=dtype, **options)
     train(model, optimizer, batches[:9])
     buffer = io.BytesIO()
     torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, buffer)
     buffer.seek(0)
     checkpoint = torch.load(buffer, weights_only=True)
-    model, optimizer = build(name, seed=123)  # different init: everything must come from the checkpoint
+    model, optimizer = build(name, seed=123, dtype=dtype, **options)  # different init: all from the checkpoint
     model.load_state_dict(checkpoint["model"])
     optimizer.load_state_dict(checkpoint["optimizer"])
     train(model, optimizer, batches[9:])
@@ -529,3 +540,161 @@ def test_layerwise_hooks_use_the_groups_of_load_state_dict():
     before = [p.detach().clone() for p in model.parameters()]
     train(model, optimizer, make_batches(1, seed=1))
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+# ------------------------------------------------------------- low-precision weights and states
+ROUNDING_OPTIMIZERS = {
+    **OPTIMIZERS,
+    "galore-adafactor": lambda params, **options: sumo_optim.GaLoreAdafactor(
+        params, lr=0.01, relative_step=False, scale_parameter=False, rank=3, update_proj_gap=4, **options
+    ),
+}
+
+
+def run_fixed_gradients(name, weights, grads, lr, dtype, **options):
+    """The weights after one step per gradient in ``grads`` (lists over [matrix, vector])."""
+    params = [nn.Parameter(w.to(dtype, copy=True)) for w in weights]
+    optimizer = ROUNDING_OPTIMIZERS[name](params, **options)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    for step_grads in grads:
+        for p, g in zip(params, step_grads):
+            p.grad = g.to(dtype)
+        optimizer.step()
+    return [p.detach().float() for p in params]
+
+
+@pytest.mark.parametrize("name", ROUNDING_OPTIMIZERS)
+def test_bf16_stochastic_rounding_moves_weights_that_round_to_nearest_cannot(name):
+    """Updates below half a bf16 ulp: round-to-nearest never moves the weights, stochastic rounding
+    moves them by the float32 update in expectation (regression slope of its change on it ≈ 1)."""
+    g = torch.Generator().manual_seed(0)
+    weights = [(1.25 + 0.5 * torch.rand(128, 128, generator=g)).bfloat16(), torch.full((16384,), 1.5).bfloat16()]
+    grads = [[torch.randn(w.shape, generator=g).bfloat16() for w in weights] for _ in range(10)]
+    # lr such that no single step moves any weight by more than 1/4 of bf16's half ulp on [1, 2)
+    unit = run_fixed_gradients(name, weights, grads[:1], 1.0, torch.float32)
+    lr = 0.25 * 2**-8 / max((u - w.float()).abs().max().item() for u, w in zip(unit, weights))
+    exact = run_fixed_gradients(name, weights, grads, lr, torch.float32)
+    nearest = run_fixed_gradients(name, weights, grads, lr, torch.bfloat16)
+    stochastic = run_fixed_gradients(name, weights, grads, lr, torch.bfloat16, bf16_stochastic_rounding=True)
+    assert all(torch.equal(n, w.float()) for n, w in zip(nearest, weights))
+    for s, e, w in zip(stochastic, exact, weights):
+        expected, observed = (e - w.float()).double(), (s - w.float()).double()
+        slope = (observed * expected).sum() / expected.square().sum()
+        assert 0.85 < slope < 1.15, slope
+
+
+def test_bf16_stochastic_rounding_only_touches_bf16_parameters():
+    model, optimizer = build("sumo", bf16_stochastic_rounding=True)
+    reference, reference_optimizer = build("sumo")
+    batches = make_batches(5)
+    train(model, optimizer, batches)
+    train(reference, reference_optimizer, batches)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), reference.parameters()))
+
+
+def adamw_state_bytes(optimizer, params):
+    return sum(v.numel() * v.element_size() for p in params for v in optimizer.state[p].values() if torch.is_tensor(v))
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_8bit_adamw_states_track_32bit_and_are_4x_smaller(name):
+    batches = make_batches(50, seed=4)
+    results = {}
+    for bits in (32, 8):
+        model, optimizer = build(name, adamw_state_bits=bits)
+        losses = train(model, optimizer, batches)
+        adamw_params = [model.embed.weight, model.head.weight, model.head.bias, model.norm.weight]
+        results[bits] = sum(losses[-10:]) / 10, adamw_state_bytes(optimizer, adamw_params)
+        if bits == 8:
+            state = optimizer.state[model.embed.weight]
+            assert state["exp_avg_codes"].dtype == torch.int8 and state["exp_avg_sq_codes"].dtype == torch.uint8
+            assert "exp_avg" not in state and "exp_avg_sq" not in state
+    (loss32, bytes32), (loss8, bytes8) = results[32], results[8]
+    assert abs(loss8 - loss32) < 0.05 * loss32
+    assert 3.5 < bytes32 / bytes8 <= 4
+
+
+def test_8bit_adamw_state_dicts_are_checked():
+    model, optimizer = build("sumo", adamw_state_bits=8)
+    train(model, optimizer, make_batches(2))
+    ordered = [p for group in optimizer.param_groups for p in group["params"]]
+    key = next(i for i, p in enumerate(ordered) if p is model.embed.weight)
+    for name, value in [
+        ("exp_avg_codes", lambda t: t[:3]),
+        ("exp_avg_sq_absmax", lambda t: t[:-1]),
+        ("exp_avg_sq_codes", lambda t: t.to(torch.int8)),
+        ("exp_avg_absmax", None),
+    ]:
+        state = copy.deepcopy(optimizer.state_dict())
+        if value is None:
+            del state["state"][key][name]
+        else:
+            state["state"][key][name] = value(state["state"][key][name])
+        with pytest.raises(ValueError, match=name):
+            build("sumo", adamw_state_bits=8)[1].load_state_dict(state)
+
+
+def test_adamw_state_bits_can_change_between_steps():
+    """Moments stored in one form are read in the other: 8-bit states, then 32-bit, then 8 again."""
+    model, optimizer = build("galore", adamw_state_bits=8)
+    batches = make_batches(6)
+    train(model, optimizer, batches[:2])
+    for bits, present in [(32, "exp_avg"), (8, "exp_avg_codes")]:
+        for group in optimizer.param_groups:
+            group["adamw_state_bits"] = bits
+        train(model, optimizer, batches[2:4])
+        assert present in optimizer.state[model.embed.weight]
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"adamw_state_bits": 16}, "adamw_state_bits"),
+        ({"adamw_state_bits": 8.0}, "adamw_state_bits"),
+        ({"bf16_stochastic_rounding": 1}, "bf16_stochastic_rounding"),
+    ],
+)
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_bad_low_precision_options_are_refused(name, options, message):
+    with pytest.raises(ValueError, match=message):
+        build(name, **options)
+
+
+def test_galore_adafactor_has_no_adamw_states_to_quantize():
+    with pytest.raises(ValueError, match="adamw_state_bits"):
+        sumo_optim.GaLoreAdafactor([{"params": [nn.Parameter(torch.ones(3))], "adamw_state_bits": 8}])
+
+
+@pytest.mark.parametrize("name", ["sumo", "sumo-randomized-limiter"])
+def test_sumo_bf16_states_resume_bit_exactly_and_track_float32(name):
+    batches = make_batches(40, seed=5)
+    model, optimizer = build(name, state_dtype=torch.bfloat16)
+    losses = train(model, optimizer, batches)
+    state = optimizer.state[model.hidden.weight]
+    assert state["basis"].dtype == state["moment"].dtype == torch.bfloat16
+    assert state["step"] == 40 and ("previous_norm" in state) == (name != "sumo")
+    reference_losses = train(*build(name), batches)
+    assert abs(sum(losses[-10:]) - sum(reference_losses[-10:])) < 0.05 * sum(reference_losses[-10:])
+
+    uninterrupted = [p.detach().clone() for p in model.parameters()]
+    model, optimizer = build(name, state_dtype=torch.bfloat16)
+    train(model, optimizer, batches[:17])
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, buffer)
+    buffer.seek(0)
+    checkpoint = torch.load(buffer, weights_only=True)
+    model, optimizer = build(name, seed=3, state_dtype=torch.bfloat16)
+    model.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    assert optimizer.state[model.hidden.weight]["moment"].dtype == torch.bfloat16
+    train(model, optimizer, batches[17:])
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), uninterrupted))
+
+
+def test_sumo_state_dtype_is_checked():
+    with pytest.raises(ValueError, match="state_dtype"):
+        build("sumo", state_dtype=torch.float16)
+    with pytest.raises(ValueError, match="cuda_graph"):
+        build("sumo", state_dtype=torch.bfloat16, cuda_graph=True)

@@ -117,7 +117,8 @@ class GaLoreAdafactor(SubspaceOptimizer):
         rank: r for groups that name none (``None``: plain Adafactor, as in galore-torch).
         update_proj_gap: T. scale: α. proj_type: "std", "reverse_std", "left" or "right".
         refresh: "svd" (exact, galore-torch) or "randomized".
-        nonfinite, seed, layerwise: as in :class:`~sumo_optim.SUMO`.
+        nonfinite, seed, layerwise, bf16_stochastic_rounding: as in :class:`~sumo_optim.SUMO`.
+            (Nothing here follows AdamW, so there is no ``adamw_state_bits``.)
     """
 
     def __init__(
@@ -140,6 +141,7 @@ class GaLoreAdafactor(SubspaceOptimizer):
         nonfinite: str = "raise",
         seed: int = 0,
         layerwise: bool = False,
+        bf16_stochastic_rounding: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -158,6 +160,7 @@ class GaLoreAdafactor(SubspaceOptimizer):
             refresh=refresh,
             nonfinite=nonfinite,
             seed=seed,
+            bf16_stochastic_rounding=bf16_stochastic_rounding,
         )
         super().__init__(params, defaults, layerwise=layerwise)
 
@@ -185,6 +188,8 @@ class GaLoreAdafactor(SubspaceOptimizer):
         if beta1 is not None and (not _is_number(beta1) or not 0 <= beta1 < 1):
             raise ValueError(f"beta1 must be None or a number in [0, 1), got {beta1!r}")
         validate_galore_options(group)
+        if group["adamw_state_bits"] != 32:
+            raise ValueError("GaLoreAdafactor has no AdamW states: adamw_state_bits must stay 32")
         self._validate_common(group)
 
     def _uses_matrix_rule(self, param: Tensor, group: dict[str, Any]) -> bool:

@@ -8,7 +8,10 @@ only; they never see sparse, complex or non-finite gradients.
 
 Numerics: states and the update are kept in ``float32`` for low-precision parameters
 (bf16/fp16) and in the parameter's dtype otherwise; the new weights are rounded to the
-parameter's dtype once per step.
+parameter's dtype once per step: to nearest, or, for bf16 parameters of a group with
+``bf16_stochastic_rounding=True``, stochastically (:mod:`sumo_optim.rounding`). With
+``adamw_state_bits=8``, AdamW's two moments are stored block-wise quantized to 8 bits
+(:mod:`sumo_optim.quantization`; see :meth:`SubspaceOptimizer._store_vector_moments`).
 """
 
 from __future__ import annotations
@@ -26,12 +29,16 @@ from torch.utils.hooks import RemovableHandle
 
 from . import distributed
 from .cuda_graph import GraphedCall, tensor_key
+from .quantization import BLOCK_SIZE, dequantize_blockwise, quantize_blockwise
+from .rounding import stochastic_round_to_bf16
 from .stacks import Matrix, project_checked
 from .subspace import choose_side, refresh_generator
 
 __all__ = ["NONFINITE_POLICIES", "SubspaceOptimizer", "adamw_update"]
 
 NONFINITE_POLICIES = ("raise", "skip")
+ADAMW_STATE_BITS = (32, 8)
+ROUNDING_STREAM = 1  # :func:`~sumo_optim.subspace.refresh_generator`'s stream for stochastic rounding
 
 
 def adamw_update(
@@ -72,7 +79,8 @@ class SubspaceOptimizer(Optimizer):
     :meth:`_expected_state_shapes`), or, with ``steps_matrices_together = True``,
     :meth:`_step_matrices`, which then gets every matrix of a step at once (to work on stacks
     of equal shapes). Every group carries ``lr``, ``weight_decay``, ``subspace``,
-    ``adamw_betas``, ``adamw_eps``, ``nonfinite`` and ``seed``.
+    ``adamw_betas``, ``adamw_eps``, ``nonfinite``, ``seed``, ``bf16_stochastic_rounding`` and
+    ``adamw_state_bits``.
 
     With ``cuda_graph=True``, such a subclass can run the part of its step that only queues
     kernels through :meth:`_graphed`: on CUDA it is captured as one CUDA graph
@@ -99,7 +107,14 @@ class SubspaceOptimizer(Optimizer):
             raise ValueError("cuda_graph=True replays a whole step's matrices; it does not combine with layerwise=True")
         if layerwise:
             _refuse_layerwise_under_data_parallel()
-        defaults = {"subspace": True, "nonfinite": "raise", "seed": 0, **defaults}
+        defaults = {
+            "subspace": True,
+            "nonfinite": "raise",
+            "seed": 0,
+            "bf16_stochastic_rounding": False,
+            "adamw_state_bits": 32,
+            **defaults,
+        }
         super().__init__(params, defaults)
         self.layerwise = layerwise
         self.cuda_graph = GraphedCall() if cuda_graph else None
@@ -163,6 +178,9 @@ class SubspaceOptimizer(Optimizer):
             raise ValueError(f"adamw_betas must be two numbers in [0, 1), got {betas!r}")
         if not _is_number(group["adamw_eps"]) or group["adamw_eps"] < 0:
             raise ValueError(f"adamw_eps must be a finite number >= 0, got {group['adamw_eps']!r}")
+        bits = group["adamw_state_bits"]
+        if not isinstance(bits, int) or isinstance(bits, bool) or bits not in ADAMW_STATE_BITS:
+            raise ValueError(f"adamw_state_bits must be one of {ADAMW_STATE_BITS}, got {group['adamw_state_bits']!r}")
         self._validate_common(group)
 
     @staticmethod
@@ -182,6 +200,10 @@ class SubspaceOptimizer(Optimizer):
             raise ValueError(f"seed must be an int >= 0, got {group['seed']!r}")
         if not isinstance(group["subspace"], bool):
             raise ValueError(f"subspace must be True or False, got {group['subspace']!r}")
+        if not isinstance(group["bf16_stochastic_rounding"], bool):
+            raise ValueError(
+                f"bf16_stochastic_rounding must be True or False, got {group['bf16_stochastic_rounding']!r}"
+            )
 
     @staticmethod
     def _check_positive_int(group: dict[str, Any], name: str) -> None:
@@ -352,8 +374,8 @@ class SubspaceOptimizer(Optimizer):
             else:
                 self._update_parameter(p, group, index)
         self._step_matrices([item for _, _, item in prepared])
-        for p, weights, _ in prepared:
-            self._end_update(p, weights)
+        for p, weights, item in prepared:
+            self._end_update(p, weights, item.group)
 
     def _update_parameter(self, p: Tensor, group: dict[str, Any], index: int) -> None:
         """Applies this step's rule to one parameter whose gradient has been checked."""
@@ -362,11 +384,44 @@ class SubspaceOptimizer(Optimizer):
             self._matrix_step(weights.view(p.shape[0], -1), grad.reshape(p.shape[0], -1), state, group)
         else:
             self._vector_step(weights, grad, state, group)
-        self._end_update(p, weights)
+        self._end_update(p, weights, group)
 
     def _vector_step(self, weights: Tensor, grad: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
         """The rule for everything that is not a low-rank matrix: AdamW."""
+        self._vector_moments(state, grad, group)
         adamw_update(weights, grad, state, group["lr"], group["adamw_betas"], group["adamw_eps"], group["weight_decay"])
+        self._store_vector_moments(state, group)
+
+    @staticmethod
+    def _vector_moments(state: dict[str, Any], grad: Tensor, group: dict[str, Any]) -> tuple[Tensor, Tensor]:
+        """AdamW's moments as ``state["exp_avg"]`` and ``state["exp_avg_sq"]`` in ``grad``'s dtype,
+        to be updated in place: zero on the first step, dequantized when stored in 8 bits."""
+        if distributed.is_dtensor(grad) and group["adamw_state_bits"] == 8:
+            raise NotImplementedError("adamw_state_bits=8 does not support FSDP2 (DTensor) parameters")
+        if "exp_avg_codes" in state:
+            exp_avg = dequantize_blockwise(state.pop("exp_avg_codes"), state.pop("exp_avg_absmax"))
+            root = dequantize_blockwise(state.pop("exp_avg_sq_codes"), state.pop("exp_avg_sq_absmax"))
+            state["exp_avg"], state["exp_avg_sq"] = exp_avg.to(grad.dtype), root.square_().to(grad.dtype)
+        elif "exp_avg" not in state:
+            state["exp_avg"], state["exp_avg_sq"] = torch.zeros_like(grad), torch.zeros_like(grad)
+        return state["exp_avg"], state["exp_avg_sq"]
+
+    @staticmethod
+    def _store_vector_moments(state: dict[str, Any], group: dict[str, Any]) -> None:
+        """With ``adamw_state_bits=8``, replaces the float moments by block-wise 8-bit codes and
+        float32 block absmaxes (:func:`~sumo_optim.quantization.quantize_blockwise`, blocks of 256):
+        ``exp_avg`` signed and linear (int8), and ``exp_avg_sq`` as its square root ``√v``,
+        unsigned and linear (uint8). ``√v`` spans half as many orders of magnitude as ``v``, and
+        it is what Adam's denominator ``√v + ε`` reads, so the denominator's error is at most half
+        a step of its block, ``max √v / 510``. A positive ``√v`` never gets code 0 (it gets 1):
+        a denominator never collapses to ε while the first moment is not zero."""
+        if group["adamw_state_bits"] != 8:
+            return
+        exp_avg, exp_avg_sq = state.pop("exp_avg"), state.pop("exp_avg_sq")
+        state["exp_avg_codes"], state["exp_avg_absmax"] = quantize_blockwise(exp_avg, signed=True, check=False)
+        root = exp_avg_sq.sqrt()
+        codes, state["exp_avg_sq_absmax"] = quantize_blockwise(root, signed=False, check=False)
+        state["exp_avg_sq_codes"] = torch.where((codes == 0) & (root > 0), 1, codes).to(torch.uint8)
 
     def _begin_update(self, p: Tensor, group: dict[str, Any], index: int) -> tuple[Tensor, Tensor, dict[str, Any]]:
         """Working copies of the weights and gradient, and the state with this step counted."""
@@ -388,9 +443,17 @@ class SubspaceOptimizer(Optimizer):
         state["step"] += 1
         return state
 
-    def _end_update(self, p: Tensor, weights: Tensor) -> None:
-        """Writes the working copy back, rounding once to the parameter's dtype."""
-        if weights is not p:
+    def _end_update(self, p: Tensor, weights: Tensor, group: dict[str, Any]) -> None:
+        """Writes the working copy back, rounding once to the parameter's dtype: to nearest, or
+        stochastically for a bf16 parameter with ``bf16_stochastic_rounding``, drawing from a
+        generator seeded by (seed, parameter index, step) so that resumed runs round alike."""
+        if weights is p:
+            return
+        if group["bf16_stochastic_rounding"] and p.dtype == torch.bfloat16 and weights.dtype == torch.float32:
+            state, local = self.state[p], distributed.local_tensor(weights)  # under FSDP2, this rank's shard
+            generator = refresh_generator(state["seed"], state["step"], local.device, stream=ROUNDING_STREAM)
+            distributed.local_tensor(p).copy_(stochastic_round_to_bf16(local, generator))
+        else:
             p.copy_(weights)
 
     def _matrix_step(self, weights: Tensor, grad: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
@@ -459,8 +522,17 @@ class SubspaceOptimizer(Optimizer):
     def _expected_vector_state_shapes(
         self, shape: tuple[int, ...], group: dict[str, Any]
     ) -> dict[str, tuple[int, ...]]:
-        """Shapes the state tensors of the rule for everything else (AdamW) must have."""
-        return {"exp_avg": shape, "exp_avg_sq": shape}
+        """Shapes the state tensors of the rule for everything else (AdamW) must have, stored in
+        float or in 8 bits (:meth:`_store_vector_moments`)."""
+        blocks = (math.ceil(math.prod(shape) / BLOCK_SIZE),)
+        return {
+            "exp_avg": shape,
+            "exp_avg_sq": shape,
+            "exp_avg_codes": shape,
+            "exp_avg_sq_codes": shape,
+            "exp_avg_absmax": blocks,
+            "exp_avg_sq_absmax": blocks,
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Loads a state dict, keeping each saved state tensor's dtype (float32 moments of a bf16
@@ -501,6 +573,13 @@ class SubspaceOptimizer(Optimizer):
                     f"state '{name}' of parameter {index} has shape {tuple(value.shape)}, expected {shape}: "
                     "the checkpoint does not belong to this model or these hyperparameters"
                 )
+        quantized = {"exp_avg_codes": torch.int8, "exp_avg_sq_codes": torch.uint8}
+        quantized.update(dict.fromkeys(("exp_avg_absmax", "exp_avg_sq_absmax"), torch.float32))
+        present = [name for name in quantized if name in state]
+        if present and not self._uses_matrix_rule(p, group):
+            for name, dtype in quantized.items():
+                if name not in state or state[name].dtype != dtype:
+                    raise ValueError(f"8-bit AdamW state '{name}' of parameter {index} is missing or not {dtype}")
 
 
 def _refuse_layerwise_under_data_parallel() -> None:

@@ -83,6 +83,9 @@ class GaLoreAdamW(SubspaceOptimizer):
         transport_moments: carry the first moment into a new basis instead of keeping it as is.
         nonfinite, seed, layerwise, cuda_graph: as in :class:`~sumo_optim.SUMO` (the graph
             replays the projections and the inner rule on the reduced gradients).
+        bf16_stochastic_rounding: as in :class:`~sumo_optim.SUMO`.
+        adamw_state_bits: as in :class:`~sumo_optim.SUMO`, for the Adam moments of parameters
+            outside any subspace (the subspace moments stay float32).
     """
 
     steps_matrices_together = True
@@ -106,6 +109,8 @@ class GaLoreAdamW(SubspaceOptimizer):
         seed: int = 0,
         layerwise: bool = False,
         cuda_graph: bool = False,
+        bf16_stochastic_rounding: bool = False,
+        adamw_state_bits: int = 32,
         **extra: Any,
     ) -> None:
         defaults = dict(
@@ -122,6 +127,8 @@ class GaLoreAdamW(SubspaceOptimizer):
             transport_moments=transport_moments,
             nonfinite=nonfinite,
             seed=seed,
+            bf16_stochastic_rounding=bf16_stochastic_rounding,
+            adamw_state_bits=adamw_state_bits,
             **extra,
         )
         super().__init__(params, defaults, layerwise=layerwise, cuda_graph=cuda_graph)
@@ -225,7 +232,5 @@ class GaLoreAdamW(SubspaceOptimizer):
         return decay, -step_size * group["scale"] * decay
 
     def _vector_step(self, weights: Tensor, grad: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
-        if "exp_avg" not in state:
-            state["exp_avg"] = torch.zeros_like(grad)
-            state["exp_avg_sq"] = torch.zeros_like(grad)
-        galore_adam_update(weights, (state["exp_avg"], state["exp_avg_sq"]), grad, state["step"], group)
+        galore_adam_update(weights, self._vector_moments(state, grad, group), grad, state["step"], group)
+        self._store_vector_moments(state, group)

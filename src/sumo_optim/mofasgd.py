@@ -97,7 +97,8 @@ class MoFaSGD(SubspaceOptimizer):
         adjust_lr_fn: learning-rate convention ``f(m, n)`` of the step ``α f U Vᵀ``: ``"none"``
             (default), ``"original"``, ``"match_rms_adamw"`` or ``"paper"``
             (:mod:`sumo_optim.lr_adjust`).
-        weight_decay: decoupled λ. adamw_betas, adamw_eps, nonfinite, seed, layerwise: as in SUMO.
+        weight_decay: decoupled λ. adamw_betas, adamw_eps, nonfinite, seed, layerwise,
+            bf16_stochastic_rounding, adamw_state_bits: as in SUMO.
     """
 
     def __init__(
@@ -114,6 +115,8 @@ class MoFaSGD(SubspaceOptimizer):
         nonfinite: str = "raise",
         seed: int = 0,
         layerwise: bool = False,
+        bf16_stochastic_rounding: bool = False,
+        adamw_state_bits: int = 32,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -126,6 +129,8 @@ class MoFaSGD(SubspaceOptimizer):
             adamw_eps=adamw_eps,
             nonfinite=nonfinite,
             seed=seed,
+            bf16_stochastic_rounding=bf16_stochastic_rounding,
+            adamw_state_bits=adamw_state_bits,
         )
         super().__init__(params, defaults, layerwise=layerwise)
 
@@ -174,7 +179,7 @@ class MoFaSGD(SubspaceOptimizer):
         for p, group, state, _ in pending:
             weights = self._working_copy(p)
             self._apply_step(weights.view(p.shape[0], -1), state, group)
-            self._end_update(p, weights)
+            self._end_update(p, weights, group)
 
     def _matrix_step(self, weights: Tensor, grad: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
         rank = self._rank(grad.shape, group)

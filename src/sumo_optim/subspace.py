@@ -152,12 +152,13 @@ def is_refresh_step(step: int, refresh_every: int) -> bool:
     return (step - 1) % refresh_every == 0
 
 
-def refresh_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
-    """A generator determined by (matrix seed, step) alone.
+def refresh_generator(seed: int, step: int, device: torch.device, stream: int = 0) -> torch.Generator:
+    """A generator determined by (matrix seed, step, stream) alone.
 
     Randomness drawn for a refresh then depends on nothing but values stored in the
     optimizer state: a resumed run redraws exactly the same bases, and data-parallel ranks
-    with the same seed agree without communicating.
+    with the same seed agree without communicating. ``stream`` separates independent uses of
+    randomness at one step (0: the basis refresh; 1: stochastic rounding of the weights).
     """
-    mixed = (seed * 6364136223846793005 + step * 1442695040888963407 + 1) % (2**63 - 1)
+    mixed = (seed * 6364136223846793005 + step * 1442695040888963407 + stream * 2862933555777941757 + 1) % (2**63 - 1)
     return torch.Generator(device=device).manual_seed(mixed)

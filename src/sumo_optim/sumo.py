@@ -41,6 +41,8 @@ from .subspace import choose_side, compute_bases, is_refresh_step, project, proj
 __all__ = ["PAPER_RULE", "SUMO", "limit_norm_growth"]
 
 REFRESH_METHODS = ("svd", "randomized")
+STATE_DTYPES = (None, torch.float32, torch.bfloat16)
+STORED_STATES = ("basis", "moment")  # what ``state_dtype`` applies to
 ORTHOGONALIZATIONS = ("exact", "svd", "cholesky", "newton_schulz")
 # Algorithm 1 as the paper defines it: Block 4's unscaled complement term and the text's
 # √max(m, n) scaling of the orthogonalized step (arXiv 2505.24749, Sec. 4 and Algorithm 1).
@@ -109,6 +111,22 @@ class SUMO(SubspaceOptimizer):
             working memory between steps (1.6 GiB at LLaMA-1B and 2.1 GiB at 7B, r = 128:
             the float64 orthogonalization works on chunks of
             :data:`~sumo_optim.linalg.CHUNK_BYTES`).
+        bf16_stochastic_rounding: round the float32 result into bfloat16 weights stochastically
+            (unbiased, :func:`~sumo_optim.rounding.stochastic_round_to_bf16`) instead of to
+            nearest, so updates below half a bf16 ulp still move the weights in expectation.
+            The random bits come from (seed, parameter index, step): resumed runs are bit-exact.
+            Other dtypes are unaffected.
+        adamw_state_bits: 32 (default) or 8: store the AdamW parameters' ``exp_avg`` and
+            ``exp_avg_sq`` block-wise quantized to 8 bits (blocks of 256 with a float32 absmax:
+            ~4× smaller), dequantized to float32 for each step
+            (:meth:`~sumo_optim.base.SubspaceOptimizer._store_vector_moments`). State keys are
+            then ``exp_avg_codes``, ``exp_avg_absmax``, ``exp_avg_sq_codes`` and
+            ``exp_avg_sq_absmax`` (of ``√exp_avg_sq``). Not for FSDP2 (DTensor) parameters.
+        state_dtype: ``None`` (default: float32 for bf16/fp16 parameters, else their dtype) or
+            ``torch.bfloat16``: store ``basis`` Q and ``moment`` M in bfloat16 (half their
+            memory), computing each step in float32 on copies and rounding back to nearest at
+            its end. Between refreshes the finiteness check then reads the full gradient, not
+            ``project(G)``; not combined with ``cuda_graph=True``.
 
     States (``self.state[p]``): ``basis`` Q, ``moment`` M, ``step``, ``seed``, and
     ``previous_norm`` with the limiter; float32 for bf16/fp16 parameters.
@@ -138,6 +156,9 @@ class SUMO(SubspaceOptimizer):
         seed: int = 0,
         layerwise: bool = False,
         cuda_graph: bool = False,
+        bf16_stochastic_rounding: bool = False,
+        adamw_state_bits: int = 32,
+        state_dtype: torch.dtype | None = None,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -156,8 +177,13 @@ class SUMO(SubspaceOptimizer):
             adamw_eps=adamw_eps,
             nonfinite=nonfinite,
             seed=seed,
+            bf16_stochastic_rounding=bf16_stochastic_rounding,
+            adamw_state_bits=adamw_state_bits,
+            state_dtype=state_dtype,
         )
         super().__init__(params, defaults, layerwise=layerwise, cuda_graph=cuda_graph)
+        if cuda_graph and any(group["state_dtype"] is not None for group in self.param_groups):
+            raise ValueError("state_dtype keeps float32 copies for each step; it does not combine with cuda_graph=True")
 
     @classmethod
     def paper_rule(cls, params: Any, **kwargs: Any) -> SUMO:
@@ -192,6 +218,8 @@ class SUMO(SubspaceOptimizer):
             raise ValueError(
                 f"orthogonalization must be one of {ORTHOGONALIZATIONS}, got {group['orthogonalization']!r}"
             )
+        if group["state_dtype"] not in STATE_DTYPES:
+            raise ValueError(f"state_dtype must be one of {STATE_DTYPES}, got {group['state_dtype']!r}")
         if not isinstance(group["power_iterations"], int) or group["power_iterations"] < 0:
             raise ValueError(f"power_iterations must be an int >= 0, got {group['power_iterations']!r}")
 
@@ -216,6 +244,7 @@ class SUMO(SubspaceOptimizer):
         host synchronization comes last, once all the work is queued: it looks for moments the
         fast orthogonalization could not vouch for (rare).
         """
+        stored = self._computing_copies(matrices)
         refreshed = [x for x in matrices if self._init_state(x)]
         self._refresh(refreshed)
         self._project_unless_done(matrices, refreshed)
@@ -234,6 +263,24 @@ class SUMO(SubspaceOptimizer):
                     complement = x.grad - project_back(project(x.grad, basis, side), basis, side)
                     x.weights.add_(complement, alpha=-lr * group["complement_scale"])
         self._complete_untrusted(matrices, flags, all_trusted, previous_norms)
+        for item, state in stored:  # ``state_dtype``: Q and M back into the stored dtype, new states too
+            for name, value in item.state.items():
+                state[name] = value.to(item.group["state_dtype"]) if name in STORED_STATES else value
+
+    @staticmethod
+    def _computing_copies(matrices: list[Matrix]) -> list[tuple[Matrix, dict[str, Any]]]:
+        """For matrices whose group stores Q and M in another dtype (``state_dtype``): gives each
+        a state of its own for the step, with Q and M in the gradient's dtype, and returns the
+        (matrix, stored state) pairs to write back."""
+        stored = []
+        for item in matrices:
+            if item.group["state_dtype"] not in (None, item.grad.dtype):
+                state, item.state = item.state, dict(item.state)
+                for name in STORED_STATES:
+                    if name in state:
+                        item.state[name] = state[name].to(item.grad.dtype)
+                stored.append((item, state))
+        return stored
 
     def _directions(
         self, matrices: list[Matrix]
@@ -265,6 +312,8 @@ class SUMO(SubspaceOptimizer):
     def _checks_projection(self, p: Tensor, group: dict[str, Any]) -> bool:
         state, shape = self.state.get(p, {}), (p.shape[0], math.prod(p.shape[1:]))
         if "moment" not in state or group["complement_scale"]:  # the complement reads G itself
+            return False
+        if group["state_dtype"] is not None:  # Q's float32 copy exists only inside the step
             return False
         return self._side(shape, group) == "full" or not is_refresh_step(state["step"] + 1, group["update_freq"])
 
