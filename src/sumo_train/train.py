@@ -4,6 +4,9 @@ Read top to bottom: build data, model and optimizer from a :class:`RunConfig`, o
 resume from the run's last checkpoint, then step with a cosine schedule (linear warm-up over
 the first ``warmup_fraction`` of steps, decaying to ``min_lr_ratio`` of the peak), gradient
 clipping and, on a GPU, bf16 autocast. Metrics go to ``metrics.jsonl`` and TensorBoard.
+For memory: ``dtype`` (bf16 weights), ``activation_checkpointing``, ``layerwise`` (the library
+optimizer updates each parameter in its gradient hook; ``step()`` is a no-op and nothing is
+clipped) and ``compile``; :meth:`RunConfig.validate` refuses the combinations that cannot work.
 
 Launched by ``torchrun --nproc-per-node N``, each rank takes its ``1/N`` of every batch and
 rank 0 alone writes metrics. ``distributed`` picks how: ``ddp`` (DDP, the optimizer replicated:
