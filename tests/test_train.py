@@ -212,6 +212,9 @@ def test_compare_writes_table_and_plot_then_plot_redraws(corpus, cache, tmp_path
     assert [r["optimizer"] for r in runs] == ["sumo", "adamw"]
     assert [r["lr"] for r in runs] == [0.02, 0.005]  # sumo's default, adamw's own
     assert runs[0]["optimizer_state_bytes"] < runs[1]["optimizer_state_bytes"]  # low rank keeps less state
+    # each row's memory is that run's own (sampled RSS on a CPU), not one process-wide peak
+    assert out.count("MiB RSS (this run, CPU)") == 2
+    assert all(r["run_peak_rss_bytes"] > 0 and r["run_rss_growth_bytes"] >= 0 for r in runs)
     redrawn = tmp_path / "again.png"
     assert cli(["plot", str(root / "sumo"), str(root / "adamw"), "--out", str(redrawn)]) == 0
     assert redrawn.stat().st_size > 10_000
@@ -352,3 +355,116 @@ def test_torchrun_sharded_run_and_its_resume_equal_one_process(one_process, tmp_
     assert alone["val_loss"] == pytest.approx(expected["val_loss"], rel=1e-5)
     steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert steps == [3, 6, 6, 6]  # rank 0 alone logs: the history up to step 3, then loss, validation, final
+
+
+def final_weights(config) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(config.run_dir) / f"step-{config.steps:07d}" / "model.safetensors"))
+
+
+def logged_losses(config) -> list[float]:
+    metrics = [json.loads(line) for line in (Path(config.run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [m["loss"] for m in metrics if "loss" in m]
+
+
+def test_bfloat16_weights_train(corpus, cache, tmp_path):
+    config = tiny(corpus, cache, tmp_path / "bf16", dtype="bfloat16")
+    summary = train(config, progress=False)
+    assert summary["val_loss"] < math.log(512) - 0.3
+    weights = final_weights(config)
+    assert {w.dtype for w in weights.values()} == {torch.bfloat16}
+    assert summary["run_peak_rss_bytes"] > 0 and summary["peak_memory_bytes"] is None  # CPU
+
+
+def test_activation_checkpointing_gives_the_same_losses(corpus, cache, tmp_path):
+    runs = [
+        tiny(corpus, cache, tmp_path / str(on), steps=4, log_every=1, eval_every=100, activation_checkpointing=on)
+        for on in (False, True)
+    ]
+    for config in runs:
+        train(config, progress=False)
+    assert logged_losses(runs[1]) == pytest.approx(logged_losses(runs[0]), abs=1e-5)
+    expected = final_weights(runs[0])
+    for name, got in final_weights(runs[1]).items():
+        torch.testing.assert_close(got, expected[name], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("optimizer", ["sumo", "galore"])
+def test_layerwise_equals_a_step_after_backward(corpus, cache, tmp_path, optimizer):
+    """layerwise=True (updates in gradient hooks, step() a no-op) gives the run that steps after
+    backward, without clipping or accumulation."""
+    common = dict(optimizer=optimizer, steps=6, log_every=1, eval_every=100, grad_clip=0.0, update_freq=3)
+    runs = [tiny(corpus, cache, tmp_path / str(on), layerwise=on, **common) for on in (False, True)]
+    for config in runs:
+        train(config, progress=False)
+    assert logged_losses(runs[1]) == pytest.approx(logged_losses(runs[0]), rel=1e-5)
+    expected = final_weights(runs[0])
+    for name, got in final_weights(runs[1]).items():
+        torch.testing.assert_close(got, expected[name], rtol=1e-4, atol=1e-5)
+
+
+def test_layerwise_with_activation_checkpointing_and_bfloat16_trains(corpus, cache, tmp_path):
+    """The combination the 7B-on-16-GiB run uses, at CPU size."""
+    config = tiny(
+        corpus,
+        cache,
+        tmp_path / "lw",
+        layerwise=True,
+        grad_clip=0,
+        activation_checkpointing=True,
+        dtype="bfloat16",
+    )
+    summary = train(config, progress=False)
+    assert summary["val_loss"] < math.log(512) - 0.3
+
+
+def test_compile_with_layerwise(corpus, cache, tmp_path):
+    """torch.compile on the CPU (inductor needs a C++ compiler): the compiled run equals the eager one."""
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("torch.compile's CPU backend needs a C++ compiler")
+    common = dict(steps=3, log_every=1, eval_every=100, grad_clip=0.0, layerwise=True)
+    runs = [tiny(corpus, cache, tmp_path / str(on), compile=on, **common) for on in (False, True)]
+    for config in runs:
+        train(config, progress=False)
+    assert logged_losses(runs[1]) == pytest.approx(logged_losses(runs[0]), rel=1e-4)
+
+
+@pytest.mark.parametrize(
+    "values, names",
+    [
+        ({"layerwise": True, "grad_accum": 2, "grad_clip": 0}, ("layerwise", "grad_accum")),
+        ({"layerwise": True}, ("layerwise", "grad_clip", "--grad-clip 0")),
+        ({"layerwise": True, "grad_clip": 0, "optimizer": "adamw"}, ("layerwise", "adamw")),
+        ({"layerwise": True, "grad_clip": 0, "optimizer": "muon"}, ("layerwise", "muon")),
+        ({"dtype": "bfloat16", "optimizer": "adamw"}, ("bfloat16", "adamw")),
+        ({"dtype": "float16"}, ("dtype",)),
+        ({"compile": "yes please"}, ("compile",)),
+    ],
+)
+def test_incompatible_settings_are_refused_by_name(values, names):
+    with pytest.raises(ValueError) as error:
+        load_config(None, values)
+    assert all(name in str(error.value) for name in names), str(error.value)
+
+
+def test_layerwise_refuses_a_distributed_launch(corpus, cache, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    config = tiny(corpus, cache, tmp_path / "lw", layerwise=True, grad_clip=0)
+    with pytest.raises(ValueError, match=r"layerwise.*WORLD_SIZE=2"):
+        train(config, progress=False)
+
+
+def test_boolean_fields_parse_from_the_command_line_and_files(tmp_path):
+    config = load_config(None, {"layerwise": "true", "grad_clip": "0", "activation_checkpointing": "1", "compile": "0"})
+    assert (config.layerwise, config.activation_checkpointing, config.compile) == (True, True, False)
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text("layerwise: true\ngrad_clip: 0\ndtype: bfloat16\n")
+    config = load_config(str(yaml_file), {"activation_checkpointing": "false"})
+    assert (config.layerwise, config.dtype, config.activation_checkpointing) == (True, "bfloat16", False)
+    json_file = tmp_path / "run.json"
+    json_file.write_text('{"compile": true, "activation_checkpointing": false}')
+    assert load_config(str(json_file)).compile is True
+    json_file.write_text('{"compile": 1}')
+    with pytest.raises(ValueError, match="compile must be true or false"):
+        load_config(str(json_file))

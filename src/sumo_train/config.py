@@ -29,6 +29,8 @@ DEFAULT_LR = {
 }
 
 DISTRIBUTED_MODES = ("ddp", "ddp-sharded", "fsdp2")
+DTYPES = ("float32", "bfloat16")
+TORCH_OPTIMIZERS = ("adamw", "muon")  # torch.optim's: no layer-wise mode, bf16 states on bf16 weights
 
 
 @dataclass
@@ -63,6 +65,10 @@ class RunConfig:
     cache_dir: str = ".cache/sumo-train"
     run_dir: str = "runs/run"
     max_length: int = 64  # finetune: tokens per sentence
+    dtype: str = "float32"  # the weights' storage dtype: float32 | bfloat16 (the library keeps float32 states)
+    activation_checkpointing: bool = False  # recompute each layer's activations in backward
+    layerwise: bool = False  # update each parameter in its gradient hook during backward (no stored gradients)
+    compile: bool = False  # torch.compile the training forward
 
     def resolved_lr(self) -> float:
         return self.lr if self.lr is not None else DEFAULT_LR.get(self.optimizer, 1e-3)
@@ -107,9 +113,41 @@ class RunConfig:
             errors.append(f"lr must be > 0, got {self.lr!r}")
         if self.grad_clip < 0 or self.weight_decay < 0:
             errors.append("grad_clip and weight_decay must be >= 0")
+        if self.dtype not in DTYPES:
+            errors.append(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        for name in ("activation_checkpointing", "layerwise", "compile"):
+            if not isinstance(getattr(self, name), bool):
+                errors.append(f"{name} must be true or false, got {getattr(self, name)!r}")
+        errors += self._incompatible()
         if errors:
             raise ValueError("bad run configuration: " + "; ".join(errors))
         return self
+
+    def _incompatible(self) -> list[str]:
+        """Combinations of settings that cannot work, each message naming both settings."""
+        errors = []
+        if self.layerwise:
+            if self.optimizer in TORCH_OPTIMIZERS:
+                errors.append(
+                    f"layerwise=True needs an optimizer of the library; optimizer={self.optimizer!r} "
+                    "(torch.optim) has no layer-wise mode"
+                )
+            if isinstance(self.grad_accum, int) and self.grad_accum > 1:
+                errors.append(
+                    f"layerwise=True updates the weights during each backward, so grad_accum={self.grad_accum} "
+                    "cannot accumulate micro-batches: set --grad-accum 1"
+                )
+            if self.grad_clip > 0:
+                errors.append(
+                    f"layerwise=True never holds the whole model's gradient, so grad_clip={self.grad_clip:g} "
+                    "cannot clip its norm: set --grad-clip 0"
+                )
+        if self.dtype == "bfloat16" and self.optimizer in TORCH_OPTIMIZERS:
+            errors.append(
+                f"dtype='bfloat16' with optimizer={self.optimizer!r}: torch.optim keeps bfloat16 states "
+                "for bfloat16 weights; use dtype float32 or an optimizer of the library (float32 states)"
+            )
+        return errors
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -127,6 +165,11 @@ def _coerce(name: str, value: Any) -> Any:
         return json.loads(value)
     if value.lower() in ("none", "null") and "None" in kind:
         return None
+    if kind == "bool":
+        lowered = value.strip().lower()
+        if lowered not in ("true", "false", "1", "0", "yes", "no"):
+            raise ValueError(f"{name} must be true or false, got {value!r}")
+        return lowered in ("true", "1", "yes")
     if kind.startswith("int"):
         return int(value)
     if kind.startswith("float"):

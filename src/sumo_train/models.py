@@ -19,8 +19,12 @@ PRESETS: dict[str, tuple[int, int, int, int]] = {
 }
 
 
-def build_llama(preset: str, vocab_size: int, max_positions: int) -> torch.nn.Module:
-    """A freshly initialized ``LlamaForCausalLM`` of the preset's shape (untied head, as in GaLore)."""
+def build_llama(
+    preset: str, vocab_size: int, max_positions: int, dtype: torch.dtype = torch.float32
+) -> torch.nn.Module:
+    """A freshly initialized ``LlamaForCausalLM`` of the preset's shape (untied head, as in GaLore),
+    its weights created in ``dtype`` (so LLaMA-7B in bf16 never exists in float32; the rotary
+    frequencies stay float32). Under a ``torch.device`` context it is built on that device."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     if preset not in PRESETS:
@@ -38,4 +42,9 @@ def build_llama(preset: str, vocab_size: int, max_positions: int) -> torch.nn.Mo
         tie_word_embeddings=False,
         attn_implementation="sdpa",
     )
-    return LlamaForCausalLM(config)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        return LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default)

@@ -56,7 +56,9 @@ def plot_runs(run_dirs: list[Path], out: Path, title: str = "", labels: list[str
 
 
 def comparison_table(summaries: list[dict[str, Any]]) -> str:
-    """Markdown table of final metrics, wall time, peak memory and optimizer-state bytes."""
+    """Markdown table of final metrics, wall time, peak memory and optimizer-state bytes. Peak memory
+    is each run's own: CUDA's peak allocation, or on a CPU the process's resident memory sampled
+    during that run (it includes what earlier runs of the process left allocated)."""
     accuracy = any("val_accuracy" in s for s in summaries)
     quality = "| val accuracy |" if accuracy else "| val loss | val ppl |"
     lines = [
@@ -67,8 +69,8 @@ def comparison_table(summaries: list[dict[str, Any]]) -> str:
         metric = f"{s['val_accuracy']:.4f} |" if accuracy else f"{s['val_loss']:.4f} | {s['val_ppl']:.2f} |"
         if s.get("peak_memory_bytes") is not None:
             memory = f"{s['peak_memory_bytes'] / 2**20:,.0f} MiB"
-        elif s.get("process_peak_rss_bytes"):
-            memory = f"{s['process_peak_rss_bytes'] / 2**20:,.0f} MiB RSS (process, CPU)"
+        elif s.get("run_peak_rss_bytes"):
+            memory = f"{s['run_peak_rss_bytes'] / 2**20:,.0f} MiB RSS (this run, CPU)"
         else:
             memory = "n/a"
         state = f"{s['optimizer_state_bytes'] / 2**20:.2f} MiB"

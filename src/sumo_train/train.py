@@ -4,6 +4,9 @@ Read top to bottom: build data, model and optimizer from a :class:`RunConfig`, o
 resume from the run's last checkpoint, then step with a cosine schedule (linear warm-up over
 the first ``warmup_fraction`` of steps, decaying to ``min_lr_ratio`` of the peak), gradient
 clipping and, on a GPU, bf16 autocast. Metrics go to ``metrics.jsonl`` and TensorBoard.
+For memory: ``dtype`` (bf16 weights), ``activation_checkpointing``, ``layerwise`` (the library
+optimizer updates each parameter in its gradient hook; ``step()`` is a no-op and nothing is
+clipped) and ``compile``; :meth:`RunConfig.validate` refuses the combinations that cannot work.
 
 Launched by ``torchrun --nproc-per-node N``, each rank takes its ``1/N`` of every batch and
 rank 0 alone writes metrics. ``distributed`` picks how: ``ddp`` (DDP, the optimizer replicated:
@@ -21,6 +24,7 @@ import json
 import math
 import os
 import shutil
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -38,16 +42,43 @@ from .config import RunConfig
 from .models import build_llama
 
 
-def _peak_rss_bytes() -> int | None:
-    """Peak resident memory of this process so far (Linux/macOS); covers everything the process did."""
+def _rss_bytes() -> int | None:
+    """This process's resident memory now (psutil, else Linux's /proc/self/statm; None elsewhere)."""
     try:
-        import resource
-        import sys
+        import psutil
 
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return peak if sys.platform == "darwin" else peak * 1024
+        return psutil.Process().memory_info().rss
     except ImportError:
-        return None
+        try:
+            return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError):
+            return None
+
+
+class RunPeakRss:
+    """The peak resident memory of the process *during* one run, sampled by a background thread
+    every ``interval`` seconds (``ru_maxrss`` would be the peak of everything the process did,
+    e.g. the earlier runs of ``sumo-train compare``). A sampled peak can miss a spike shorter
+    than the interval."""
+
+    def __init__(self, interval: float = 0.02):
+        self.interval, self.start, self.peak = interval, _rss_bytes(), _rss_bytes()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, _rss_bytes())
+
+    def begin(self) -> RunPeakRss:
+        if self.start is not None:
+            self._thread.start()
+        return self
+
+    def end(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
 
 
 def pick_device(name: str) -> torch.device:
@@ -117,6 +148,8 @@ def build_optimizers(config: RunConfig, model: nn.Module) -> list[torch.optim.Op
             torch.optim.AdamW(rest, lr=config.adamw_lr, weight_decay=decay),
         ]
     options: dict[str, Any] = {"rank": config.rank}
+    if config.layerwise:  # each parameter updated in its gradient hook; step() then only runs a closure
+        options["layerwise"] = True
     if name in ("sumo", "sumo_paper"):
         options.update(update_freq=config.update_freq, scale=config.resolved_scale(), seed=config.seed)
     elif name in ("galore", "golore"):
@@ -152,6 +185,16 @@ def optimizer_state_bytes(optimizers: list[torch.optim.Optimizer]) -> int:
     )
 
 
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Recomputes each transformer layer's activations in backward (non-reentrant checkpoints):
+    transformers >= 5's ``activation_checkpointing_enable``, else ``gradient_checkpointing_enable``."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 class Task:
     """What differs between pre-training and fine-tuning: data, model, loss, evaluation."""
 
@@ -160,7 +203,8 @@ class Task:
         self.rank, self.world_size = rank, world_size
         if config.task == "pretrain":
             self.tokens = data_lib.prepare_tokens(config.corpus, config.cache_dir, config.vocab_size)
-            self.model = build_llama(config.preset, self.tokens.vocab_size, config.seq_len)
+            dtype = getattr(torch, config.dtype)
+            self.model = build_llama(config.preset, self.tokens.vocab_size, config.seq_len, dtype)
             self.tokens_per_batch = config.batch_size * config.seq_len
         else:
             from transformers import AutoTokenizer, BertForSequenceClassification
@@ -170,10 +214,12 @@ class Task:
             # Train in float32 whatever dtype the weights are stored in (recent transformers keep a
             # half-precision checkpoint's dtype, and torch's AdamW then divides by eps = 0 in fp16).
             model = BertForSequenceClassification.from_pretrained(str(directory), num_labels=2)
-            self.model = model.to(torch.float32)
+            self.model = model.to(getattr(torch, config.dtype))
             self.train_examples, self.val_examples = data_lib.rotten_tomatoes()
             self.tokens_per_batch = config.batch_size * config.max_length
         self.model.to(device)
+        if config.activation_checkpointing:
+            enable_activation_checkpointing(self.model)
         self.train_model: nn.Module = self.model  # the DDP wrapper in data-parallel runs
 
     def _sentences(self, examples: list[tuple[str, int]]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -206,7 +252,7 @@ class Task:
         """Mean training loss of one micro-batch of :meth:`micro_batches`."""
         if self.config.task == "pretrain":
             x, y = micro_batch
-            logits = self.train_model(input_ids=x.to(self.device)).logits
+            logits = self.train_model(input_ids=x.to(self.device), use_cache=False).logits
             return nn.functional.cross_entropy(logits.flatten(0, 1).float(), y.to(self.device).flatten())
         inputs, labels = self._sentences(micro_batch)
         return nn.functional.cross_entropy(self.train_model(**inputs).logits.float(), labels)
@@ -254,6 +300,12 @@ def train(config: RunConfig, resume: bool = False, progress: bool = True) -> dic
     from torch.utils.tensorboard import SummaryWriter
     from tqdm.auto import tqdm
 
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if config.layerwise and launched > 1:
+        raise ValueError(
+            f"layerwise=True with a distributed launch (WORLD_SIZE={launched}): layer-wise updates would use "
+            "each rank's local gradient before the all-reduce; train on one process or set --layerwise false"
+        )
     rank, world_size, device = join_torchrun(pick_device(config.device))
     if config.batch_size % (world_size * config.grad_accum):
         raise ValueError(
@@ -272,6 +324,8 @@ def train(config: RunConfig, resume: bool = False, progress: bool = True) -> dic
     optimizers = build_optimizers(config, model)
     if world_size > 1 and config.distributed == "ddp-sharded":
         sumo_dist.shard_matrices(optimizers[0])
+    if config.compile:  # evaluation runs the plain model
+        task.train_model = torch.compile(task.train_model)
     schedulers = [torch.optim.lr_scheduler.LambdaLR(o, lr_factor(config)) for o in optimizers]
     record = config.to_dict()
     if main_process:
@@ -310,6 +364,7 @@ def train(config: RunConfig, resume: bool = False, progress: bool = True) -> dic
     )
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    peak_memory = 0  # on CUDA: the run's peak allocation, over the windows that logging resets
 
     def log(entry: dict[str, Any]) -> None:
         if not main_process:
@@ -328,6 +383,7 @@ def train(config: RunConfig, resume: bool = False, progress: bool = True) -> dic
         desc=f"{config.task} {config.optimizer}",
         unit="step",
     )
+    host_memory = RunPeakRss().begin()
     began, window_start, window_tokens = time.perf_counter(), time.perf_counter(), 0
     for step in bar:
         parts = task.micro_batches(step)
@@ -338,10 +394,10 @@ def train(config: RunConfig, resume: bool = False, progress: bool = True) -> dic
                     part_loss = task.loss(part) / len(parts)
                 part_loss.backward()
             loss += part_loss.detach()
-        if config.grad_clip:
+        if config.grad_clip and not config.layerwise:  # layer-wise: no gradients left to clip
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         for optimizer in optimizers:
-            optimizer.step()
+            optimizer.step()  # layer-wise: already updated during backward, a no-op
         for scheduler in schedulers:
             scheduler.step()
         for optimizer in optimizers:
@@ -355,8 +411,16 @@ def train(config: RunConfig, resume: bool = False, progress: bool = True) -> dic
                 loss /= world_size
             elapsed = time.perf_counter() - window_start
             rate = window_tokens / max(elapsed, 1e-9)
-            log({"step": done, "loss": loss.item(), "lr": schedulers[0].get_last_lr()[0], "tokens_per_s": rate})
-            bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{rate:,.0f}")
+            entry = {"step": done, "loss": loss.item(), "lr": schedulers[0].get_last_lr()[0], "tokens_per_s": rate}
+            postfix = {"loss": f"{loss.item():.3f}", "tok_s": f"{rate:,.0f}"}
+            if device.type == "cuda":  # the peak since the last log
+                window_peak = torch.cuda.max_memory_allocated()
+                peak_memory = max(peak_memory, window_peak)
+                torch.cuda.reset_peak_memory_stats()
+                entry["gpu_memory_gib"] = window_peak / 2**30
+                postfix["mem"] = f"{window_peak / 2**30:.1f}GiB"
+            log(entry)
+            bar.set_postfix(postfix)
             window_start, window_tokens = time.perf_counter(), 0
         if done % config.eval_every == 0 or done == config.steps:  # the same validation windows every time
             log({"step": done, **task.evaluate(), "elapsed_s": time.perf_counter() - began})
@@ -381,6 +445,7 @@ def train(config: RunConfig, resume: bool = False, progress: bool = True) -> dic
                 save_checkpoint(run_dir, done, None if sharded else model, training_state, record)
     # the whole validation split (or final_eval_batches of it): the run's result, marked "final"
     final = {"step": config.steps, **task.evaluate(full=True), "elapsed_s": time.perf_counter() - began}
+    host_memory.end()
     log({**final, "final": True})
     if writer is not None:
         writer.close()
@@ -389,8 +454,9 @@ def train(config: RunConfig, resume: bool = False, progress: bool = True) -> dic
         "optimizer": config.optimizer,
         "lr": config.resolved_lr(),
         "wall_s": time.perf_counter() - began,
-        "peak_memory_bytes": torch.cuda.max_memory_allocated() if device.type == "cuda" else None,
-        "process_peak_rss_bytes": _peak_rss_bytes(),
+        "peak_memory_bytes": max(peak_memory, torch.cuda.max_memory_allocated()) if device.type == "cuda" else None,
+        "run_peak_rss_bytes": host_memory.peak,  # sampled during this run (the process's RSS)
+        "run_rss_growth_bytes": None if host_memory.start is None else host_memory.peak - host_memory.start,
         "optimizer_state_bytes": optimizer_state_bytes(optimizers),
         "parameters": sum(p.numel() for p in model.parameters()),
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "CPU",

@@ -1,0 +1,243 @@
+"""Peak GPU memory of a real training step of a LLaMA preset, broken down as in GaLore's Figure 1.
+
+For each preset and optimizer, a fresh process builds the model with bf16 weights (activation
+checkpointing on unless ``--no-activation-checkpointing``), trains ``--steps`` steps on random
+tokens (micro-batch ``--batch``, sequence ``--seq-len``, bf16 autocast) and measures the last:
+
+* weights: the bytes of the parameters;
+* gradients: the bytes of the ``.grad`` tensors once backward is done, where all of them exist
+  (0 in layer-wise mode: each gradient is freed in its hook, right after its update);
+* optimizer state: the bytes of the optimizer's state tensors;
+* activations & transients: CUDA's peak allocation during the step minus the three above.
+
+``--cap-gib 16`` limits the process to 16 GiB (``torch.cuda.set_per_process_memory_fraction``):
+a configuration that needs more fails with an out-of-memory error, reported as "over cap".
+Each configuration runs in its own process, so one OOM leaves the others clean.
+
+    python benchmarks/memory.py --presets 1b,7b --cap-gib 16
+    python benchmarks/memory.py --device cpu --presets test   # smoke mode: no peak, tensor sizes only
+
+Writes ``memory_<presets>.md`` / ``.json`` / ``.png`` (stacked bars) under benchmarks/results/
+(or ``--out STEM``). torch's AdamW keeps its moments in the parameters' dtype (bf16 here); the
+library's optimizers keep float32 states for bf16 weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+RESULTS = Path(__file__).parent / "results"
+ROOT = Path(__file__).resolve().parents[1]
+
+# row name: (label, registry name of the optimizer, layer-wise)
+ROWS: dict[str, tuple[str, str, bool]] = {
+    "adamw": ("AdamW (torch, bf16 states)", "adamw", False),
+    "galore": ("GaLoreAdamW", "galore", False),
+    "galore-layerwise": ("GaLoreAdamW layer-wise", "galore", True),
+    "sumo": ("SUMO", "sumo", False),
+    "sumo-layerwise": ("SUMO layer-wise", "sumo", True),
+}
+PARTS = ("weights", "gradients", "state", "activations")
+
+
+def tensor_bytes(tensors: Any) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+
+def measure(preset: str, row: str, options: dict[str, Any]) -> dict[str, Any]:
+    """One configuration in this process: the byte counts of the last of ``steps`` steps."""
+    import sumo_optim
+    from sumo_train.models import build_llama
+    from sumo_train.train import enable_activation_checkpointing
+
+    device = torch.device(options["device"])
+    cuda = device.type == "cuda"
+    if cuda and options["cap_gib"]:
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, options["cap_gib"] * 2**30 / total), device)
+    torch.manual_seed(0)
+    vocab, seq_len, batch = options["vocab_size"], options["seq_len"], options["batch"]
+    with torch.device(device):
+        model = build_llama(preset, vocab, seq_len, torch.bfloat16)
+    if options["activation_checkpointing"]:
+        enable_activation_checkpointing(model)
+    model.train()
+    _, name, layerwise = ROWS[row]
+    if name == "adamw":
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    else:
+        groups = sumo_optim.param_groups(model, rank=options["rank"])
+        optimizer = sumo_optim.create(name, groups, lr=1e-3, layerwise=layerwise)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda)
+    result: dict[str, Any] = {}
+    for _ in range(options["steps"]):
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        began = time.perf_counter()
+        tokens = torch.randint(0, vocab, (batch, seq_len + 1), device=device)
+        with autocast:
+            logits = model(input_ids=tokens[:, :-1], use_cache=False).logits
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten())
+        del logits
+        loss.backward()
+        gradients = tensor_bytes(p.grad for p in model.parameters())
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
+        result = {
+            "weights": tensor_bytes(model.parameters()),
+            "gradients": gradients,
+            "state": tensor_bytes(v for s in optimizer.state.values() for v in s.values()),
+            "peak": torch.cuda.max_memory_allocated(device) if cuda else None,
+            "step_s": time.perf_counter() - began,
+        }
+    known = result["weights"] + result["gradients"] + result["state"]
+    result["activations"] = result["peak"] - known if result["peak"] is not None else None
+    return {
+        "status": "ok",
+        **result,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "loss": loss.item(),
+    }
+
+
+def run_isolated(preset: str, row: str, options: dict[str, Any]) -> dict[str, Any]:
+    """:func:`measure` in a fresh Python process; an out-of-memory error there is "over cap"."""
+    command = [sys.executable, __file__, "--worker", json.dumps({"preset": preset, "row": row, **options})]
+    paths = [str(ROOT / "src"), os.environ.get("PYTHONPATH")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, paths))}
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    lines = done.stdout.strip().splitlines()
+    if done.returncode == 0 and lines:
+        return json.loads(lines[-1])
+    error = done.stderr.strip().splitlines()[-1:] or [f"exit status {done.returncode}"]
+    return {"status": "failed", "error": error[0]}
+
+
+def worker(spec: str) -> None:
+    options = json.loads(spec)
+    preset, row = options.pop("preset"), options.pop("row")
+    try:
+        result = measure(preset, row, options)
+    except torch.OutOfMemoryError as error:
+        result = {"status": "over cap", "error": str(error).splitlines()[0]}
+    print(json.dumps(result))
+
+
+def table(rows: list[dict[str, Any]], cap_gib: float | None) -> str:
+    largest = max((r.get(part) or 0 for r in rows for part in (*PARTS, "peak")), default=0)
+    unit, scale = ("GiB", 2**30) if largest >= 2**30 else ("MiB", 2**20)
+
+    def size(value: int | None) -> str:
+        return "n/a" if value is None else f"{value / scale:.2f}"
+
+    lines = [
+        f"| preset | optimizer | weights {unit} | gradients {unit} | optimizer state {unit} "
+        f"| activations & transients {unit} | peak {unit} | status |",
+        "|---|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        if r["status"] != "ok":
+            status = f"over cap ({cap_gib:g} GiB)" if r["status"] == "over cap" else f"failed: {r['error']}"
+            lines.append(f"| {r['preset']} | {r['label']} | | | | | | {status} |")
+            continue
+        parts = " | ".join(size(r[part]) for part in PARTS)
+        lines.append(f"| {r['preset']} | {r['label']} | {parts} | {size(r['peak'])} | ok |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(max(6, 1.3 * len(rows)), 4.5))
+    labels = [f"{r['preset']}\n{r['label']}" for r in rows]
+    bottoms = [0.0] * len(rows)
+    for part in PARTS:
+        heights = [(r.get(part) or 0) / 2**30 for r in rows]
+        axis.bar(labels, heights, bottom=bottoms, label=part)
+        bottoms = [b + h for b, h in zip(bottoms, heights)]
+    for x, r in enumerate(rows):
+        if r["status"] != "ok":
+            axis.text(x, 0, r["status"], ha="center", va="bottom", rotation=90)
+    axis.set_ylabel("GiB")
+    axis.set_title(title, fontsize=9)
+    axis.legend()
+    axis.tick_params(axis="x", labelsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--presets", default="1b,7b")
+    parser.add_argument("--optimizers", default=",".join(ROWS), help=f"rows, of: {', '.join(ROWS)}")
+    parser.add_argument("--rank", type=int, default=128)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=1, help="sequences per micro-batch")
+    parser.add_argument("--vocab-size", type=int, default=32000)
+    parser.add_argument("--steps", type=int, default=3, help="steps per configuration; the last is measured")
+    parser.add_argument("--cap-gib", type=float, default=None, help="per-process GPU memory limit")
+    parser.add_argument("--no-activation-checkpointing", action="store_true")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--out", type=Path, default=None, help="file stem; default results/memory_<presets>")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        worker(args.worker)
+        return 0
+    presets = [p.strip() for p in args.presets.split(",") if p.strip()]
+    names = [n.strip() for n in args.optimizers.split(",") if n.strip()]
+    unknown = sorted(set(names) - set(ROWS))
+    if unknown:
+        parser.error(f"unknown optimizer row(s) {', '.join(unknown)}; choose from {', '.join(ROWS)}")
+    options = {
+        "device": args.device,
+        "rank": args.rank,
+        "seq_len": args.seq_len,
+        "batch": args.batch,
+        "vocab_size": args.vocab_size,
+        "steps": args.steps,
+        "cap_gib": args.cap_gib,
+        "activation_checkpointing": not args.no_activation_checkpointing,
+    }
+    rows = []
+    for preset in presets:
+        for name in names:
+            result = run_isolated(preset, name, options)
+            rows.append({"preset": preset, "optimizer": name, "label": ROWS[name][0], **result})
+            print(f"{preset} {name}: {result['status']}", flush=True)
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") and torch.cuda.is_available() else "CPU"
+    title = (
+        f"peak memory of one training step: seq {args.seq_len}, micro-batch {args.batch}, bf16 weights, "
+        f"rank {args.rank}, activation checkpointing {'off' if args.no_activation_checkpointing else 'on'}, {device}"
+        + (f", cap {args.cap_gib:g} GiB" if args.cap_gib else "")
+    )
+    markdown = f"{title}\n\n{table(rows, args.cap_gib)}\n"
+    if args.device == "cpu":
+        markdown += "\nCPU smoke mode: no CUDA memory statistics, so activations and peak are n/a.\n"
+    stem = args.out or RESULTS / f"memory_{'-'.join(presets)}"
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".md").write_text(markdown)
+    stem.with_suffix(".json").write_text(json.dumps({"config": options, "device": device, "rows": rows}, indent=2))
+    plot(rows, stem.with_suffix(".png"), title)
+    print(f"\n{markdown}\nwritten: {stem}.md, .json and .png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""benchmarks/memory.py in its CPU smoke mode: every row, its JSON fields, the plot; over-cap rows."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("matplotlib")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("memory_benchmark", ROOT / "benchmarks" / "memory.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
+
+
+def test_memory_benchmark_cpu_smoke(tmp_path):
+    script = load_script()
+    out = tmp_path / "memory_test"
+    small = ["--vocab-size", "512", "--seq-len", "32", "--rank", "8", "--steps", "2"]
+    assert script.main(["--device", "cpu", "--presets", "test", "--out", str(out), *small]) == 0
+    table = out.with_suffix(".md").read_text()
+    for label in ("AdamW (torch, bf16 states)", "GaLoreAdamW", "GaLoreAdamW layer-wise", "SUMO", "SUMO layer-wise"):
+        assert f"| test | {label} |" in table
+    rows = {r["optimizer"]: r for r in json.loads(out.with_suffix(".json").read_text())["rows"]}
+    assert list(rows) == ["adamw", "galore", "galore-layerwise", "sumo", "sumo-layerwise"]
+    for name, row in rows.items():
+        assert row["status"] == "ok", row
+        assert row["weights"] == 2 * row["parameters"]  # bf16 weights
+        assert row["state"] > 0 and row["peak"] is None and row["activations"] is None  # no CUDA stats
+        assert (row["gradients"] == 0) == name.endswith("layerwise")  # freed in each hook
+    # torch's AdamW keeps bf16 moments (2 bytes each, plus its step counters); the library float32
+    assert rows["adamw"]["state"] < 2 * 2 * rows["adamw"]["parameters"] + 1024
+    assert out.with_suffix(".png").stat().st_size > 5_000
+
+
+def test_over_cap_and_failed_rows_are_reported_not_raised():
+    script = load_script()
+    rows = [
+        {"preset": "7b", "label": "AdamW", "status": "over cap", "error": "CUDA out of memory"},
+        {"preset": "7b", "label": "SUMO", "status": "failed", "error": "boom"},
+        {"preset": "7b", "label": "SUMO layer-wise", "status": "ok", "peak": 15 * 2**30}
+        | dict.fromkeys(script.PARTS, 2**30),
+    ]
+    table = script.table(rows, cap_gib=16)
+    assert "over cap (16 GiB)" in table and "failed: boom" in table and "| 15.00 | ok |" in table
