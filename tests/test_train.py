@@ -112,21 +112,13 @@ def test_resume_equals_uninterrupted(corpus, cache, tmp_path):
 
 @pytest.mark.parametrize("optimizer", ["sumo", "adamw"])
 def test_gradient_accumulation_equals_the_whole_batch(corpus, cache, tmp_path, optimizer):
-    """grad_accum=4 micro-batches of 2 sequences give the step of one batch of 8 (float32 rounding)."""
-    from safetensors.torch import load_file
-
-    weights, losses = [], []
-    for accum in (1, 4):
-        config = tiny(
-            corpus, cache, tmp_path / f"accum{accum}", optimizer=optimizer, steps=6, grad_accum=accum, log_every=1
-        )
-        train(config, progress=False)
-        weights.append(load_file(str(Path(config.run_dir) / "step-0000006" / "model.safetensors")))
-        metrics = [json.loads(line) for line in (Path(config.run_dir) / "metrics.jsonl").read_text().splitlines()]
-        losses.append([m["loss"] for m in metrics if "loss" in m])
-    for name, expected in weights[0].items():
-        torch.testing.assert_close(weights[1][name], expected, rtol=1e-4, atol=1e-5)
-    assert losses[1] == pytest.approx(losses[0], rel=1e-5)  # the mean over the batch, not a sum of parts
+    """grad_accum=4 micro-batches of 2 sequences give the step of one batch of 8 (float32 rounding);
+    the logged loss is the mean over the batch, not a sum of the parts'."""
+    runs = [
+        tiny(corpus, cache, tmp_path / f"accum{accum}", optimizer=optimizer, steps=6, grad_accum=accum, log_every=1)
+        for accum in (1, 4)
+    ]
+    assert_trains_alike(runs, {"rel": 1e-5}, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="grad_accum"):
         tiny(corpus, cache, tmp_path / "bad", batch_size=8, grad_accum=3)
 
@@ -368,6 +360,16 @@ def logged_losses(config) -> list[float]:
     return [m["loss"] for m in metrics if "loss" in m]
 
 
+def assert_trains_alike(runs: list, loss_tolerance: dict, rtol: float, atol: float) -> None:
+    """Trains both configurations; the second's logged losses and final weights match the first's."""
+    for config in runs:
+        train(config, progress=False)
+    assert logged_losses(runs[1]) == pytest.approx(logged_losses(runs[0]), **loss_tolerance)
+    expected = final_weights(runs[0])
+    for name, got in final_weights(runs[1]).items():
+        torch.testing.assert_close(got, expected[name], rtol=rtol, atol=atol)
+
+
 def test_bfloat16_weights_train(corpus, cache, tmp_path):
     config = tiny(corpus, cache, tmp_path / "bf16", dtype="bfloat16")
     summary = train(config, progress=False)
@@ -382,12 +384,7 @@ def test_activation_checkpointing_gives_the_same_losses(corpus, cache, tmp_path)
         tiny(corpus, cache, tmp_path / str(on), steps=4, log_every=1, eval_every=100, activation_checkpointing=on)
         for on in (False, True)
     ]
-    for config in runs:
-        train(config, progress=False)
-    assert logged_losses(runs[1]) == pytest.approx(logged_losses(runs[0]), abs=1e-5)
-    expected = final_weights(runs[0])
-    for name, got in final_weights(runs[1]).items():
-        torch.testing.assert_close(got, expected[name], rtol=1e-5, atol=1e-6)
+    assert_trains_alike(runs, {"abs": 1e-5}, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("optimizer", ["sumo", "galore"])
@@ -396,12 +393,7 @@ def test_layerwise_equals_a_step_after_backward(corpus, cache, tmp_path, optimiz
     backward, without clipping or accumulation."""
     common = dict(optimizer=optimizer, steps=6, log_every=1, eval_every=100, grad_clip=0.0, update_freq=3)
     runs = [tiny(corpus, cache, tmp_path / str(on), layerwise=on, **common) for on in (False, True)]
-    for config in runs:
-        train(config, progress=False)
-    assert logged_losses(runs[1]) == pytest.approx(logged_losses(runs[0]), rel=1e-5)
-    expected = final_weights(runs[0])
-    for name, got in final_weights(runs[1]).items():
-        torch.testing.assert_close(got, expected[name], rtol=1e-4, atol=1e-5)
+    assert_trains_alike(runs, {"rel": 1e-5}, rtol=1e-4, atol=1e-5)
 
 
 def test_layerwise_with_activation_checkpointing_and_bfloat16_trains(corpus, cache, tmp_path):

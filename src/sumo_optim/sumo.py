@@ -255,7 +255,7 @@ class SUMO(SubspaceOptimizer):
             group, side = members[0].group, members[0].side
             lr = group["lr"]
             # W ← (1 − ηλ) W − η α f(m, n) Q O  (right side: O Qᵀ)
-            alpha = -lr * group["scale"] * lr_adjustment(members[0].weights.shape, group["adjust_lr_fn"])
+            alpha = _orthogonal_step_alpha(group, members[0].weights.shape)
             project_back_(members, [x.update for x in members], 1 - lr * group["weight_decay"], alpha)
             if group["complement_scale"] and side != "full":  # + β (I − Q Qᵀ) G
                 for x in members:
@@ -396,8 +396,12 @@ class SUMO(SubspaceOptimizer):
             if group["limiter"] is not None:
                 update, norm = limit_norm_growth(update, previous_norm, group["limiter"])
                 item.state["previous_norm"].copy_(norm)
-            alpha = -group["lr"] * group["scale"] * lr_adjustment(item.weights.shape, group["adjust_lr_fn"])
-            project_back_([item], [update], 1.0, alpha)
+            project_back_([item], [update], 1.0, _orthogonal_step_alpha(group, item.weights.shape))
+
+
+def _orthogonal_step_alpha(group: dict[str, Any], shape: torch.Size) -> float:
+    """``−η α f(m, n)``, the coefficient of ``Q O`` in Block 4 for a matrix of ``shape``."""
+    return -group["lr"] * group["scale"] * lr_adjustment(shape, group["adjust_lr_fn"])
 
 
 def _orthogonalizer(group: dict[str, Any], device: torch.device):
