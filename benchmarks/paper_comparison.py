@@ -124,6 +124,7 @@ def plan(args: argparse.Namespace) -> list[tuple[str, str, dict[str, Any]]]:
             "corpus": args.corpus,
             "grad_accum": args.grad_accum,
             "final_eval_batches": args.final_eval_batches,
+            "compile": args.compile,
         }
         grid = {name: PRETRAIN_GRID[name] for name in args.optimizers.split(",")}
         settings = []
@@ -202,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--adamw-lr", type=float, default=None, help="lr of the AdamW-trained non-matrix params (3e-3 / 5e-5)"
     )
+    parser.add_argument("--compile", action="store_true", help="pretrain: torch.compile the training forward")
     parser.add_argument("--corpus", default="shakespeare")
     parser.add_argument("--cache-dir", default=".cache/sumo-train")
     parser.add_argument("--seed", type=int, default=0)
