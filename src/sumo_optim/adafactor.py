@@ -118,6 +118,8 @@ class GaLoreAdafactor(SubspaceOptimizer):
         update_proj_gap: T. scale: α. proj_type: "std", "reverse_std", "left" or "right".
         refresh: "svd" (exact, galore-torch) or "randomized".
         nonfinite, seed, layerwise, bf16_stochastic_rounding: as in :class:`~sumo_optim.SUMO`.
+        layerwise_accumulation_steps: as in :class:`~sumo_optim.SUMO`, except that every matrix
+            keeps its full gradient until the N-th backward pass.
             (Nothing here follows AdamW, so there is no ``adamw_state_bits``.)
     """
 
@@ -142,6 +144,7 @@ class GaLoreAdafactor(SubspaceOptimizer):
         seed: int = 0,
         layerwise: bool = False,
         bf16_stochastic_rounding: bool = False,
+        layerwise_accumulation_steps: int = 1,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -162,7 +165,9 @@ class GaLoreAdafactor(SubspaceOptimizer):
             seed=seed,
             bf16_stochastic_rounding=bf16_stochastic_rounding,
         )
-        super().__init__(params, defaults, layerwise=layerwise)
+        super().__init__(
+            params, defaults, layerwise=layerwise, layerwise_accumulation_steps=layerwise_accumulation_steps
+        )
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         for name in ("scale_parameter", "relative_step", "warmup_init"):

@@ -31,7 +31,7 @@ from . import distributed
 from .cuda_graph import GraphedCall, tensor_key
 from .quantization import BLOCK_SIZE, dequantize_blockwise, quantize_blockwise
 from .rounding import stochastic_round_to_bf16
-from .stacks import Matrix, project_checked
+from .stacks import Matrix, project_, project_checked
 from .subspace import choose_side, refresh_generator
 
 __all__ = ["NONFINITE_POLICIES", "SubspaceOptimizer", "adamw_update"]
@@ -93,7 +93,9 @@ class SubspaceOptimizer(Optimizer):
     :meth:`remove_hooks` takes them off the parameters (after which backward updates nothing).
     Layer-wise mode is single-process only: it raises ``RuntimeError`` under
     ``torch.distributed`` with more than one rank (it would update on each rank's local
-    gradient, before DDP's all-reduce).
+    gradient, before DDP's all-reduce). With ``layerwise_accumulation_steps=N > 1`` the hooks
+    accumulate N backward passes per update (:meth:`_layerwise_update`); ``step()`` must then
+    be called once after every N of them.
     """
 
     steps_matrices_together = False
@@ -101,8 +103,27 @@ class SubspaceOptimizer(Optimizer):
     graph_hyperparameters: tuple[str, ...] = ()
 
     def __init__(
-        self, params: Any, defaults: dict[str, Any], layerwise: bool = False, cuda_graph: bool = False
+        self,
+        params: Any,
+        defaults: dict[str, Any],
+        layerwise: bool = False,
+        cuda_graph: bool = False,
+        layerwise_accumulation_steps: int = 1,
     ) -> None:
+        steps = layerwise_accumulation_steps
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+            raise ValueError(f"layerwise_accumulation_steps must be an int >= 1, got {steps!r}")
+        if steps > 1 and not layerwise:
+            raise ValueError(
+                f"layerwise_accumulation_steps={steps} needs layerwise=True; without it, gradients "
+                "accumulate in .grad over backward passes and one step() uses them all"
+            )
+        # Layer-wise accumulation, per parameter index: micro-batches accumulated so far in this
+        # step, Σ project(G_i) for matrices that accumulate projections, and updates since step().
+        self.layerwise_accumulation_steps = steps
+        self._micro_batches: dict[int, int] = {}
+        self._projected_sums: dict[int, Tensor] = {}
+        self._updates_since_step: dict[int, int] = {}
         if layerwise and cuda_graph:
             raise ValueError("cuda_graph=True replays a whole step's matrices; it does not combine with layerwise=True")
         if layerwise:
@@ -128,8 +149,8 @@ class SubspaceOptimizer(Optimizer):
     def _register_layerwise_hooks(self) -> None:
         """Layer-wise mode (GaLore, §4.3): each parameter is updated in a post-accumulate-grad hook
         as soon as its gradient is ready, and the gradient is freed at once, so at most a few
-        gradients exist at any time. ``step()`` then only runs the closure; gradient accumulation
-        over several backward passes is not possible in this mode.
+        gradients exist at any time. ``step()`` then only runs the closure (and, with
+        ``layerwise_accumulation_steps > 1``, checks that every accumulation is complete).
 
         The hooks hold the optimizer by weak reference (a parameter never keeps its optimizer
         alive) and look up their group when they fire (so ``load_state_dict``'s new groups count).
@@ -149,17 +170,124 @@ class SubspaceOptimizer(Optimizer):
         for handle in self._layerwise_handles:
             handle.remove()
         self._layerwise_handles.clear()
+        self._micro_batches.clear()  # an unfinished accumulation is dropped with the hooks
+        self._projected_sums.clear()
 
     def _layerwise_update(self, p: Tensor, group: dict[str, Any], index: int) -> None:
+        """The hook's work for one backward pass: with ``layerwise_accumulation_steps = N``, the
+        update comes at the N-th pass over ``p`` and uses the sum of the N gradients.
+
+        A matrix whose next step reads the gradient only through ``R = project(G)`` (a basis
+        exists and the step does not refresh it: :meth:`_checks_projection`) keeps ``Σ R_i``
+        (r×n or m×r, in the state dtype) and frees each ``G_i`` at once. Every other parameter
+        (AdamW's, a matrix on its first or a refresh step, a rule that reads ``G`` itself)
+        keeps its gradient in ``.grad``, where backward sums the N of them, as without
+        layer-wise mode; its update, the refresh included, is then the one of the summed
+        gradient, and the gradient is freed right after it.
+        """
         if distributed.is_dtensor(p) and self._uses_matrix_rule(p, group):
             raise NotImplementedError("layerwise=True does not support FSDP2 (sharded) matrices")
         with torch.no_grad():
             work = [(p, group, index)]
+            if self.layerwise_accumulation_steps > 1:
+                self._check_gradients(work)
+                count = self._micro_batches.pop(index, 0) + 1
+                if count == 1 and self._uses_matrix_rule(p, group) and self._checks_projection(p, group):
+                    self._projected_sums[index] = self._add_projection(p, group, None)
+                elif index in self._projected_sums:
+                    self._add_projection(p, group, self._projected_sums[index])
+                if index in self._projected_sums:
+                    p.grad = None
+                if count < self.layerwise_accumulation_steps:
+                    self._micro_batches[index] = count
+                    return
+                self._updates_since_step[index] = self._updates_since_step.get(index, 0) + 1
+                projected = self._projected_sums.pop(index, None)
+                if projected is not None:
+                    self._update_from_projection(p, group, index, projected)
+                    return
             if self._finite_gradients(work)[0]:
                 self._update_parameter(p, group, index)
             else:
                 self.state[p]["skipped_steps"] = self.state[p].get("skipped_steps", 0) + 1
         p.grad = None
+
+    def _add_projection(self, p: Tensor, group: dict[str, Any], total: Tensor | None) -> Tensor:
+        """``total ← total + project(G)`` in place for matrix ``p`` (a new tensor when ``total``
+        is None), with ``G`` its gradient as the step's working copy would be (2-D, ≥ float32)."""
+        grad = self._working_copy(p.grad).reshape(p.shape[0], -1)
+        item = Matrix(p, grad, self.state[p], group, self._side(grad.shape, group))
+        if total is None:
+            m, n = grad.shape
+            rank = item.state["basis"].shape[1] if item.side != "full" else None
+            total = grad.new_empty({"left": (rank, n), "right": (m, rank), "full": (m, n)}[item.side])
+            project_([total], [item], 0.0)
+        else:
+            project_([total], [item], 1.0)
+        return total
+
+    def _update_from_projection(self, p: Tensor, group: dict[str, Any], index: int, projected: Tensor) -> None:
+        """The step of matrix ``p`` from its accumulated projected gradient ``Σ project(G_i)``,
+        checked for NaN/Inf like a projection in :meth:`step`. The rule never reads the full
+        gradient on such a step; the :class:`Matrix` gets a shape-only (meta) stand-in for it."""
+        work = [(p, group, index)]
+        flags = torch.linalg.vector_norm(projected, float("inf")).isfinite().reshape(1)
+        if not self._finite_flags(work, [([0], flags)])[0]:
+            self.state[p]["skipped_steps"] = self.state[p].get("skipped_steps", 0) + 1
+            return
+        weights = self._working_copy(p)
+        shape = (p.shape[0], math.prod(p.shape[1:]))
+        stand_in = torch.empty(shape, dtype=projected.dtype, device="meta")
+        state = self._count_step(p, group, index)
+        item = Matrix(weights.view(shape), stand_in, state, group, self._side(shape, group))
+        item.projected = projected
+        self._step_matrices([item])
+        self._end_update(p, weights, group)
+
+    def _refuse_unfinished_accumulation(self, action: str) -> None:
+        """Raises ``RuntimeError`` when some parameter is inside a layer-wise accumulation."""
+        if self._micro_batches:
+            steps = self.layerwise_accumulation_steps
+            pending = ", ".join(
+                f"parameter {i}: {count} of {steps}" for i, count in sorted(self._micro_batches.items())
+            )
+            raise RuntimeError(
+                f"{action} in the middle of a layer-wise gradient accumulation ({pending} backward passes): "
+                f"with layerwise_accumulation_steps={steps}, call it only after every {steps} backward "
+                "passes, and give every parameter a gradient in each of them"
+            )
+
+    def _finish_layerwise_step(self) -> None:
+        """``step()`` in layer-wise mode with accumulation: checks that every parameter's
+        accumulation is complete and that all parameters updated since the last ``step()`` were
+        updated equally often. On failure, unfinished accumulations are discarded (gradients
+        kept in ``.grad`` stay until ``zero_grad()``), so training can go on after the error."""
+        updates = self._updates_since_step
+        self._updates_since_step = {}
+        try:
+            self._refuse_unfinished_accumulation("step() was called")
+        finally:
+            self._micro_batches.clear()
+            self._projected_sums.clear()
+        if len(set(updates.values())) > 1:
+            counts = ", ".join(f"parameter {i}: {n}" for i, n in sorted(updates.items()))
+            raise RuntimeError(
+                "parameters were updated a different number of times since the last step() "
+                f"({counts}): their gradient hooks fired unequally often; with "
+                f"layerwise_accumulation_steps={self.layerwise_accumulation_steps}, call step() "
+                "after every that many backward passes, each reaching every parameter"
+            )
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """As ``torch.optim.Optimizer.zero_grad``; refused inside a layer-wise accumulation."""
+        self._refuse_unfinished_accumulation("zero_grad() was called")
+        super().zero_grad(set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        """As ``torch.optim.Optimizer.state_dict``; refused inside a layer-wise accumulation
+        (its partial sums are not part of the state)."""
+        self._refuse_unfinished_accumulation("state_dict() was called")
+        return super().state_dict()
 
     # ----------------------------------------------------------------- validation
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -303,6 +431,8 @@ class SubspaceOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         if self.layerwise:
+            if self.layerwise_accumulation_steps > 1:
+                self._finish_layerwise_step()
             return loss
         work = self._parameters_with_grad()
         self._check_gradients(work)
@@ -536,7 +666,9 @@ class SubspaceOptimizer(Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Loads a state dict, keeping each saved state tensor's dtype (float32 moments of a bf16
-        parameter stay float32) and refusing states whose shapes do not fit the parameters."""
+        parameter stay float32) and refusing states whose shapes do not fit the parameters, and
+        any load in the middle of a layer-wise accumulation."""
+        self._refuse_unfinished_accumulation("load_state_dict() was called")
         try:
             saved_state = state_dict["state"]
             saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]

@@ -83,6 +83,8 @@ class GaLoreAdamW(SubspaceOptimizer):
         transport_moments: carry the first moment into a new basis instead of keeping it as is.
         nonfinite, seed, layerwise, cuda_graph: as in :class:`~sumo_optim.SUMO` (the graph
             replays the projections and the inner rule on the reduced gradients).
+        layerwise_accumulation_steps: as in :class:`~sumo_optim.SUMO`: between refreshes a
+            matrix accumulates its projected gradients ``R_i`` only.
         bf16_stochastic_rounding: as in :class:`~sumo_optim.SUMO`.
         adamw_state_bits: as in :class:`~sumo_optim.SUMO`, for the Adam moments of parameters
             outside any subspace (the subspace moments stay float32).
@@ -111,6 +113,7 @@ class GaLoreAdamW(SubspaceOptimizer):
         cuda_graph: bool = False,
         bf16_stochastic_rounding: bool = False,
         adamw_state_bits: int = 32,
+        layerwise_accumulation_steps: int = 1,
         **extra: Any,
     ) -> None:
         defaults = dict(
@@ -131,7 +134,13 @@ class GaLoreAdamW(SubspaceOptimizer):
             adamw_state_bits=adamw_state_bits,
             **extra,
         )
-        super().__init__(params, defaults, layerwise=layerwise, cuda_graph=cuda_graph)
+        super().__init__(
+            params,
+            defaults,
+            layerwise=layerwise,
+            cuda_graph=cuda_graph,
+            layerwise_accumulation_steps=layerwise_accumulation_steps,
+        )
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         super()._validate_group(group)

@@ -41,7 +41,8 @@ class GoLore(GaLoreAdamW):
         momentum: μ of the SGD inner rule.
         rank, update_proj_gap (τ), scale (α), proj_type, lr, betas, eps, weight_decay,
         transport_moments (default True here), seed (the random bases' seed), nonfinite,
-        layerwise, bf16_stochastic_rounding, adamw_state_bits: as in :class:`~sumo_optim.GaLoreAdamW`.
+        layerwise, layerwise_accumulation_steps, bf16_stochastic_rounding, adamw_state_bits: as in
+        :class:`~sumo_optim.GaLoreAdamW`.
     """
 
     def __init__(

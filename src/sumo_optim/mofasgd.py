@@ -99,6 +99,8 @@ class MoFaSGD(SubspaceOptimizer):
             (:mod:`sumo_optim.lr_adjust`).
         weight_decay: decoupled λ. adamw_betas, adamw_eps, nonfinite, seed, layerwise,
             bf16_stochastic_rounding, adamw_state_bits: as in SUMO.
+        layerwise_accumulation_steps: as in SUMO, except that a matrix's step reads its whole
+            gradient, so every matrix keeps its full gradient until the N-th backward pass.
     """
 
     def __init__(
@@ -117,6 +119,7 @@ class MoFaSGD(SubspaceOptimizer):
         layerwise: bool = False,
         bf16_stochastic_rounding: bool = False,
         adamw_state_bits: int = 32,
+        layerwise_accumulation_steps: int = 1,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -132,7 +135,9 @@ class MoFaSGD(SubspaceOptimizer):
             bf16_stochastic_rounding=bf16_stochastic_rounding,
             adamw_state_bits=adamw_state_bits,
         )
-        super().__init__(params, defaults, layerwise=layerwise)
+        super().__init__(
+            params, defaults, layerwise=layerwise, layerwise_accumulation_steps=layerwise_accumulation_steps
+        )
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         super()._validate_group(group)

@@ -105,6 +105,11 @@ class SUMO(SubspaceOptimizer):
             (seed, its index, step), so resumed and data-parallel runs draw the same.
         layerwise: update each parameter in a post-accumulate-grad hook and free its gradient
             at once (see :class:`~sumo_optim.base.SubspaceOptimizer`).
+        layerwise_accumulation_steps: N, with ``layerwise=True``: update at every N-th backward
+            pass, on the sum of the N gradients; between refreshes a matrix keeps only
+            ``Σ Qᵀ G_i`` (r×n), and on its first and refresh steps its full gradient
+            (:meth:`~sumo_optim.base.SubspaceOptimizer._layerwise_update`). Call ``step()``
+            after every N backward passes.
         cuda_graph: on CUDA, replay Blocks 2 and 3 of all matrices (projection,
             orthogonalization, limiter: several hundred small kernels at LLaMA-1B) as one CUDA
             graph (see :class:`~sumo_optim.base.SubspaceOptimizer`); the graph keeps its
@@ -159,6 +164,7 @@ class SUMO(SubspaceOptimizer):
         bf16_stochastic_rounding: bool = False,
         adamw_state_bits: int = 32,
         state_dtype: torch.dtype | None = None,
+        layerwise_accumulation_steps: int = 1,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -181,7 +187,13 @@ class SUMO(SubspaceOptimizer):
             adamw_state_bits=adamw_state_bits,
             state_dtype=state_dtype,
         )
-        super().__init__(params, defaults, layerwise=layerwise, cuda_graph=cuda_graph)
+        super().__init__(
+            params,
+            defaults,
+            layerwise=layerwise,
+            cuda_graph=cuda_graph,
+            layerwise_accumulation_steps=layerwise_accumulation_steps,
+        )
         if cuda_graph and any(group["state_dtype"] is not None for group in self.param_groups):
             raise ValueError("state_dtype keeps float32 copies for each step; it does not combine with cuda_graph=True")
 
