@@ -67,7 +67,7 @@ class RunConfig:
     max_length: int = 64  # finetune: tokens per sentence
     dtype: str = "float32"  # the weights' storage dtype: float32 | bfloat16 (the library keeps float32 states)
     activation_checkpointing: bool = False  # recompute each layer's activations in backward
-    layerwise: bool = False  # update each parameter in its gradient hook during backward (no stored gradients)
+    layerwise: bool = False  # update each parameter in its gradient hook during its grad_accum-th backward
     compile: bool = False  # torch.compile the training forward
 
     def resolved_lr(self) -> float:
@@ -131,11 +131,6 @@ class RunConfig:
                 errors.append(
                     f"layerwise=True needs an optimizer of the library; optimizer={self.optimizer!r} "
                     "(torch.optim) has no layer-wise mode"
-                )
-            if isinstance(self.grad_accum, int) and self.grad_accum > 1:
-                errors.append(
-                    f"layerwise=True updates the weights during each backward, so grad_accum={self.grad_accum} "
-                    "cannot accumulate micro-batches: set --grad-accum 1"
                 )
             if self.grad_clip > 0:
                 errors.append(

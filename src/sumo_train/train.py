@@ -5,8 +5,9 @@ resume from the run's last checkpoint, then step with a cosine schedule (linear 
 the first ``warmup_fraction`` of steps, decaying to ``min_lr_ratio`` of the peak), gradient
 clipping and, on a GPU, bf16 autocast. Metrics go to ``metrics.jsonl`` and TensorBoard.
 For memory: ``dtype`` (bf16 weights), ``activation_checkpointing``, ``layerwise`` (the library
-optimizer updates each parameter in its gradient hook; ``step()`` is a no-op and nothing is
-clipped) and ``compile``; :meth:`RunConfig.validate` refuses the combinations that cannot work.
+optimizer updates each parameter in its gradient hook, at its ``grad_accum``-th backward;
+``step()`` only checks that, and nothing is clipped) and ``compile``; :meth:`RunConfig.validate`
+refuses the combinations that cannot work.
 
 Launched by ``torchrun --nproc-per-node N``, each rank takes its ``1/N`` of every batch and
 rank 0 alone writes metrics. ``distributed`` picks how: ``ddp`` (DDP, the optimizer replicated:
@@ -148,8 +149,8 @@ def build_optimizers(config: RunConfig, model: nn.Module) -> list[torch.optim.Op
             torch.optim.AdamW(rest, lr=config.adamw_lr, weight_decay=decay),
         ]
     options: dict[str, Any] = {"rank": config.rank}
-    if config.layerwise:  # each parameter updated in its gradient hook; step() then only runs a closure
-        options["layerwise"] = True
+    if config.layerwise:  # each parameter updated in its gradient hook, at its grad_accum-th backward
+        options.update(layerwise=True, layerwise_accumulation_steps=config.grad_accum)
     if name in ("sumo", "sumo_paper"):
         options.update(update_freq=config.update_freq, scale=config.resolved_scale(), seed=config.seed)
     elif name in ("galore", "golore"):
@@ -397,7 +398,7 @@ def train(config: RunConfig, resume: bool = False, progress: bool = True) -> dic
         if config.grad_clip and not config.layerwise:  # layer-wise: no gradients left to clip
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         for optimizer in optimizers:
-            optimizer.step()  # layer-wise: already updated during backward, a no-op
+            optimizer.step()  # layer-wise: already updated during backward; checks the accumulation ended
         for scheduler in schedulers:
             scheduler.step()
         for optimizer in optimizers:

@@ -1,0 +1,233 @@
+"""Layer-wise mode with gradient accumulation (``layerwise_accumulation_steps``): the update at the
+N-th backward pass equals one step on the summed gradient, full gradients of matrices are freed
+between refreshes, and ambiguous use is refused."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import sumo_optim
+from sumo_optim import param_groups
+
+MICRO_BATCHES = 3
+
+# name -> factory(params, **options); refreshes every 3 steps (steps 1, 4, 7 refresh).
+OPTIMIZERS = {
+    "sumo": lambda params, **options: sumo_optim.SUMO(params, lr=0.02, rank=3, update_freq=3, **options),
+    "sumo-randomized-limiter": lambda params, **options: sumo_optim.SUMO(
+        params, lr=0.02, rank=3, update_freq=3, refresh="randomized", limiter=1.1, weight_decay=0.01, **options
+    ),
+    "galore": lambda params, **options: sumo_optim.GaLoreAdamW(
+        params, lr=0.01, rank=3, update_proj_gap=3, weight_decay=0.01, **options
+    ),
+    "golore": lambda params, **options: sumo_optim.GoLore(
+        params, total_steps=8, random_fraction=0.5, lr=0.01, rank=3, update_proj_gap=3, seed=2, **options
+    ),
+    "mofasgd": lambda params, **options: sumo_optim.MoFaSGD(params, lr=0.02, rank=3, **options),
+    "galore_adafactor": lambda params, **options: sumo_optim.GaLoreAdafactor(
+        params, lr=0.01, relative_step=False, scale_parameter=False, rank=3, update_proj_gap=3, **options
+    ),
+}
+PROJECTING = ("sumo", "sumo-randomized-limiter", "galore", "golore")  # accumulate Σ project(G_i)
+
+
+class Net(nn.Module):
+    """Embedding (AdamW group), a wide and a tall matrix (bases on either side), a norm, biases."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(20, 8)
+        self.wide = nn.Linear(48, 10)  # 10×48: left basis
+        self.norm = nn.LayerNorm(10)
+        self.tall = nn.Linear(10, 16, bias=False)  # 16×10: right basis
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, tokens):
+        x = self.embed(tokens).flatten(1)
+        return self.head(torch.tanh(self.tall(self.norm(self.wide(x)))))
+
+
+def micro_batches(step, count=MICRO_BATCHES, size=4):
+    """Step ``step``'s ``count`` micro-batches of ``size`` sequences."""
+    g = torch.Generator().manual_seed(100 + step)
+    tokens = torch.randint(0, 20, (count, size, 6), generator=g)
+    return list(zip(tokens, (tokens[..., 0] + tokens[..., 1]) % 4))
+
+
+def backward(model, tokens, labels, count=MICRO_BATCHES):
+    (nn.functional.cross_entropy(model(tokens), labels) / count).backward()
+
+
+def build(name, layerwise, seed=0, factory=None, **options):
+    """A float64 :class:`Net` and ``OPTIMIZERS[name]`` (or ``factory``) for it."""
+    torch.manual_seed(seed)
+    model = Net().double()
+    if layerwise:
+        options.update(layerwise=True, layerwise_accumulation_steps=MICRO_BATCHES)
+    return model, (factory or OPTIMIZERS[name])(param_groups(model, lr=0.02), **options)
+
+
+def accumulated_step(model, optimizer, step):
+    """One step on the gradient summed over the micro-batches (either mode: the usual loop)."""
+    for tokens, labels in micro_batches(step):
+        backward(model, tokens, labels)
+    optimizer.step()
+    optimizer.zero_grad()
+
+
+def weights(model):
+    return [p.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_accumulated_layerwise_steps_equal_the_accumulated_step(name):
+    """Eight steps of three micro-batches (refreshes at steps 1, 4 and 7): after each step, the
+    layer-wise weights equal those of the step on the accumulated gradient (float64 rounding:
+    between refreshes the sum is of projections, ``Σ Qᵀ G_i`` instead of ``Qᵀ Σ G_i``)."""
+    model, optimizer = build(name, layerwise=False)
+    lw_model, lw_optimizer = build(name, layerwise=True)
+    for step in range(8):
+        accumulated_step(model, optimizer, step)
+        accumulated_step(lw_model, lw_optimizer, step)
+        for p, q in zip(lw_model.parameters(), model.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-11)
+    for p, q in zip(lw_model.parameters(), model.parameters()):
+        for key, value in optimizer.state[q].items():
+            if torch.is_tensor(value):  # up to sign: a refresh may flip a basis vector and its moment row
+                torch.testing.assert_close(lw_optimizer.state[p][key].abs(), value.abs(), rtol=1e-8, atol=1e-10)
+            else:
+                assert lw_optimizer.state[p][key] == value
+
+
+@pytest.mark.parametrize("name", ["sumo", "galore"])
+def test_a_refresh_step_equals_the_accumulated_step_exactly(name):
+    """From equal weights and states, a refresh step (here every step) reads the gradient summed
+    by backward, as the normal step does: the same bits."""
+    factories = {
+        "sumo": lambda params, **options: sumo_optim.SUMO(params, rank=3, update_freq=1, **options),
+        "galore": lambda params, **options: sumo_optim.GaLoreAdamW(params, rank=3, update_proj_gap=1, **options),
+    }
+    model, optimizer = build(name, layerwise=False, factory=factories[name])
+    lw_model, lw_optimizer = build(name, layerwise=True, factory=factories[name])
+    for step in range(3):
+        accumulated_step(model, optimizer, step)
+        accumulated_step(lw_model, lw_optimizer, step)
+        assert all(torch.equal(p, q) for p, q in zip(lw_model.parameters(), model.parameters()))
+
+
+@pytest.mark.parametrize("name", ["sumo", "galore"])
+def test_between_refreshes_matrices_hold_no_gradient(name):
+    """On a step without refresh, no matrix keeps ``.grad`` after any micro-batch's backward
+    (only its r×n or m×r projection); AdamW's parameters keep theirs until the last one. On the
+    first (and any refresh) step the matrices keep their full gradient; nothing stays after a step."""
+    model, optimizer = build(name, layerwise=True)
+    matrices = [model.wide.weight, model.tall.weight]
+    for step in range(3):  # refresh, then two steps inside the basis
+        for i, (tokens, labels) in enumerate(micro_batches(step)):
+            backward(model, tokens, labels)
+            last = i == MICRO_BATCHES - 1
+            assert all((p.grad is None) == (last or step > 0) for p in matrices)
+            others = [p for p in model.parameters() if all(p is not m for m in matrices)]
+            assert all((p.grad is None) == last for p in others)
+        optimizer.step()
+        assert all(p.grad is None for p in model.parameters())
+    sums = optimizer._projected_sums
+    assert not sums and not optimizer._micro_batches
+
+
+def test_projected_sums_are_small():
+    model, optimizer = build("sumo", layerwise=True)
+    accumulated_step(model, optimizer, 0)
+    tokens, labels = micro_batches(1)[0]
+    backward(model, tokens, labels)
+    shapes = sorted(tuple(t.shape) for t in optimizer._projected_sums.values())
+    assert shapes == [(3, 48), (16, 3)]  # Qᵀ G (left, r×n) and G Q (right, m×r)
+
+
+def test_state_dict_between_steps_round_trips_bit_exactly():
+    model, optimizer = build("sumo", layerwise=True)
+    for step in range(2):
+        accumulated_step(model, optimizer, step)
+    saved, saved_weights = copy.deepcopy(optimizer.state_dict()), weights(model)
+    resumed_model, resumed = build("sumo", layerwise=True, seed=1)
+    with torch.no_grad():
+        for p, w in zip(resumed_model.parameters(), saved_weights):
+            p.copy_(w)
+    resumed.load_state_dict(saved)
+    for step in range(2, 6):  # through the refresh at step 4
+        accumulated_step(model, optimizer, step)
+        accumulated_step(resumed_model, resumed, step)
+    assert all(torch.equal(p, q) for p, q in zip(resumed_model.parameters(), model.parameters()))
+
+
+@pytest.mark.parametrize("action", ["step", "zero_grad", "state_dict", "load_state_dict"])
+def test_calls_inside_an_accumulation_are_refused(action):
+    model, optimizer = build("sumo", layerwise=True)
+    accumulated_step(model, optimizer, 0)
+    saved = optimizer.state_dict()
+    tokens, labels = micro_batches(1)[0]
+    backward(model, tokens, labels)
+    call = {
+        "step": optimizer.step,
+        "zero_grad": optimizer.zero_grad,
+        "state_dict": optimizer.state_dict,
+        "load_state_dict": lambda: optimizer.load_state_dict(saved),
+    }[action]
+    with pytest.raises(RuntimeError, match=r"middle of a layer-wise gradient accumulation.*1 of 3"):
+        call()
+
+
+def test_a_parameter_missing_from_a_micro_batch_is_refused_at_step():
+    """The head's hook fires in every backward; the others' only when they take part."""
+    model, optimizer = build("galore", layerwise=True)
+    for i, (tokens, labels) in enumerate(micro_batches(0)):
+        if i == 1:
+            with torch.no_grad():
+                features = torch.tanh(model.tall(model.norm(model.wide(model.embed(tokens).flatten(1)))))
+            (nn.functional.cross_entropy(model.head(features), labels) / MICRO_BATCHES).backward()
+        else:
+            backward(model, tokens, labels)
+    with pytest.raises(RuntimeError, match=r"step\(\) was called in the middle.*parameter 0: 2 of 3"):
+        optimizer.step()
+    optimizer.zero_grad()  # the unfinished accumulation was discarded: training goes on
+    before = weights(model)
+    accumulated_step(model, optimizer, 1)
+    assert not any(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+def test_unequal_update_counts_are_refused_at_step():
+    """Six backward passes through the head but three through the rest before one step()."""
+    model, optimizer = build("sumo", layerwise=True)
+    for tokens, labels in micro_batches(0):
+        backward(model, tokens, labels)
+    for _, labels in micro_batches(1):
+        features = torch.ones(4, 16, dtype=torch.float64)
+        (nn.functional.cross_entropy(model.head(features), labels) / MICRO_BATCHES).backward()
+    with pytest.raises(RuntimeError, match="updated a different number of times"):
+        optimizer.step()
+
+
+def test_bad_accumulation_settings_are_refused():
+    params = [nn.Parameter(torch.randn(4, 6))]
+    with pytest.raises(ValueError, match="needs layerwise=True"):
+        sumo_optim.SUMO(params, layerwise_accumulation_steps=2)
+    for bad in (0, 2.0, True):
+        with pytest.raises(ValueError, match="layerwise_accumulation_steps must be an int"):
+            sumo_optim.SUMO(params, layerwise=True, layerwise_accumulation_steps=bad)
+    created = sumo_optim.create("galore", params, rank=2, layerwise=True, layerwise_accumulation_steps=2)
+    assert created.layerwise_accumulation_steps == 2
+
+
+def test_nonfinite_micro_batch_skips_the_accumulated_step():
+    """A NaN in one micro-batch's gradient reaches the projected sum: with nonfinite="skip" the
+    matrix's step is skipped (weights unchanged, counted in skipped_steps)."""
+    model, optimizer = build("sumo", layerwise=True, nonfinite="skip")
+    accumulated_step(model, optimizer, 0)
+    before = model.wide.weight.detach().clone()
+    model.wide.weight.register_hook(lambda grad: grad.clone().fill_(float("nan")))
+    accumulated_step(model, optimizer, 1)
+    assert torch.equal(model.wide.weight, before)
+    assert optimizer.state[model.wide.weight]["skipped_steps"] == 1
+    assert optimizer.state[model.wide.weight]["step"] == 1
