@@ -19,6 +19,9 @@ OPTIMIZERS = {
     "sumo-randomized-limiter": lambda params, **options: sumo_optim.SUMO(
         params, lr=0.02, rank=3, update_freq=3, refresh="randomized", limiter=1.1, weight_decay=0.01, **options
     ),
+    "sumo-bf16-states": lambda params, **options: sumo_optim.SUMO(
+        params, lr=0.02, rank=3, update_freq=3, state_dtype=torch.bfloat16, **options
+    ),
     "galore": lambda params, **options: sumo_optim.GaLoreAdamW(
         params, lr=0.01, rank=3, update_proj_gap=3, weight_decay=0.01, **options
     ),
@@ -30,7 +33,6 @@ OPTIMIZERS = {
         params, lr=0.01, relative_step=False, scale_parameter=False, rank=3, update_proj_gap=3, **options
     ),
 }
-PROJECTING = ("sumo", "sumo-randomized-limiter", "galore", "golore")  # accumulate Σ project(G_i)
 
 
 class Net(nn.Module):
@@ -117,7 +119,7 @@ def test_a_refresh_step_equals_the_accumulated_step_exactly(name):
         assert all(torch.equal(p, q) for p, q in zip(lw_model.parameters(), model.parameters()))
 
 
-@pytest.mark.parametrize("name", ["sumo", "galore"])
+@pytest.mark.parametrize("name", ["sumo", "sumo-bf16-states", "galore", "golore"])
 def test_between_refreshes_matrices_hold_no_gradient(name):
     """On a step without refresh, no matrix keeps ``.grad`` after any micro-batch's backward
     (only its r×n or m×r projection); AdamW's parameters keep theirs until the last one. On the

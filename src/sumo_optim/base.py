@@ -178,9 +178,10 @@ class SubspaceOptimizer(Optimizer):
         update comes at the N-th pass over ``p`` and uses the sum of the N gradients.
 
         A matrix whose next step reads the gradient only through ``R = project(G)`` (a basis
-        exists and the step does not refresh it: :meth:`_checks_projection`) keeps ``Σ R_i``
+        exists and the step does not refresh it: :meth:`_reads_only_projection`) keeps ``Σ R_i``
         (r×n or m×r, in the state dtype) and frees each ``G_i`` at once. Every other parameter
-        (AdamW's, a matrix on its first or a refresh step, a rule that reads ``G`` itself)
+        (AdamW's, a matrix on its first or a refresh step, a rule that reads ``G`` itself:
+        MoFaSGD, GaLoreAdafactor, SUMO with ``complement_scale > 0``)
         keeps its gradient in ``.grad``, where backward sums the N of them, as without
         layer-wise mode; its update, the refresh included, is then the one of the summed
         gradient, and the gradient is freed right after it.
@@ -192,7 +193,7 @@ class SubspaceOptimizer(Optimizer):
             if self.layerwise_accumulation_steps > 1:
                 self._check_gradients(work)
                 count = self._micro_batches.pop(index, 0) + 1
-                if count == 1 and self._uses_matrix_rule(p, group) and self._checks_projection(p, group):
+                if count == 1 and self._uses_matrix_rule(p, group) and self._reads_only_projection(p, group):
                     self._projected_sums[index] = self._add_projection(p, group, None)
                 elif index in self._projected_sums:
                     self._add_projection(p, group, self._projected_sums[index])
@@ -212,11 +213,21 @@ class SubspaceOptimizer(Optimizer):
                 self.state[p]["skipped_steps"] = self.state[p].get("skipped_steps", 0) + 1
         p.grad = None
 
+    def _reads_only_projection(self, p: Tensor, group: dict[str, Any]) -> bool:
+        """Whether the next step of matrix ``p`` reads its gradient only through :meth:`_project`
+        (then layer-wise accumulation keeps ``Σ project(G_i)``); :meth:`_checks_projection` by
+        default."""
+        return self._checks_projection(p, group)
+
     def _add_projection(self, p: Tensor, group: dict[str, Any], total: Tensor | None) -> Tensor:
         """``total ← total + project(G)`` in place for matrix ``p`` (a new tensor when ``total``
-        is None), with ``G`` its gradient as the step's working copy would be (2-D, ≥ float32)."""
+        is None), with ``G`` its gradient as the step's working copy would be (2-D, ≥ float32)
+        and the basis in its dtype (a copy where it is stored in another)."""
         grad = self._working_copy(p.grad).reshape(p.shape[0], -1)
-        item = Matrix(p, grad, self.state[p], group, self._side(grad.shape, group))
+        state = self.state[p]
+        if "basis" in state and state["basis"].dtype != grad.dtype:
+            state = {"basis": state["basis"].to(grad.dtype)}
+        item = Matrix(p, grad, state, group, self._side(grad.shape, group))
         if total is None:
             m, n = grad.shape
             rank = item.state["basis"].shape[1] if item.side != "full" else None

@@ -322,10 +322,12 @@ class SUMO(SubspaceOptimizer):
         return updates, flags, all_trusted, previous_norms
 
     def _checks_projection(self, p: Tensor, group: dict[str, Any]) -> bool:
+        # With ``state_dtype``, Q's float32 copy exists only inside the step.
+        return group["state_dtype"] is None and self._reads_only_projection(p, group)
+
+    def _reads_only_projection(self, p: Tensor, group: dict[str, Any]) -> bool:
         state, shape = self.state.get(p, {}), (p.shape[0], math.prod(p.shape[1:]))
         if "moment" not in state or group["complement_scale"]:  # the complement reads G itself
-            return False
-        if group["state_dtype"] is not None:  # Q's float32 copy exists only inside the step
             return False
         return self._side(shape, group) == "full" or not is_refresh_step(state["step"] + 1, group["update_freq"])
 
