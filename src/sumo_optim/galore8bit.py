@@ -56,6 +56,8 @@ class GaLoreAdamW8bit(GaLoreAdamW):
         rank, update_proj_gap, scale, proj_type, refresh, nonfinite, seed, layerwise,
             bf16_stochastic_rounding: as in :class:`~sumo_optim.GaLoreAdamW` (no
             ``transport_moments`` or ``cuda_graph``: the states are re-coded every step).
+
+    Like ``adamw_state_bits=8``, it refuses FSDP2 (DTensor) parameters outside any subspace.
     """
 
     def __init__(
