@@ -3,6 +3,7 @@
 from .adafactor import GaLoreAdafactor
 from .base import SubspaceOptimizer
 from .galore import GaLoreAdamW
+from .galore8bit import GaLoreAdamW8bit
 from .golore import GoLore
 from .grouping import param_groups
 from .linalg import orthogonalize, orthogonalize_newton_schulz, random_orthonormal, top_singular_vectors
@@ -17,6 +18,7 @@ __all__ = [
     "SUMO",
     "GaLoreAdafactor",
     "GaLoreAdamW",
+    "GaLoreAdamW8bit",
     "GoLore",
     "MoFaSGD",
     "SubspaceOptimizer",

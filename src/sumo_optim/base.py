@@ -556,8 +556,13 @@ class SubspaceOptimizer(Optimizer):
         it is what Adam's denominator ``√v + ε`` reads, so the denominator's error is at most half
         a step of its block, ``max √v / 510``. A positive ``√v`` never gets code 0 (it gets 1):
         a denominator never collapses to ε while the first moment is not zero."""
-        if group["adamw_state_bits"] != 8:
-            return
+        if group["adamw_state_bits"] == 8:
+            SubspaceOptimizer._quantize_moments(state)
+
+    @staticmethod
+    def _quantize_moments(state: dict[str, Any]) -> None:
+        """Replaces ``state``'s float ``exp_avg`` and ``exp_avg_sq`` by their 8-bit codes and block
+        absmaxes, as :meth:`_store_vector_moments` describes; :meth:`_vector_moments` reads them back."""
         exp_avg, exp_avg_sq = state.pop("exp_avg"), state.pop("exp_avg_sq")
         state["exp_avg_codes"], state["exp_avg_absmax"] = quantize_blockwise(exp_avg, signed=True, check=False)
         root = exp_avg_sq.sqrt()
@@ -719,7 +724,7 @@ class SubspaceOptimizer(Optimizer):
         quantized = {"exp_avg_codes": torch.int8, "exp_avg_sq_codes": torch.uint8}
         quantized.update(dict.fromkeys(("exp_avg_absmax", "exp_avg_sq_absmax"), torch.float32))
         present = [name for name in quantized if name in state]
-        if present and not self._uses_matrix_rule(p, group):
+        if present:
             for name, dtype in quantized.items():
                 if name not in state or state[name].dtype != dtype:
                     raise ValueError(f"8-bit AdamW state '{name}' of parameter {index} is missing or not {dtype}")

@@ -30,15 +30,21 @@ __all__ = ["GaLoreAdamW", "galore_adam_update", "validate_galore_options"]
 
 
 def galore_adam_update(
-    weights: Tensor, moments: tuple[Tensor, Tensor], grad: Tensor, step: int, group: dict[str, Any]
+    weights: Tensor,
+    moments: tuple[Tensor, Tensor],
+    grad: Tensor,
+    step: int,
+    group: dict[str, Any],
+    eps: float | None = None,
 ) -> None:
     """galore-torch's AdamW step for a parameter outside any subspace (bias correction folded
-    into the step size, ε outside the square root, weight decay after the update)."""
+    into the step size, ε outside the square root, weight decay after the update); ``eps``
+    replaces the group's ``adamw_eps`` when given."""
     exp_avg, exp_avg_sq = moments
     beta1, beta2 = group["adamw_betas"]
     exp_avg.mul_(beta1).add_(grad, alpha=1.0 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
-    denom = exp_avg_sq.sqrt().add_(group["adamw_eps"])
+    denom = exp_avg_sq.sqrt().add_(group["adamw_eps"] if eps is None else eps)
     step_size = group["lr"]
     if group["correct_bias"]:
         step_size = step_size * math.sqrt(1.0 - beta2**step) / (1.0 - beta1**step)
@@ -166,7 +172,8 @@ class GaLoreAdamW(SubspaceOptimizer):
 
     def _checks_projection(self, p: Tensor, group: dict[str, Any]) -> bool:
         state = self.state.get(p, {})
-        return "exp_avg" in state and not is_refresh_step(state["step"] + 1, group["update_proj_gap"])
+        has_moments = "exp_avg" in state or "exp_avg_codes" in state
+        return has_moments and not is_refresh_step(state["step"] + 1, group["update_proj_gap"])
 
     def _step_matrices(self, matrices: list[Matrix]) -> None:
         """GaLore's step for matrices whose step is counted, stack by stack of equal shapes: a
@@ -176,7 +183,7 @@ class GaLoreAdamW(SubspaceOptimizer):
         refreshed = [x for x in matrices if "basis" not in x.state or _refresh_due(x)]
         self._refresh(refreshed)
         for x in matrices:
-            if "exp_avg" not in x.state:
+            if "exp_avg" not in x.state and "exp_avg_codes" not in x.state:  # (8-bit: GaLoreAdamW8bit)
                 shape = self._expected_state_shapes(x.grad.shape, x.group, x.state)["exp_avg"]
                 x.state["exp_avg"] = x.grad.new_zeros(shape)
                 x.state["exp_avg_sq"] = x.grad.new_zeros(shape)

@@ -10,6 +10,7 @@ import torch
 
 from .adafactor import GaLoreAdafactor
 from .galore import GaLoreAdamW
+from .galore8bit import GaLoreAdamW8bit
 from .golore import GoLore
 from .mofasgd import MoFaSGD
 from .sumo import SUMO
@@ -50,6 +51,7 @@ def create(name: str, params: Any, **kwargs: Any) -> torch.optim.Optimizer:
 register("sumo", SUMO)
 register("sumo_paper", SUMO.paper_rule)
 register("galore", GaLoreAdamW)
+register("galore8bit", GaLoreAdamW8bit)
 register("galore_adafactor", GaLoreAdafactor)
 register("golore", GoLore)
 register("mofasgd", MoFaSGD)

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["galore_torch_adafactor", "galore_torch_adamw", "matrix_with_spectrum"]
+__all__ = ["galore_torch_adafactor", "galore_torch_adamw", "galore_torch_adamw8bit", "matrix_with_spectrum"]
 
 
 def matrix_with_spectrum(
@@ -61,3 +61,9 @@ def galore_torch_adamw() -> Any:
 def galore_torch_adafactor() -> Any:
     """galore-torch 1.0's ``GaLoreAdafactor`` class, or ``None`` when it (or transformers) is missing."""
     return _galore_torch_class("adafactor", "Adafactor")
+
+
+@functools.cache
+def galore_torch_adamw8bit() -> Any:
+    """galore-torch 1.0's ``GaLoreAdamW8bit`` class, or ``None`` when it (or bitsandbytes) is missing."""
+    return _galore_torch_class("adamw8bit", "AdamW8bit")
