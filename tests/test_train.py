@@ -441,6 +441,7 @@ def test_compile_with_layerwise(corpus, cache, tmp_path):
         ({"dtype": "bfloat16", "optimizer": "adamw"}, ("bfloat16", "adamw")),
         ({"dtype": "float16"}, ("dtype",)),
         ({"compile": "yes please"}, ("compile",)),
+        ({"gpu_memory_cap_gib": "-1"}, ("gpu_memory_cap_gib",)),
     ],
 )
 def test_incompatible_settings_are_refused_by_name(values, names):
@@ -454,6 +455,13 @@ def test_layerwise_refuses_a_distributed_launch(corpus, cache, tmp_path, monkeyp
     config = tiny(corpus, cache, tmp_path / "lw", layerwise=True, grad_clip=0)
     with pytest.raises(ValueError, match=r"layerwise.*WORLD_SIZE=2"):
         train(config, progress=False)
+
+
+def test_gpu_memory_cap_needs_cuda(corpus, cache, tmp_path):
+    config = tiny(corpus, cache, tmp_path / "cap", device="cpu", gpu_memory_cap_gib=16)
+    with pytest.raises(ValueError, match=r"gpu_memory_cap_gib=16.*CUDA"):
+        train(config, progress=False)
+    assert load_config(None, {"gpu_memory_cap_gib": "15.5"}).gpu_memory_cap_gib == 15.5
 
 
 def test_boolean_fields_parse_from_the_command_line_and_files(tmp_path):

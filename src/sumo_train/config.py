@@ -69,6 +69,7 @@ class RunConfig:
     activation_checkpointing: bool = False  # recompute each layer's activations in backward
     layerwise: bool = False  # update each parameter in its gradient hook during its grad_accum-th backward
     compile: bool = False  # torch.compile the training forward
+    gpu_memory_cap_gib: float = 0.0  # > 0: cap this process's CUDA allocations (to try a smaller GPU's budget)
 
     def resolved_lr(self) -> float:
         return self.lr if self.lr is not None else DEFAULT_LR.get(self.optimizer, 1e-3)
@@ -113,6 +114,8 @@ class RunConfig:
             errors.append(f"lr must be > 0, got {self.lr!r}")
         if self.grad_clip < 0 or self.weight_decay < 0:
             errors.append("grad_clip and weight_decay must be >= 0")
+        if not isinstance(self.gpu_memory_cap_gib, (int, float)) or not self.gpu_memory_cap_gib >= 0:
+            errors.append(f"gpu_memory_cap_gib must be a number >= 0, got {self.gpu_memory_cap_gib!r}")
         if self.dtype not in DTYPES:
             errors.append(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         for name in ("activation_checkpointing", "layerwise", "compile"):

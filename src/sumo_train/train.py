@@ -88,6 +88,18 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def cap_memory(device: torch.device, gib: float) -> None:
+    """Lets CUDA's caching allocator hand this process at most ``gib`` GiB (an allocation beyond it
+    raises ``torch.OutOfMemoryError``), so one large GPU can stand in for a smaller one. The CUDA
+    context (a few hundred MiB) is outside the cap."""
+    if device.type != "cuda":
+        raise ValueError(f"gpu_memory_cap_gib={gib} needs a CUDA device, not {device.type!r}")
+    total = torch.cuda.get_device_properties(device).total_memory
+    if gib * 2**30 > total:
+        raise ValueError(f"gpu_memory_cap_gib={gib} exceeds the GPU's {total / 2**30:.1f} GiB")
+    torch.cuda.set_per_process_memory_fraction(gib * 2**30 / total, device)
+
+
 def join_torchrun(device: torch.device) -> tuple[int, int, torch.device]:
     """(rank, world size, device): joins torchrun's process group when it launched ``world size > 1``
     processes (NCCL on GPUs, each process on its ``LOCAL_RANK``'s GPU; gloo on CPUs)."""
@@ -313,6 +325,8 @@ def train(config: RunConfig, resume: bool = False, progress: bool = True) -> dic
             f"batch_size ({config.batch_size}) must be a multiple of the world size ({world_size}) × grad_accum "
             f"({config.grad_accum})"
         )
+    if config.gpu_memory_cap_gib:
+        cap_memory(device, config.gpu_memory_cap_gib)
     main_process = rank == 0
     run_dir = Path(config.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
