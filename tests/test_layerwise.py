@@ -233,3 +233,78 @@ def test_nonfinite_micro_batch_skips_the_accumulated_step():
     assert torch.equal(model.wide.weight, before)
     assert optimizer.state[model.wide.weight]["skipped_steps"] == 1
     assert optimizer.state[model.wide.weight]["step"] == 1
+
+
+def repeated_on_refresh(step, count=MICRO_BATCHES):
+    """:func:`micro_batches`, but on refresh steps (0, 3, 6) the first one repeated: then the first
+    micro-batch's gradient spans the summed gradient's subspace, so ``layerwise_refresh="first"``
+    must land where the accumulated step does."""
+    batches = micro_batches(step, count)
+    return [batches[0]] * count if step % 3 == 0 else batches
+
+
+@pytest.mark.parametrize("name", ["sumo", "sumo-randomized-limiter", "galore", "golore"])
+def test_refresh_from_the_first_micro_batch(name):
+    """``layerwise_refresh="first"``: eight steps (refreshes at 1, 4, 7) equal the accumulated
+    step when the first micro-batch spans the sum's subspace; no matrix ever keeps a full
+    gradient after its backward, refresh steps included."""
+    model, optimizer = build(name, layerwise=False)
+    lw_model, lw_optimizer = build(name, layerwise=True, layerwise_refresh="first")
+    matrices = [lw_model.wide.weight, lw_model.tall.weight]
+    for step in range(8):
+        for tokens, labels in repeated_on_refresh(step):
+            backward(model, tokens, labels)
+            backward(lw_model, tokens, labels)
+            assert all(p.grad is None for p in matrices)
+        optimizer.step()
+        optimizer.zero_grad()
+        lw_optimizer.step()
+        for p, q in zip(lw_model.parameters(), model.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-11)
+    assert not lw_optimizer._refreshed_early and not lw_optimizer._projected_sums
+
+
+def test_refresh_from_the_first_micro_batch_reads_only_it():
+    """With different micro-batches, the refresh step's basis is the first micro-batch's: equal
+    to that of a step on the first micro-batch alone (same step count, so the same draws)."""
+    factory = OPTIMIZERS["sumo"]
+    single_model, single = build("sumo", layerwise=False)
+    lw_model, lw_optimizer = build("sumo", layerwise=True, layerwise_refresh="first")
+    tokens, labels = micro_batches(0)[0]
+    backward(single_model, tokens, labels)
+    single.step()
+    for tokens, labels in micro_batches(0):
+        backward(lw_model, tokens, labels)
+    lw_optimizer.step()
+    for p, q in zip(lw_model.parameters(), single_model.parameters()):
+        if p.ndim == 2 and "basis" in single.state[q]:
+            torch.testing.assert_close(lw_optimizer.state[p]["basis"], single.state[q]["basis"], rtol=0, atol=1e-12)
+    assert factory is OPTIMIZERS["sumo"]
+
+
+def test_refresh_from_the_first_micro_batch_skips_a_nonfinite_one():
+    """A NaN in the first micro-batch of a refresh step: no basis is made from it (the gradient is
+    kept whole) and with nonfinite="skip" the step is skipped and counted."""
+    model, optimizer = build("sumo", layerwise=True, layerwise_refresh="first", nonfinite="skip")
+    accumulated_step(model, optimizer, 0)
+    accumulated_step(model, optimizer, 1)
+    accumulated_step(model, optimizer, 2)
+    basis = optimizer.state[model.wide.weight]["basis"].clone()
+    before = model.wide.weight.detach().clone()
+    handle = model.wide.weight.register_hook(lambda grad: grad.clone().fill_(float("nan")))
+    accumulated_step(model, optimizer, 3)  # a refresh step
+    handle.remove()
+    assert torch.equal(model.wide.weight, before) and torch.equal(optimizer.state[model.wide.weight]["basis"], basis)
+    assert optimizer.state[model.wide.weight]["skipped_steps"] == 1
+
+
+def test_refresh_from_the_first_micro_batch_is_refused_where_it_cannot_apply():
+    params = [nn.Parameter(torch.randn(4, 6))]
+    with pytest.raises(ValueError, match="layerwise_refresh must be one of"):
+        sumo_optim.SUMO(params, layerwise=True, layerwise_refresh="last")
+    with pytest.raises(ValueError, match="needs layerwise=True"):
+        sumo_optim.SUMO(params, layerwise_refresh="first")
+    with pytest.raises(TypeError, match="layerwise_refresh"):  # its step reads the whole gradient
+        sumo_optim.MoFaSGD(params, rank=2, layerwise=True, layerwise_refresh="first")
+    with pytest.raises(ValueError, match="complement_scale"):
+        sumo_optim.SUMO.paper_rule(params, rank=2, layerwise=True, layerwise_refresh="first")

@@ -18,7 +18,8 @@ from sumo_train import data as data_lib
 from sumo_train.checkpoint import CheckpointError, latest_checkpoint
 from sumo_train.cli import main as cli
 from sumo_train.config import load_config
-from sumo_train.train import train
+from sumo_train.models import build_llama
+from sumo_train.train import build_optimizers, train
 
 PLAYS = ("hamlet_gut.txt", "macbeth_gut.txt", "othello_gut.txt", "julius_caesar_gut.txt")
 
@@ -421,6 +422,33 @@ def test_layerwise_with_activation_checkpointing_and_bfloat16_trains(corpus, cac
     assert summary["val_loss"] < math.log(512) - 0.3
 
 
+def test_the_7b_memory_recipe_trains(corpus, cache, tmp_path):
+    """Every memory option of the one-GPU 7B run together, at CPU size: bf16 weights, layer-wise
+    updates over 4 micro-batches with refreshes from the first one (refresh every 10 steps),
+    8-bit AdamW moments, SUMO's Q and M in bf16, activation checkpointing."""
+    config = tiny(
+        corpus,
+        cache,
+        tmp_path / "recipe",
+        layerwise=True,
+        grad_accum=4,
+        layerwise_refresh="first",
+        adamw_state_bits=8,
+        state_dtype="bfloat16",
+        grad_clip=0,
+        activation_checkpointing=True,
+        dtype="bfloat16",
+        update_freq=10,
+    )
+    summary = train(config, progress=False)
+    assert summary["val_loss"] < math.log(512) - 0.3
+    optimizer = build_optimizers(config, build_llama("test", 512, 32, torch.bfloat16))[0]
+    assert (optimizer.layerwise_refresh, optimizer.layerwise_accumulation_steps) == ("first", 4)
+    assert optimizer.param_groups[0]["state_dtype"] == torch.bfloat16
+    assert {g["adamw_state_bits"] for g in optimizer.param_groups} == {8}
+    optimizer.remove_hooks()
+
+
 def test_compile_with_layerwise(corpus, cache, tmp_path):
     """torch.compile on the CPU (inductor needs a C++ compiler): the compiled run equals the eager one."""
     if shutil.which("cc") is None and shutil.which("gcc") is None:
@@ -442,6 +470,14 @@ def test_compile_with_layerwise(corpus, cache, tmp_path):
         ({"dtype": "float16"}, ("dtype",)),
         ({"compile": "yes please"}, ("compile",)),
         ({"gpu_memory_cap_gib": "-1"}, ("gpu_memory_cap_gib",)),
+        ({"adamw_state_bits": "4"}, ("adamw_state_bits",)),
+        ({"adamw_state_bits": "8", "optimizer": "adamw"}, ("adamw_state_bits", "adamw")),
+        ({"state_dtype": "bfloat16", "optimizer": "galore"}, ("state_dtype", "galore")),
+        ({"layerwise_refresh": "first"}, ("layerwise_refresh", "--layerwise true")),
+        (
+            {"layerwise_refresh": "first", "layerwise": True, "grad_clip": 0, "optimizer": "mofasgd"},
+            ("layerwise_refresh", "mofasgd"),
+        ),
     ],
 )
 def test_incompatible_settings_are_refused_by_name(values, names):

@@ -123,6 +123,8 @@ class GaLoreAdafactor(SubspaceOptimizer):
             (Nothing here follows AdamW, so there is no ``adamw_state_bits``.)
     """
 
+    vector_step_is_elementwise = False  # factored second moments of 2-D parameters
+
     def __init__(
         self,
         params: Any,

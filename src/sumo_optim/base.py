@@ -39,6 +39,10 @@ __all__ = ["NONFINITE_POLICIES", "SubspaceOptimizer", "adamw_update"]
 NONFINITE_POLICIES = ("raise", "skip")
 ADAMW_STATE_BITS = (32, 8)
 ROUNDING_STREAM = 1  # :func:`~sumo_optim.subspace.refresh_generator`'s stream for stochastic rounding
+LAYERWISE_REFRESH = ("sum", "first")
+# Elements of one chunk of an elementwise (AdamW) step of a large parameter: a multiple of the
+# 8-bit block, 64 MiB of float32 (:meth:`SubspaceOptimizer._update_vector_in_chunks`).
+VECTOR_CHUNK = 2**24
 
 
 def adamw_update(
@@ -99,6 +103,11 @@ class SubspaceOptimizer(Optimizer):
     """
 
     steps_matrices_together = False
+    # Whether the matrix rule can take its new basis from a layer-wise accumulation's first
+    # micro-batch and read only projections after it (``layerwise_refresh="first"``).
+    refreshes_from_first_micro_batch = False
+    # Whether the vector rule is elementwise, so a large parameter can be stepped in chunks.
+    vector_step_is_elementwise = True
     # Group entries that the graphed part of a step reads (a change means a new capture).
     graph_hyperparameters: tuple[str, ...] = ()
 
@@ -109,6 +118,7 @@ class SubspaceOptimizer(Optimizer):
         layerwise: bool = False,
         cuda_graph: bool = False,
         layerwise_accumulation_steps: int = 1,
+        layerwise_refresh: str = "sum",
     ) -> None:
         steps = layerwise_accumulation_steps
         if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
@@ -118,9 +128,21 @@ class SubspaceOptimizer(Optimizer):
                 f"layerwise_accumulation_steps={steps} needs layerwise=True; without it, gradients "
                 "accumulate in .grad over backward passes and one step() uses them all"
             )
+        if layerwise_refresh not in LAYERWISE_REFRESH:
+            raise ValueError(f"layerwise_refresh must be one of {LAYERWISE_REFRESH}, got {layerwise_refresh!r}")
+        if layerwise_refresh == "first" and not layerwise:
+            raise ValueError("layerwise_refresh='first' needs layerwise=True (it says what a layer-wise refresh reads)")
+        if layerwise_refresh == "first" and not self.refreshes_from_first_micro_batch:
+            raise ValueError(
+                f"{type(self).__name__} has no layerwise_refresh='first': its step reads the whole gradient, "
+                "not only its projection"
+            )
         # Layer-wise accumulation, per parameter index: micro-batches accumulated so far in this
-        # step, Σ project(G_i) for matrices that accumulate projections, and updates since step().
+        # step, Σ project(G_i) for matrices that accumulate projections, updates since step(), and
+        # the matrices whose basis for the coming update is already refreshed (``"first"``).
         self.layerwise_accumulation_steps = steps
+        self.layerwise_refresh = layerwise_refresh
+        self._refreshed_early: set[int] = set()
         self._micro_batches: dict[int, int] = {}
         self._projected_sums: dict[int, Tensor] = {}
         self._updates_since_step: dict[int, int] = {}
@@ -193,8 +215,15 @@ class SubspaceOptimizer(Optimizer):
             if self.layerwise_accumulation_steps > 1:
                 self._check_gradients(work)
                 count = self._micro_batches.pop(index, 0) + 1
-                if count == 1 and self._uses_matrix_rule(p, group) and self._reads_only_projection(p, group):
-                    self._projected_sums[index] = self._add_projection(p, group, None)
+                if count == 1 and self._uses_matrix_rule(p, group):
+                    if (
+                        not self._reads_only_projection(p, group)
+                        and self._refreshes_early(p, group)
+                        and self._finite_gradients(work)[0]  # else kept whole: its step is skipped
+                    ):
+                        self._refresh_from_first_micro_batch(p, group, index)
+                    if index in self._refreshed_early or self._reads_only_projection(p, group):
+                        self._projected_sums[index] = self._add_projection(p, group, None)
                 elif index in self._projected_sums:
                     self._add_projection(p, group, self._projected_sums[index])
                 if index in self._projected_sums:
@@ -212,6 +241,30 @@ class SubspaceOptimizer(Optimizer):
             else:
                 self.state[p]["skipped_steps"] = self.state[p].get("skipped_steps", 0) + 1
         p.grad = None
+
+    def _refreshes_early(self, p: Tensor, group: dict[str, Any]) -> bool:
+        """Whether matrix ``p``'s coming refresh is taken from the first micro-batch
+        (``layerwise_refresh="first"``; subclasses say which matrices can)."""
+        return self.layerwise_refresh == "first"
+
+    def _refresh_from_first_micro_batch(self, p: Tensor, group: dict[str, Any], index: int) -> None:
+        """With ``layerwise_refresh="first"``: the refresh (or first step) of matrix ``p`` made
+        now, from the first micro-batch's gradient ``G_1``, by the rule's own refresh
+        (:meth:`_refresh_basis`), as it would run at the update (same step count, so the same
+        random draws). The update then reads only ``Σ project(G_i)`` in the new basis and skips
+        its refresh; no full gradient outlives its micro-batch."""
+        grad = self._working_copy(p.grad).reshape(p.shape[0], -1)
+        state = self._count_step(p, group, index)  # the refresh belongs to the coming update
+        try:
+            stand_in = torch.empty(grad.shape, dtype=grad.dtype, device="meta")
+            self._refresh_basis(Matrix(stand_in, grad, state, group, self._side(grad.shape, group)))
+        finally:
+            state["step"] -= 1
+        self._refreshed_early.add(index)
+
+    def _refresh_basis(self, item: Matrix) -> None:
+        """The rule's refresh of one matrix whose step is counted (its state created if new)."""
+        raise NotImplementedError
 
     def _reads_only_projection(self, p: Tensor, group: dict[str, Any]) -> bool:
         """Whether the next step of matrix ``p`` reads its gradient only through :meth:`_project`
@@ -252,6 +305,7 @@ class SubspaceOptimizer(Optimizer):
         state = self._count_step(p, group, index)
         item = Matrix(weights.view(shape), stand_in, state, group, self._side(shape, group))
         item.projected = projected
+        item.basis_ready = index in self._refreshed_early
         self._step_matrices([item])
         self._end_update(p, weights, group)
 
@@ -280,6 +334,7 @@ class SubspaceOptimizer(Optimizer):
         finally:
             self._micro_batches.clear()
             self._projected_sums.clear()
+            self._refreshed_early.clear()
         if len(set(updates.values())) > 1:
             counts = ", ".join(f"parameter {i}: {n}" for i, n in sorted(updates.items()))
             raise RuntimeError(
@@ -520,12 +575,58 @@ class SubspaceOptimizer(Optimizer):
 
     def _update_parameter(self, p: Tensor, group: dict[str, Any], index: int) -> None:
         """Applies this step's rule to one parameter whose gradient has been checked."""
+        if self._steps_in_chunks(p, group):
+            self._update_vector_in_chunks(p, group, index)
+            return
         weights, grad, state = self._begin_update(p, group, index)
         if self._uses_matrix_rule(p, group):
             self._matrix_step(weights.view(p.shape[0], -1), grad.reshape(p.shape[0], -1), state, group)
         else:
             self._vector_step(weights, grad, state, group)
         self._end_update(p, weights, group)
+
+    def _steps_in_chunks(self, p: Tensor, group: dict[str, Any]) -> bool:
+        return (
+            self.vector_step_is_elementwise
+            and p.numel() > VECTOR_CHUNK
+            and not self._uses_matrix_rule(p, group)
+            and not distributed.is_dtensor(p)
+            and p.is_contiguous()
+            and p.grad.is_contiguous()
+        )
+
+    def _update_vector_in_chunks(self, p: Tensor, group: dict[str, Any], index: int) -> None:
+        """The vector rule on a large parameter (LLaMA-7B's embeddings and head: 131M values),
+        :data:`VECTOR_CHUNK` elements at a time, so its float32 working copies, dequantized 8-bit
+        moments and temporaries span one chunk (64 MiB each), not the whole tensor (512 MiB each).
+        Elementwise, so equal bit for bit to the whole-tensor step when rounding to nearest;
+        stochastic rounding draws chunk after chunk from the parameter's generator."""
+        state = self._count_step(p, group, index)
+        numel, flat_p, flat_grad = p.numel(), p.view(-1), p.grad.view(-1)
+        generator = None
+        if group["bf16_stochastic_rounding"] and p.dtype == torch.bfloat16:
+            generator = refresh_generator(state["seed"], state["step"], p.device, stream=ROUNDING_STREAM)
+        stored = [name for name in state if name.startswith("exp_avg")]  # none on the first step
+        for start in range(0, numel, VECTOR_CHUNK):
+            end = min(numel, start + VECTOR_CHUNK)
+            chunk = {"step": state["step"], **{name: _chunk_of(name, state[name], start, end) for name in stored}}
+            weights, grad = self._working_copy(flat_p[start:end]), self._working_copy(flat_grad[start:end])
+            self._vector_step(weights, grad, chunk, group)
+            for name, value in chunk.items():  # new or re-quantized moments into the whole tensors
+                if name == "step":
+                    continue
+                if name not in state:
+                    length = -(-numel // BLOCK_SIZE) if name.endswith("_absmax") else numel
+                    state[name] = value.new_empty((length,))
+                target = _chunk_of(name, state[name], start, end)
+                if target.data_ptr() != value.data_ptr():
+                    target.copy_(value.reshape(-1))
+            if weights.data_ptr() != flat_p[start:end].data_ptr():
+                rounded = stochastic_round_to_bf16(weights, generator) if generator is not None else weights
+                flat_p[start:end].copy_(rounded)
+        for name in [name for name in state if name.startswith("exp_avg")]:  # per-element: p's shape
+            if not name.endswith("_absmax") and state[name].shape != p.shape:
+                state[name] = state[name].view(p.shape)
 
     def _vector_step(self, weights: Tensor, grad: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
         """The rule for everything that is not a low-rank matrix: AdamW."""
@@ -728,6 +829,15 @@ class SubspaceOptimizer(Optimizer):
             for name, dtype in quantized.items():
                 if name not in state or state[name].dtype != dtype:
                     raise ValueError(f"8-bit AdamW state '{name}' of parameter {index} is missing or not {dtype}")
+
+
+def _chunk_of(name: str, state_tensor: Tensor, start: int, end: int) -> Tensor:
+    """The part of a per-element state (flattened), or of a per-block ``*_absmax``, that covers
+    elements ``start:end`` (``start`` a multiple of :data:`VECTOR_CHUNK`, hence of the block)."""
+    flat = state_tensor.view(-1)
+    if name.endswith("_absmax"):
+        return flat[start // BLOCK_SIZE : -(-end // BLOCK_SIZE)]
+    return flat[start:end]
 
 
 def _refuse_layerwise_under_data_parallel() -> None:

@@ -98,6 +98,7 @@ class GaLoreAdamW(SubspaceOptimizer):
 
     steps_matrices_together = True
     graph_hyperparameters = ("adamw_betas", "adamw_eps")
+    refreshes_from_first_micro_batch = True
 
     def __init__(
         self,
@@ -120,6 +121,7 @@ class GaLoreAdamW(SubspaceOptimizer):
         bf16_stochastic_rounding: bool = False,
         adamw_state_bits: int = 32,
         layerwise_accumulation_steps: int = 1,
+        layerwise_refresh: str = "sum",
         **extra: Any,
     ) -> None:
         defaults = dict(
@@ -146,6 +148,7 @@ class GaLoreAdamW(SubspaceOptimizer):
             layerwise=layerwise,
             cuda_graph=cuda_graph,
             layerwise_accumulation_steps=layerwise_accumulation_steps,
+            layerwise_refresh=layerwise_refresh,
         )
 
     def _validate_group(self, group: dict[str, Any]) -> None:
@@ -180,18 +183,23 @@ class GaLoreAdamW(SubspaceOptimizer):
         batched refresh where due, the directions (:meth:`_directions`, replayed as a CUDA graph
         with ``cuda_graph=True``), and the back-projection with step size, ``scale`` and weight
         decay folded into one grouped product per stack and step count."""
-        refreshed = [x for x in matrices if "basis" not in x.state or _refresh_due(x)]
+        refreshed = [x for x in matrices if not x.basis_ready and ("basis" not in x.state or _refresh_due(x))]
         self._refresh(refreshed)
         for x in matrices:
             if "exp_avg" not in x.state and "exp_avg_codes" not in x.state:  # (8-bit: GaLoreAdamW8bit)
                 shape = self._expected_state_shapes(x.grad.shape, x.group, x.state)["exp_avg"]
-                x.state["exp_avg"] = x.grad.new_zeros(shape)
-                x.state["exp_avg_sq"] = x.grad.new_zeros(shape)
+                # (on the weights' device: a step from accumulated projections has a meta gradient)
+                x.state["exp_avg"] = torch.zeros(shape, dtype=x.grad.dtype, device=x.weights.device)
+                x.state["exp_avg_sq"] = torch.zeros(shape, dtype=x.grad.dtype, device=x.weights.device)
         self._project_unless_done(matrices, refreshed)
         for x, direction in zip(matrices, self._graphed(matrices, lambda: self._directions(matrices))):
             x.update = direction
         for members in stacks(matrices, lambda x: (*projection_key(x), x.state["step"])):  # bias correction
             project_back_(members, [x.update for x in members], *self._back_projection_scalars(members))
+
+    def _refresh_basis(self, item: Matrix) -> None:
+        if "basis" not in item.state or _refresh_due(item):
+            self._refresh([item])
 
     def _directions(self, matrices: list[Matrix]) -> list[Tensor]:
         """Each matrix's direction in its subspace: the inner rule (:meth:`_reduced_directions`)

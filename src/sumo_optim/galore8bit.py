@@ -60,6 +60,8 @@ class GaLoreAdamW8bit(GaLoreAdamW):
     Like ``adamw_state_bits=8``, it refuses FSDP2 (DTensor) parameters outside any subspace.
     """
 
+    vector_step_is_elementwise = False  # whether moments are 8-bit depends on the whole size
+
     def __init__(
         self,
         params: Any,

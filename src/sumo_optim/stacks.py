@@ -30,14 +30,17 @@ __all__ = ["Matrix", "project_", "project_back_", "project_checked", "projection
 
 class Matrix:
     """One matrix of a step: 2-D working copies of weights and gradient, its state, group and
-    side; ``projected`` holds ``project(G)`` once computed, ``update`` the rule's result."""
+    side; ``projected`` holds ``project(G)`` once computed, ``update`` the rule's result;
+    ``basis_ready`` says that this step's refresh was already made (layer-wise, from the first
+    micro-batch)."""
 
-    __slots__ = ("grad", "group", "projected", "side", "state", "update", "weights")
+    __slots__ = ("basis_ready", "grad", "group", "projected", "side", "state", "update", "weights")
 
     def __init__(self, weights: Tensor, grad: Tensor, state: dict[str, Any], group: dict[str, Any], side: str) -> None:
         self.weights, self.grad, self.state, self.group, self.side = weights, grad, state, group, side
         self.projected: Tensor | None = None
         self.update: Tensor | None = None
+        self.basis_ready = False
 
 
 def stacks(items: list[Matrix], key: Callable[[Matrix], Hashable]) -> list[list[Matrix]]:

@@ -138,6 +138,7 @@ class SUMO(SubspaceOptimizer):
     """
 
     steps_matrices_together = True
+    refreshes_from_first_micro_batch = True
     graph_hyperparameters = ("momentum", "limiter", "orthogonalization")
 
     def __init__(
@@ -165,6 +166,7 @@ class SUMO(SubspaceOptimizer):
         adamw_state_bits: int = 32,
         state_dtype: torch.dtype | None = None,
         layerwise_accumulation_steps: int = 1,
+        layerwise_refresh: str = "sum",
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -193,6 +195,7 @@ class SUMO(SubspaceOptimizer):
             layerwise=layerwise,
             cuda_graph=cuda_graph,
             layerwise_accumulation_steps=layerwise_accumulation_steps,
+            layerwise_refresh=layerwise_refresh,
         )
         if cuda_graph and any(group["state_dtype"] is not None for group in self.param_groups):
             raise ValueError("state_dtype keeps float32 copies for each step; it does not combine with cuda_graph=True")
@@ -219,6 +222,11 @@ class SUMO(SubspaceOptimizer):
             raise ValueError(f"scale must be a finite number >= 0, got {group['scale']!r}")
         if not _is_number(group["complement_scale"]) or group["complement_scale"] < 0:
             raise ValueError(f"complement_scale must be a finite number >= 0, got {group['complement_scale']!r}")
+        if group["complement_scale"] and self.layerwise_refresh == "first":
+            raise ValueError(
+                "layerwise_refresh='first' reads only projections after the first micro-batch, but "
+                f"complement_scale={group['complement_scale']} reads the whole gradient: use layerwise_refresh='sum'"
+            )
         limiter = group["limiter"]
         if limiter is not None and (not _is_number(limiter) or limiter < 1):
             raise ValueError(f"limiter (γ) must be None or a number >= 1, got {limiter!r}")
@@ -275,9 +283,20 @@ class SUMO(SubspaceOptimizer):
                     complement = x.grad - project_back(project(x.grad, basis, side), basis, side)
                     x.weights.add_(complement, alpha=-lr * group["complement_scale"])
         self._complete_untrusted(matrices, flags, all_trusted, previous_norms)
-        for item, state in stored:  # ``state_dtype``: Q and M back into the stored dtype, new states too
+        self._store_computing_copies(stored)
+
+    @staticmethod
+    def _store_computing_copies(stored: list[tuple[Matrix, dict[str, Any]]]) -> None:
+        """``state_dtype``: Q and M back into the stored states in their dtype, new states too."""
+        for item, state in stored:
             for name, value in item.state.items():
                 state[name] = value.to(item.group["state_dtype"]) if name in STORED_STATES else value
+
+    def _refresh_basis(self, item: Matrix) -> None:
+        stored = self._computing_copies([item])
+        if self._init_state(item):
+            self._refresh([item])
+        self._store_computing_copies(stored)
 
     @staticmethod
     def _computing_copies(matrices: list[Matrix]) -> list[tuple[Matrix, dict[str, Any]]]:
@@ -339,7 +358,7 @@ class SUMO(SubspaceOptimizer):
             state["moment"] = torch.zeros(moment_shape, dtype=grad.dtype, device=grad.device)
             if group["limiter"] is not None:
                 state["previous_norm"] = torch.zeros((), dtype=grad.dtype, device=grad.device)
-        return item.side != "full" and is_refresh_step(state["step"], group["update_freq"])
+        return item.side != "full" and not item.basis_ready and is_refresh_step(state["step"], group["update_freq"])
 
     def _refresh(self, matrices: list[Matrix]) -> None:
         """Blocks 1 and 1.1 for matrices at a refresh step: new Q (batched per stack), M transported."""

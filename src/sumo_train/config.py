@@ -69,6 +69,11 @@ class RunConfig:
     activation_checkpointing: bool = False  # recompute each layer's activations in backward
     layerwise: bool = False  # update each parameter in its gradient hook during its grad_accum-th backward
     compile: bool = False  # torch.compile the training forward
+    # Optimizer state (library optimizers): 8-bit AdamW moments, SUMO's Q and M in bf16, and what
+    # a layer-wise refresh step with --grad-accum reads (the summed gradient, or the first micro-batch's).
+    adamw_state_bits: int = 32  # 32 | 8
+    state_dtype: str = "float32"  # float32 | bfloat16 (SUMO)
+    layerwise_refresh: str = "sum"  # sum | first (SUMO, GaLore, GoLore)
     gpu_memory_cap_gib: float = 0.0  # > 0: cap this process's CUDA allocations (to try a smaller GPU's budget)
 
     def resolved_lr(self) -> float:
@@ -116,6 +121,12 @@ class RunConfig:
             errors.append("grad_clip and weight_decay must be >= 0")
         if not isinstance(self.gpu_memory_cap_gib, (int, float)) or not self.gpu_memory_cap_gib >= 0:
             errors.append(f"gpu_memory_cap_gib must be a number >= 0, got {self.gpu_memory_cap_gib!r}")
+        if self.adamw_state_bits not in (32, 8):
+            errors.append(f"adamw_state_bits must be 32 or 8, got {self.adamw_state_bits!r}")
+        if self.state_dtype not in DTYPES:
+            errors.append(f"state_dtype must be one of {', '.join(DTYPES)}, got {self.state_dtype!r}")
+        if self.layerwise_refresh not in ("sum", "first"):
+            errors.append(f"layerwise_refresh must be 'sum' or 'first', got {self.layerwise_refresh!r}")
         if self.dtype not in DTYPES:
             errors.append(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         for name in ("activation_checkpointing", "layerwise", "compile"):
@@ -139,6 +150,18 @@ class RunConfig:
                 errors.append(
                     f"layerwise=True never holds the whole model's gradient, so grad_clip={self.grad_clip:g} "
                     "cannot clip its norm: set --grad-clip 0"
+                )
+        if self.adamw_state_bits == 8 and self.optimizer in TORCH_OPTIMIZERS:
+            errors.append(f"adamw_state_bits=8 needs an optimizer of the library, not optimizer={self.optimizer!r}")
+        if self.state_dtype == "bfloat16" and self.optimizer not in ("sumo", "sumo_paper"):
+            errors.append(f"state_dtype='bfloat16' is SUMO's (Q and M); optimizer={self.optimizer!r} has none")
+        if self.layerwise_refresh == "first":
+            if not self.layerwise:
+                errors.append("layerwise_refresh='first' chooses what a layer-wise refresh reads: set --layerwise true")
+            if self.optimizer not in ("sumo", "galore", "golore"):
+                errors.append(
+                    f"layerwise_refresh='first' with optimizer={self.optimizer!r}: only sumo, galore and golore "
+                    "read nothing but projections after a refresh"
                 )
         if self.dtype == "bfloat16" and self.optimizer in TORCH_OPTIMIZERS:
             errors.append(

@@ -163,6 +163,12 @@ def build_optimizers(config: RunConfig, model: nn.Module) -> list[torch.optim.Op
     options: dict[str, Any] = {"rank": config.rank}
     if config.layerwise:  # each parameter updated in its gradient hook, at its grad_accum-th backward
         options.update(layerwise=True, layerwise_accumulation_steps=config.grad_accum)
+        if config.layerwise_refresh != "sum":
+            options["layerwise_refresh"] = config.layerwise_refresh
+    if config.adamw_state_bits != 32:
+        options["adamw_state_bits"] = config.adamw_state_bits
+    if config.state_dtype != "float32":
+        options["state_dtype"] = getattr(torch, config.state_dtype)
     if name in ("sumo", "sumo_paper"):
         options.update(update_freq=config.update_freq, scale=config.resolved_scale(), seed=config.seed)
     elif name in ("galore", "golore"):
@@ -217,7 +223,10 @@ class Task:
         if config.task == "pretrain":
             self.tokens = data_lib.prepare_tokens(config.corpus, config.cache_dir, config.vocab_size)
             dtype = getattr(torch, config.dtype)
-            self.model = build_llama(config.preset, self.tokens.vocab_size, config.seq_len, dtype)
+            # bf16 weights are created on the training device (LLaMA-7B never exists on the host);
+            # float32 ones on the CPU, so that a seed gives the same model on any device.
+            with torch.device(device if dtype != torch.float32 else "cpu"):
+                self.model = build_llama(config.preset, self.tokens.vocab_size, config.seq_len, dtype)
             self.tokens_per_batch = config.batch_size * config.seq_len
         else:
             from transformers import AutoTokenizer, BertForSequenceClassification

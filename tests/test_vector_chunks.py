@@ -1,0 +1,51 @@
+"""Large AdamW parameters (embeddings, head) are stepped chunk by chunk
+(``SubspaceOptimizer._update_vector_in_chunks``): equal bit for bit to the whole-tensor step."""
+
+import pytest
+import torch
+
+import sumo_optim
+from sumo_optim import base
+
+CHUNK = 512  # two 8-bit blocks; the test parameter has 2.5 chunks and a partial block
+
+
+def run(name, chunk, dtype, monkeypatch, **options):
+    """Three steps on a 1300-value AdamW parameter and a matrix; returns the weights and state."""
+    monkeypatch.setattr(base, "VECTOR_CHUNK", chunk)
+    g = torch.Generator().manual_seed(7)
+    vector = torch.nn.Parameter(torch.randn(130, 10, generator=g).to(dtype))
+    matrix = torch.nn.Parameter(torch.randn(12, 9, generator=g).to(dtype))
+    groups = [{"params": [matrix], "rank": 3}, {"params": [vector], "subspace": False}]
+    optimizer = sumo_optim.create(name, groups, lr=0.01, weight_decay=0.1, **options)
+    for _ in range(3):
+        vector.grad = torch.randn(vector.shape, generator=g).to(dtype)
+        matrix.grad = torch.randn(matrix.shape, generator=g).to(dtype)
+        optimizer.step()
+    return vector.detach().clone(), optimizer.state[vector]
+
+
+@pytest.mark.parametrize("name", ["sumo", "galore", "mofasgd"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bits", [32, 8])
+def test_chunked_vector_steps_equal_the_whole_step(name, dtype, bits, monkeypatch):
+    whole, whole_state = run(name, 2**24, dtype, monkeypatch, adamw_state_bits=bits)
+    chunked, chunked_state = run(name, CHUNK, dtype, monkeypatch, adamw_state_bits=bits)
+    assert torch.equal(chunked, whole)
+    assert chunked_state.keys() == whole_state.keys()
+    for key, value in whole_state.items():
+        if torch.is_tensor(value):
+            assert chunked_state[key].shape == value.shape and chunked_state[key].dtype == value.dtype, key
+            assert torch.equal(chunked_state[key], value), key
+        else:
+            assert chunked_state[key] == value, key
+
+
+def test_chunked_stochastic_rounding_is_deterministic_and_moves_weights(monkeypatch):
+    first, _ = run("sumo", CHUNK, torch.bfloat16, monkeypatch, bf16_stochastic_rounding=True)
+    again, _ = run("sumo", CHUNK, torch.bfloat16, monkeypatch, bf16_stochastic_rounding=True)
+    nearest, _ = run("sumo", CHUNK, torch.bfloat16, monkeypatch)
+    assert torch.equal(first, again)
+    assert not torch.equal(first, nearest)
+    # three roundings apart at most: a few bf16 ulps (2⁻⁷ relative) of each value
+    assert ((first.float() - nearest.float()).abs() <= 2**-5 * nearest.float().abs() + 1e-3).all()
