@@ -94,6 +94,7 @@ def cap_memory(device: torch.device, gib: float) -> None:
     context (a few hundred MiB) is outside the cap."""
     if device.type != "cuda":
         raise ValueError(f"gpu_memory_cap_gib={gib} needs a CUDA device, not {device.type!r}")
+    device = device if device.index is not None else torch.device("cuda", torch.cuda.current_device())
     total = torch.cuda.get_device_properties(device).total_memory
     if gib * 2**30 > total:
         raise ValueError(f"gpu_memory_cap_gib={gib} exceeds the GPU's {total / 2**30:.1f} GiB")
