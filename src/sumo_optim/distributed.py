@@ -25,17 +25,16 @@ another world size: owners are recomputed and each loads the states of the matri
 from __future__ import annotations
 
 import heapq
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-if TYPE_CHECKING:
-    from .base import SubspaceOptimizer
+from .base import SubspaceOptimizer, Work, register_dtensor_sharding
+from .dtensors import is_dtensor, local_tensor
 
 __all__ = [
     "MatrixSharding",
@@ -47,28 +46,42 @@ __all__ = [
     "shard_matrices",
 ]
 
-Work = list[tuple[Tensor, dict[str, Any], int]]
-
-
-def is_dtensor(tensor: Any) -> bool:
-    """True for a ``DTensor`` (an FSDP2 parameter or gradient).
-
-    Without importing ``torch.distributed.tensor`` (seconds): no DTensor exists before it is.
-    """
-    module = sys.modules.get("torch.distributed.tensor")
-    return module is not None and isinstance(tensor, module.DTensor)
-
-
-def local_tensor(tensor: Tensor) -> Tensor:
-    """This rank's shard of a ``DTensor``; a plain tensor itself."""
-    return tensor.to_local() if is_dtensor(tensor) else tensor
-
 
 @dataclass(frozen=True)
 class MatrixSharding:
     """Owner-sharded mode over ``process_group`` (``None``: the default group)."""
 
     process_group: Any = None
+
+    def agree_on_finite(self, finite: list[bool], work: Work) -> list[bool]:
+        return finite  # DDP's gradients are whole and equal on every rank
+
+    def step(self, optimizer: SubspaceOptimizer, work: Work) -> None:
+        owner_step(optimizer, work, self._group())
+
+    def owners(self, optimizer: SubspaceOptimizer) -> tuple[dict[int, int], int]:
+        group = self._group()
+        return matrix_owners(optimizer, dist.get_world_size(group)), dist.get_rank(group)
+
+    def _group(self) -> Any:
+        return self.process_group if self.process_group is not None else dist.group.WORLD
+
+
+class DTensorSharding:
+    """FSDP2: each matrix's owner gathers it, updates it and scatters it back."""
+
+    def agree_on_finite(self, finite: list[bool], work: Work) -> list[bool]:
+        return agree_on_finite(finite, work)
+
+    def step(self, optimizer: SubspaceOptimizer, work: Work) -> None:
+        owner_step(optimizer, work, _owner_group(optimizer))
+
+    def owners(self, optimizer: SubspaceOptimizer) -> tuple[dict[int, int], int]:
+        group = _owner_group(optimizer)
+        return matrix_owners(optimizer, dist.get_world_size(group)), dist.get_rank(group)
+
+
+register_dtensor_sharding(DTensorSharding())
 
 
 def shard_matrices(optimizer: SubspaceOptimizer, process_group: Any = None) -> SubspaceOptimizer:
@@ -114,22 +127,14 @@ def matrix_owners(optimizer: SubspaceOptimizer, world_size: int) -> dict[int, in
 
 
 def _owner_group(optimizer: SubspaceOptimizer) -> Any:
-    """The process group over which matrices are owned, or ``None`` when every rank updates all."""
+    """The process group over which FSDP2 matrices are owned."""
     for group in optimizer.param_groups:
         for p in group["params"]:
             if is_dtensor(p) and optimizer._uses_matrix_rule(p, group):
                 if p.device_mesh.ndim != 1:
                     raise NotImplementedError("sumo_optim supports FSDP2 on a 1-D device mesh only")
                 return p.device_mesh.get_group()
-    sharding = getattr(optimizer, "sharding", None)
-    if sharding is None:
-        return None
-    return sharding.process_group if sharding.process_group is not None else dist.group.WORLD
-
-
-def uses_owners(optimizer: SubspaceOptimizer) -> bool:
-    """True in owner-sharded mode and under FSDP2."""
-    return _owner_group(optimizer) is not None
+    raise ValueError("no DTensor matrix")
 
 
 def agree_on_finite(finite: list[bool], work: Work) -> list[bool]:
@@ -148,10 +153,9 @@ def agree_on_finite(finite: list[bool], work: Work) -> list[bool]:
 BUCKET_ELEMENTS = 2**27
 
 
-def owner_step(optimizer: SubspaceOptimizer, work: Work) -> None:
+def owner_step(optimizer: SubspaceOptimizer, work: Work, process_group: Any) -> None:
     """One step in owner mode: the rest on every rank, then the matrices bucket by bucket, each on
     its owner, with the new weights sent from the owners to every rank."""
-    process_group = _owner_group(optimizer)
     owners = matrix_owners(optimizer, dist.get_world_size(process_group))
     optimizer._update_parameters([item for item in work if item[2] not in owners])
     bucket, size = [], 0
@@ -277,11 +281,8 @@ def _parameter_names(model: nn.Module) -> dict[Tensor, str]:
 
 
 def _owned_indices(optimizer: SubspaceOptimizer) -> tuple[dict[int, int], int]:
-    process_group = _owner_group(optimizer)
-    if process_group is None:
-        return {}, 0
-    rank, world_size = dist.get_rank(process_group), dist.get_world_size(process_group)
-    return matrix_owners(optimizer, world_size), rank
+    sharding = optimizer._step_sharding()
+    return ({}, 0) if sharding is None else sharding.owners(optimizer)
 
 
 def optimizer_state_dict(model: nn.Module, optimizer: SubspaceOptimizer) -> dict[str, Any]:
