@@ -327,5 +327,5 @@ def benchmark_scenario(rank: int, world: int, directory: Path) -> None:
 def test_benchmark_smoke_runs_on_two_ranks(tmp_path):
     spawn("benchmark_scenario", 2, tmp_path)
     result = json.loads((tmp_path / "distributed_step_time_smoke_ws2.json").read_text())
-    assert [row["mode"] for row in result["rows"]] == ["replicated", "sharded", "fsdp2"]
+    assert [row["mode"] for row in result["rows"]] == ["replicated", "sharded", "fsdp2", "hsdp"]
     assert all(row["plain_ms"] > 0 and row["norm_difference"] < 1e-5 for row in result["rows"])
