@@ -165,10 +165,10 @@ def ddp_scenario(rank: int, world: int, directory: Path) -> None:
 
 
 def fsdp_scenario(rank: int, world: int, directory: Path) -> None:
-    default_prefetch = sumo_dist.PREFETCH
+    default_group = sumo_dist.GROUP_ELEMENTS
     for i, name in enumerate(OPTIMIZERS):
-        # Every other optimizer gathers one batch ahead only.
-        sumo_dist.PREFETCH = 1 if i % 2 else default_prefetch
+        # Every other optimizer computes one batch of matrices at a time (groups of 1 element).
+        sumo_dist.GROUP_ELEMENTS = 1 if i % 2 else default_group
         model = fsdp_model(world)
         optimizer = build(name, model)
         train(model, optimizer, range(CHECKPOINT_STEP), rank, world)

@@ -13,14 +13,15 @@ gradients' all-reduce):
 * **FSDP2** (``torch.distributed.fsdp.fully_shard`` on a 1-D mesh; parameters are ``DTensor``s
   placed ``(Shard(0),)``) and **HSDP** (``fully_shard`` on a 2-D ``("replicate", "shard")``
   mesh; placed ``(Replicate(), Shard(0))``): automatic. The matrices are dealt in batches of
-  ``W`` (the shard dimension's size), one per rank (:func:`owner_batches`). Per batch, one
-  all-to-all hands each owner the whole gradient and weight of its matrix, gathered from
-  everyone's shards; the owner runs the matrix rule on them; a second all-to-all returns each
-  rank its rows of the new weights. The next :data:`PREFETCH` batches' gathers are in flight
-  while a batch is computed. Tensors travel in the parameters' dtype (bf16 for bf16 weights,
-  which loses nothing). Under HSDP every replica group does the same work with the same
-  result. Non-matrix parameters are updated shard by shard, their AdamW states being
-  ``DTensor``s too.
+  ``W`` (the shard dimension's size), one per rank (:func:`owner_batches`). Per batch,
+  all-to-alls hand each owner the whole gradient and weight of its matrix, gathered from
+  everyone's shards; the owner runs the matrix rule on them; another all-to-all returns each
+  rank its rows of the new weights. Consecutive batches form groups of about
+  :data:`GROUP_ELEMENTS` elements per owner, computed together (equal shapes in one stack);
+  the next group's gathers and the last group's returns are in flight while a group is
+  computed. Tensors travel in the parameters' dtype (bf16 for bf16 weights, which loses
+  nothing). Under HSDP every replica group does the same work with the same result.
+  Non-matrix parameters are updated shard by shard, their AdamW states being ``DTensor``s too.
 
 In the owner modes low-rank states live on the owner only (state memory divided by the
 world size, or by the shard size under HSDP). Checkpoints (:func:`save_checkpoint`,
@@ -32,10 +33,8 @@ each rank loads the states of the matrices it owns.
 from __future__ import annotations
 
 import functools
-from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from itertools import islice
 from typing import Any
 
 import torch
@@ -46,7 +45,7 @@ from .base import SubspaceOptimizer, Work, register_dtensor_sharding
 from .dtensors import is_dtensor, local_tensor
 
 __all__ = [
-    "PREFETCH",
+    "GROUP_ELEMENTS",
     "DTensorSharding",
     "MatrixSharding",
     "assign_owners",
@@ -58,9 +57,10 @@ __all__ = [
     "shard_matrices",
 ]
 
-# Batches whose gradients and weights are being gathered while one batch is computed (and
-# whose new weights may still be on their way back): more overlap, more memory in flight.
-PREFETCH = 2
+# Elements of whole FSDP2/HSDP matrices an owner computes together (at least one batch's). About
+# three groups are in flight at once (one computed, the next gathered, the last returned), each
+# holding weights and gradients: 6 × 4 B × 2**26 = 1.5 GiB per rank in float32 at most.
+GROUP_ELEMENTS = 2**26
 
 
 # ---------------------------------------------------------------------------------- owners
@@ -197,6 +197,7 @@ def _layout(optimizer: SubspaceOptimizer) -> _Layout:
         if p.device_mesh != mesh or _shard_dim(p) != dim:
             raise NotImplementedError("sumo_optim supports DTensor matrices on one device mesh only")
     world_size = mesh.size(dim)
+    matrices.sort(key=lambda item: tuple(item[1].shape))  # equal shapes together, within equal sizes
     batches = owner_batches([p.numel() for _, p in matrices], world_size)
     indices = [[None if item is None else matrices[item][0] for item in batch] for batch in batches]
     return _Layout(mesh.get_group(dim), mesh.get_local_rank(dim), world_size, indices)
@@ -236,9 +237,9 @@ class _Transfer:
 
     def __init__(self, batch: list[int | None], params: dict[int, Tensor], layout: _Layout) -> None:
         self.batch, self.params, self.layout = batch, params, layout
-        present = [params[index] for index in batch if index is not None]
-        self.dtype = functools.reduce(torch.promote_types, (p.dtype for p in present))
-        self.device = local_tensor(present[0]).device
+        self.present = [params[index] for index in batch if index is not None]
+        self.dtype = functools.reduce(torch.promote_types, (p.dtype for p in self.present))
+        self.device = local_tensor(self.present[0]).device
         self.mine = batch[layout.rank]
         # What this rank sends each owner (its rows of the owner's matrix), and receives back.
         self.local_sizes = [0 if index is None else local_tensor(params[index]).numel() for index in batch]
@@ -251,7 +252,6 @@ class _Transfer:
     def gather(self) -> Callable[[], tuple[int, Tensor] | None]:
         """Starts sending each owner this rank's rows of its weights and gradient; the returned
         function waits and gives (index, whole weights with ``.grad``) on an owner, else ``None``."""
-        present = [self.params[index] for index in self.batch if index is not None]
         arrived = [
             _all_to_all(
                 [local_tensor(t) for t in tensors],
@@ -261,7 +261,7 @@ class _Transfer:
                 self.device,
                 self.layout.group,
             )
-            for tensors in (present, [p.grad for p in present])
+            for tensors in (self.present, [p.grad for p in self.present])
         ]
 
         def result() -> tuple[int, Tensor] | None:
@@ -308,28 +308,27 @@ class DTensorSharding:
     def step(self, optimizer: SubspaceOptimizer, work: Work) -> None:
         layout = _layout(optimizer)
         params = {index: p for p, _, index in work}
-        groups = {index: group for _, group, index in work}
         owned = {index for batch in layout.batches for index in batch if index is not None}
         batches = [[index if index in params else None for index in batch] for batch in layout.batches]
-        pending = iter([_Transfer(batch, params, layout) for batch in batches if any(i is not None for i in batch)])
-        gathers = deque((transfer, transfer.gather()) for transfer in islice(pending, max(1, PREFETCH)))
-        # The rest (and any matrix that is not a DTensor) on every rank, while the first batches travel.
+        transfers = [_Transfer(batch, params, layout) for batch in batches if any(i is not None for i in batch)]
+        groups = _groups(transfers)
+        gathering = [transfer.gather() for transfer in groups[0]] if groups else []
+        # The rest (and any matrix that is not a DTensor) on every rank, while the first group travels.
         optimizer._update_parameters([item for item in work if item[2] not in owned])
-        returns: deque[Callable[[], None]] = deque()
-        while gathers:
-            transfer, gathered = gathers.popleft()
-            following = next(pending, None)
-            if following is not None:
-                gathers.append((following, following.gather()))
-            arrived = gathered()
-            whole = None
-            if arrived is not None:
-                index, whole = arrived
-                _with_states_moved(optimizer, params[index], whole, groups[index], index)
-            returns.append(transfer.give_back(whole))
-            if len(returns) > max(1, PREFETCH):
-                returns.popleft()()
-        for finish in returns:
+        returning: list[Callable[[], None]] = []
+        param_groups = {index: group for _, group, index in work}
+        for number, current in enumerate(groups):
+            following = [transfer.gather() for transfer in groups[number + 1]] if number + 1 < len(groups) else []
+            arrived = [gathered() for gathered in gathering]  # (index, whole matrix) on owners, else None
+            mine = [(params[index], whole, param_groups[index], index) for index, whole in filter(None, arrived)]
+            _update_wholes(optimizer, mine)
+            for finish in returning:  # the previous group's rows are back
+                finish()
+            returning = [
+                transfer.give_back(None if item is None else item[1]) for transfer, item in zip(current, arrived)
+            ]
+            gathering = following
+        for finish in returning:
             finish()
 
     def owners(self, optimizer: SubspaceOptimizer) -> tuple[dict[int, int], int]:
@@ -341,17 +340,33 @@ class DTensorSharding:
 register_dtensor_sharding(DTensorSharding())
 
 
-def _with_states_moved(
-    optimizer: SubspaceOptimizer, p: Tensor, whole: Tensor, group: dict[str, Any], index: int
-) -> None:
-    """Runs the algorithm's own ``_update_parameters`` on ``whole`` (the gathered matrix ``p``),
-    with ``p``'s state moved onto it for the call."""
-    optimizer.state[whole] = optimizer.state.pop(p, {})
+def _groups(transfers: list[_Transfer]) -> list[list[_Transfer]]:
+    """Consecutive batches, each group's largest matrices adding up to about :data:`GROUP_ELEMENTS`."""
+    groups: list[list[_Transfer]] = []
+    size = 0
+    for transfer in transfers:
+        largest = max(p.numel() for p in transfer.present)
+        if not groups or size + largest > GROUP_ELEMENTS:
+            groups.append([])
+            size = 0
+        groups[-1].append(transfer)
+        size += largest
+    return groups
+
+
+def _update_wholes(optimizer: SubspaceOptimizer, wholes: list[tuple[Tensor, Tensor, dict[str, Any], int]]) -> None:
+    """Runs the algorithm's own ``_update_parameters`` on the gathered matrices (parameter, whole
+    matrix, group, index), with each parameter's state moved onto its whole matrix for the call."""
+    if not wholes:
+        return
+    for p, whole, _, _ in wholes:
+        optimizer.state[whole] = optimizer.state.pop(p, {})
     try:
-        optimizer._update_parameters([(whole, group, index)])
+        optimizer._update_parameters([(whole, group, index) for _, whole, group, index in wholes])
     finally:
-        optimizer.state[p] = optimizer.state.pop(whole)
-        whole.grad = None
+        for p, whole, _, _ in wholes:
+            optimizer.state[p] = optimizer.state.pop(whole)
+            whole.grad = None
 
 
 # ----------------------------------------------------------------------------- checkpoints
