@@ -1,7 +1,7 @@
 """Every optimizer under torch.distributed (gloo, CPU, 2 or 4 processes) equals the single-process run.
 
 Scenarios, one spawn each, looping over the optimizers inside: DDP replicated and owner-sharded;
-FSDP2 with a DCP checkpoint at step 3; on 4 processes, FSDP2 and HSDP (2 replicas × 2 shards),
+FSDP2 with a DCP checkpoint at step 3, and HSDP 2×1 and 1×2; on 4 processes, FSDP2 and HSDP (2 replicas × 2 shards),
 the latter also resuming the 2-rank FSDP2 checkpoint and writing its own; resuming checkpoints
 in fresh processes on 2 ranks (FSDP2's and HSDP's) and on 1 rank (another world size). The
 reference is one process on the full batch. Layer-wise mode, which would update on local
@@ -107,14 +107,15 @@ def assert_close(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]
 FOUR_RANK_OPTIMIZERS = ("sumo", "galore", "golore", "mofasgd")
 
 
-def fsdp_model(world: int, replicate: int = 1) -> nn.Module:
-    """The MLP under FSDP2 on ``world`` ranks, or HSDP with ``replicate`` replicas of ``world // replicate`` shards."""
+def fsdp_model(world: int, replicate: int = 1, hsdp: bool = False) -> nn.Module:
+    """The MLP under FSDP2 on ``world`` ranks, or HSDP (``replicate > 1`` or ``hsdp``: a 2-D
+    mesh) with ``replicate`` replicas of ``world // replicate`` shards."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     torch.manual_seed(0)
     model = MLP()
-    if replicate > 1:
+    if replicate > 1 or hsdp:
         mesh = init_device_mesh("cpu", (replicate, world // replicate), mesh_dim_names=("replicate", "shard"))
     else:
         mesh = init_device_mesh("cpu", (world,))
@@ -180,6 +181,20 @@ def fsdp_scenario(rank: int, world: int, directory: Path) -> None:
             torch.save(got, directory / f"{name}.final.pt")
         matrices = [p for p in model.parameters() if p.ndim == 2]
         assert sum(bool(optimizer.state.get(p)) for p in matrices) < len(matrices)  # owner-only states
+
+    # HSDP on 2 ranks: 2 replicas of 1 shard (each rank owns every matrix) and 1 replica of 2 shards.
+    for name in FOUR_RANK_OPTIMIZERS:
+        expected = reference(name)
+        for replicate in (2, 1):
+            label = f"{name} HSDP {replicate}×{world // replicate} rank {rank}"
+            model = fsdp_model(world, replicate, hsdp=True)
+            optimizer = build(name, model)
+            train(model, optimizer, range(STEPS), rank, world)
+            assert_close(full_parameters(model), expected, label)
+            matrices = [p for p in model.parameters() if p.ndim == 2]
+            with_state = torch.tensor(sum(bool(optimizer.state.get(p)) for p in matrices))
+            dist.all_reduce(with_state)
+            assert with_state.item() == len(matrices) * replicate, label  # one owner per replica group
 
     # A NaN in one rank's shard of a gradient: every rank skips that matrix (nonfinite="skip").
     model = fsdp_model(world)
@@ -303,7 +318,7 @@ def test_owner_batches_deal_one_matrix_per_rank_in_alternating_rounds():
 
 
 def test_fsdp2_hsdp_and_checkpoint_resume_across_world_sizes_and_meshes(tmp_path):
-    """FSDP2 on 2 ranks; FSDP2 and HSDP 2×2 on 4 (HSDP resumes FSDP2's checkpoint); FSDP2 on 2
+    """FSDP2 and HSDP (2×1, 1×2) on 2 ranks; FSDP2 and HSDP 2×2 on 4 (HSDP resumes FSDP2's checkpoint); FSDP2 on 2
     and 1 ranks resume both FSDP2's and HSDP's checkpoints."""
     spawn("fsdp_scenario", 2, tmp_path)
     spawn("four_rank_scenario", 4, tmp_path)
