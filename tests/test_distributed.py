@@ -1,9 +1,11 @@
-"""Every optimizer under torch.distributed (gloo, CPU, 2 processes) equals the single-process run.
+"""Every optimizer under torch.distributed (gloo, CPU, 2 or 4 processes) equals the single-process run.
 
 Scenarios, one spawn each, looping over the optimizers inside: DDP replicated and owner-sharded;
-FSDP2 with a DCP checkpoint at step 3; resuming that checkpoint in fresh processes on 2 ranks
-and on 1 rank (another world size). The reference is one process on the full batch. Layer-wise
-mode, which would update on local gradients, is refused on 2 ranks.
+FSDP2 with a DCP checkpoint at step 3, and HSDP 2×1 and 1×2; on 4 processes, FSDP2 and HSDP (2 replicas × 2 shards),
+the latter also resuming the 2-rank FSDP2 checkpoint and writing its own; resuming checkpoints
+in fresh processes on 2 ranks (FSDP2's and HSDP's) and on 1 rank (another world size). The
+reference is one process on the full batch. Layer-wise mode, which would update on local
+gradients, is refused on 2 ranks.
 """
 
 from __future__ import annotations
@@ -100,13 +102,23 @@ def assert_close(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]
         torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-6, msg=lambda m, s=message: f"{s}: {m}")
 
 
-def fsdp_model(world: int) -> nn.Module:
+# The optimizers of the 4-process (HSDP) scenario: refreshes by SVD (GaLore), random (GoLore),
+# power iteration (SUMO) and MoFaSGD's own.
+FOUR_RANK_OPTIMIZERS = ("sumo", "galore", "golore", "mofasgd")
+
+
+def fsdp_model(world: int, replicate: int = 1, hsdp: bool = False) -> nn.Module:
+    """The MLP under FSDP2 on ``world`` ranks, or HSDP (``replicate > 1`` or ``hsdp``: a 2-D
+    mesh) with ``replicate`` replicas of ``world // replicate`` shards."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     torch.manual_seed(0)
     model = MLP()
-    mesh = init_device_mesh("cpu", (world,))
+    if replicate > 1 or hsdp:
+        mesh = init_device_mesh("cpu", (replicate, world // replicate), mesh_dim_names=("replicate", "shard"))
+    else:
+        mesh = init_device_mesh("cpu", (world,))
     for layer in (model.fc1, model.fc2, model.fc3):
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
@@ -154,10 +166,10 @@ def ddp_scenario(rank: int, world: int, directory: Path) -> None:
 
 
 def fsdp_scenario(rank: int, world: int, directory: Path) -> None:
-    default_bucket = sumo_dist.BUCKET_ELEMENTS
+    default_group = sumo_dist.GROUP_ELEMENTS
     for i, name in enumerate(OPTIMIZERS):
-        # Every other optimizer gathers one matrix at a time (buckets of 100 elements).
-        sumo_dist.BUCKET_ELEMENTS = 100 if i % 2 else default_bucket
+        # Every other optimizer computes one batch of matrices at a time (groups of 1 element).
+        sumo_dist.GROUP_ELEMENTS = 1 if i % 2 else default_group
         model = fsdp_model(world)
         optimizer = build(name, model)
         train(model, optimizer, range(CHECKPOINT_STEP), rank, world)
@@ -169,6 +181,20 @@ def fsdp_scenario(rank: int, world: int, directory: Path) -> None:
             torch.save(got, directory / f"{name}.final.pt")
         matrices = [p for p in model.parameters() if p.ndim == 2]
         assert sum(bool(optimizer.state.get(p)) for p in matrices) < len(matrices)  # owner-only states
+
+    # HSDP on 2 ranks: 2 replicas of 1 shard (each rank owns every matrix) and 1 replica of 2 shards.
+    for name in FOUR_RANK_OPTIMIZERS:
+        expected = reference(name)
+        for replicate in (2, 1):
+            label = f"{name} HSDP {replicate}×{world // replicate} rank {rank}"
+            model = fsdp_model(world, replicate, hsdp=True)
+            optimizer = build(name, model)
+            train(model, optimizer, range(STEPS), rank, world)
+            assert_close(full_parameters(model), expected, label)
+            matrices = [p for p in model.parameters() if p.ndim == 2]
+            with_state = torch.tensor(sum(bool(optimizer.state.get(p)) for p in matrices))
+            dist.all_reduce(with_state)
+            assert with_state.item() == len(matrices) * replicate, label  # one owner per replica group
 
     # A NaN in one rank's shard of a gradient: every rank skips that matrix (nonfinite="skip").
     model = fsdp_model(world)
@@ -184,15 +210,45 @@ def fsdp_scenario(rank: int, world: int, directory: Path) -> None:
     assert not torch.equal(after["fc2.weight"], before["fc2.weight"])
 
 
-def resume_scenario(rank: int, world: int, directory: Path) -> None:
-    """Fresh processes: load the step-3 checkpoint of the 2-rank FSDP2 run, finish, compare."""
-    for name in OPTIMIZERS:
-        model = fsdp_model(world)
+def four_rank_scenario(rank: int, world: int, directory: Path) -> None:
+    """FSDP2 on 4 ranks (a 5-row matrix leaves one rank an empty shard) and HSDP 2 × 2, both from
+    scratch; HSDP writes its step-3 checkpoint, then resumes the 2-rank FSDP2 run's."""
+    for name in FOUR_RANK_OPTIMIZERS:
+        expected = reference(name)
+        for replicate in (1, 2):
+            label = f"{name} {'HSDP 2×2' if replicate > 1 else 'FSDP2 ×4'} rank {rank}"
+            model = fsdp_model(world, replicate)
+            optimizer = build(name, model)
+            train(model, optimizer, range(CHECKPOINT_STEP), rank, world)
+            if replicate > 1:
+                sumo_dist.save_checkpoint(str(directory / f"hsdp-{name}"), model, optimizer)
+            train(model, optimizer, range(CHECKPOINT_STEP, STEPS), rank, world)
+            assert_close(full_parameters(model), expected, label)
+            matrices = [p for p in model.parameters() if p.ndim == 2]
+            with_state = torch.tensor(sum(bool(optimizer.state.get(p)) for p in matrices))
+            dist.all_reduce(with_state)
+            assert with_state.item() == len(matrices) * replicate, label  # one owner per replica group
+
+        model = fsdp_model(world, replicate=2)
         optimizer = build(name, model)
         sumo_dist.load_checkpoint(str(directory / name), model, optimizer)
         train(model, optimizer, range(CHECKPOINT_STEP, STEPS), rank, world)
-        expected = torch.load(directory / f"{name}.final.pt")
-        assert_close(full_parameters(model), expected, f"{name} resumed on {world} rank(s), rank {rank}")
+        assert_close(full_parameters(model), expected, f"{name} FSDP2 ×2 checkpoint resumed under HSDP 2×2")
+
+
+def resume_scenario(rank: int, world: int, directory: Path) -> None:
+    """Fresh processes: load the step-3 checkpoint of the 2-rank FSDP2 run (and, when written, of
+    the HSDP 2×2 run), finish, compare."""
+    for name in OPTIMIZERS:
+        for checkpoint in (name, f"hsdp-{name}"):
+            if not (directory / checkpoint).exists():
+                continue
+            model = fsdp_model(world)
+            optimizer = build(name, model)
+            sumo_dist.load_checkpoint(str(directory / checkpoint), model, optimizer)
+            train(model, optimizer, range(CHECKPOINT_STEP, STEPS), rank, world)
+            expected = torch.load(directory / f"{name}.final.pt")
+            assert_close(full_parameters(model), expected, f"{checkpoint} resumed on {world} rank(s), rank {rank}")
 
 
 def layerwise_scenario(rank: int, world: int, directory: Path) -> None:
@@ -255,8 +311,17 @@ def test_ddp_replicated_and_sharded_equal_single_process(tmp_path):
     spawn("ddp_scenario", 2, tmp_path)
 
 
-def test_fsdp2_and_checkpoint_resume_on_same_and_other_world_size(tmp_path):
+def test_owner_batches_deal_one_matrix_per_rank_in_alternating_rounds():
+    assert sumo_dist.owner_batches([5, 9, 7, 1, 3], 2) == [[1, 2], [4, 0], [3, None]]
+    assert sumo_dist.owner_batches([2, 2], 3) == [[0, 1, None]]
+    assert sumo_dist.assign_owners([5, 9, 7, 1, 3], 2) == [1, 0, 1, 0, 0]
+
+
+def test_fsdp2_hsdp_and_checkpoint_resume_across_world_sizes_and_meshes(tmp_path):
+    """FSDP2 and HSDP (2×1, 1×2) on 2 ranks; FSDP2 and HSDP 2×2 on 4 (HSDP resumes FSDP2's checkpoint); FSDP2 on 2
+    and 1 ranks resume both FSDP2's and HSDP's checkpoints."""
     spawn("fsdp_scenario", 2, tmp_path)
+    spawn("four_rank_scenario", 4, tmp_path)
     spawn("resume_scenario", 2, tmp_path)
     spawn("resume_scenario", 1, tmp_path)
 
@@ -277,5 +342,5 @@ def benchmark_scenario(rank: int, world: int, directory: Path) -> None:
 def test_benchmark_smoke_runs_on_two_ranks(tmp_path):
     spawn("benchmark_scenario", 2, tmp_path)
     result = json.loads((tmp_path / "distributed_step_time_smoke_ws2.json").read_text())
-    assert [row["mode"] for row in result["rows"]] == ["replicated", "sharded", "fsdp2"]
+    assert [row["mode"] for row in result["rows"]] == ["replicated", "sharded", "fsdp2", "hsdp"]
     assert all(row["plain_ms"] > 0 and row["norm_difference"] < 1e-5 for row in result["rows"])

@@ -151,6 +151,8 @@ def test_bad_configuration_fields_are_named(tmp_path, capsys):
         load_config(None, {"distributed": "zero3"})
     with pytest.raises(ValueError, match="needs a low-rank optimizer"):
         load_config(None, {"distributed": "fsdp2", "optimizer": "adamw"})
+    with pytest.raises(ValueError, match="replicate=2 needs distributed='hsdp'"):
+        load_config(None, {"distributed": "fsdp2", "replicate": 2})
     config_file = tmp_path / "run.yaml"
     config_file.write_text("optimizer: sumo\nlearning_rate: 0.1\n")
     assert cli(["pretrain", "--config", str(config_file)]) == 2
@@ -348,6 +350,22 @@ def test_torchrun_sharded_run_and_its_resume_equal_one_process(one_process, tmp_
     assert alone["val_loss"] == pytest.approx(expected["val_loss"], rel=1e-5)
     steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert steps == [3, 6, 6, 6]  # rank 0 alone logs: the history up to step 3, then loss, validation, final
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_torchrun_hsdp_run_equals_one_process_and_resumes_under_fsdp2(one_process, tmp_path):
+    """distributed=hsdp on 2 processes as 2 replicas (--replicate 2): the one-process result, and
+    its mid-run DCP checkpoint resumes under fsdp2 (another mesh) to the same loss."""
+    one, expected = one_process
+    config = {**one.to_dict(), "distributed": "hsdp", "checkpoint_every": 3}
+    run_dir = tmp_path / "hsdp"
+    got = torchrun_pretrain(config, run_dir, "--replicate", "2")
+    assert got["val_loss"] == pytest.approx(expected["val_loss"], rel=1e-5)
+    # Two replicas of one shard each: every rank holds the whole optimizer state.
+    assert got["optimizer_state_bytes"] == expected["optimizer_state_bytes"]
+    shutil.rmtree(run_dir / "step-0000006")
+    resumed = torchrun_pretrain({**config, "distributed": "fsdp2"}, run_dir, "--resume")
+    assert resumed["val_loss"] == pytest.approx(expected["val_loss"], rel=1e-5)
 
 
 def final_weights(config) -> dict[str, torch.Tensor]:

@@ -1,5 +1,6 @@
 """sumo-optim: memory-efficient low-rank optimizers for training large language models."""
 
+from . import distributed  # registers the FSDP2/HSDP sharding
 from .adafactor import GaLoreAdafactor
 from .base import SubspaceOptimizer
 from .galore import GaLoreAdamW
@@ -24,6 +25,7 @@ __all__ = [
     "SubspaceOptimizer",
     "available",
     "create",
+    "distributed",
     "lr_adjustment",
     "orthogonalize",
     "orthogonalize_newton_schulz",

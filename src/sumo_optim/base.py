@@ -20,21 +20,21 @@ import functools
 import math
 import weakref
 from collections.abc import Callable, Hashable, Iterable
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
-from . import distributed
 from .cuda_graph import GraphedCall, tensor_key
+from .dtensors import is_dtensor, local_tensor
 from .quantization import BLOCK_SIZE, dequantize_blockwise, quantize_blockwise
 from .rounding import stochastic_round_to_bf16
 from .stacks import Matrix, project_, project_checked
 from .subspace import choose_side, refresh_generator
 
-__all__ = ["NONFINITE_POLICIES", "SubspaceOptimizer", "adamw_update"]
+__all__ = ["NONFINITE_POLICIES", "StepSharding", "SubspaceOptimizer", "adamw_update", "register_dtensor_sharding"]
 
 NONFINITE_POLICIES = ("raise", "skip")
 ADAMW_STATE_BITS = (32, 8)
@@ -43,6 +43,36 @@ LAYERWISE_REFRESH = ("sum", "first")
 # Elements of one chunk of an elementwise (AdamW) step of a large parameter: a multiple of the
 # 8-bit block, 64 MiB of float32 (:meth:`SubspaceOptimizer._update_vector_in_chunks`).
 VECTOR_CHUNK = 2**24
+
+# (parameter, its group, its index over all groups), for each parameter a step updates.
+Work = list[tuple[Tensor, dict[str, Any], int]]
+
+
+class StepSharding(Protocol):
+    """How a step's matrices are split over ranks (:mod:`sumo_optim.distributed` implements it).
+
+    The optimizer calls it once gradients are checked; it updates the parameters through the
+    optimizer's own :meth:`SubspaceOptimizer._update_parameters`.
+    """
+
+    def agree_on_finite(self, finite: list[bool], work: Work) -> list[bool]:
+        """The finiteness flags of ``work``'s gradients, agreed over ranks (each may see a shard)."""
+
+    def step(self, optimizer: SubspaceOptimizer, work: Work) -> None:
+        """Updates every parameter of ``work`` (gradients checked and finite)."""
+
+    def owners(self, optimizer: SubspaceOptimizer) -> tuple[dict[int, int], int]:
+        """(parameter index → owner rank, for the matrices that have one; this rank)."""
+
+
+_dtensor_sharding: StepSharding | None = None
+
+
+def register_dtensor_sharding(sharding: StepSharding) -> None:
+    """Sets the sharding used when matrices are ``DTensor``s (FSDP2, HSDP); :mod:`sumo_optim.distributed`
+    registers its own on import."""
+    global _dtensor_sharding
+    _dtensor_sharding = sharding
 
 
 def adamw_update(
@@ -163,7 +193,7 @@ class SubspaceOptimizer(Optimizer):
         self.cuda_graph = GraphedCall() if cuda_graph else None
         self.projection_graph = GraphedCall() if cuda_graph else None  # :meth:`_project`'s own
         # Owner-sharded mode under DDP (see :func:`sumo_optim.distributed.shard_matrices`).
-        self.sharding: distributed.MatrixSharding | None = None
+        self.sharding: StepSharding | None = None
         self._layerwise_handles: list[RemovableHandle] = []
         if layerwise:
             self._register_layerwise_hooks()
@@ -208,7 +238,7 @@ class SubspaceOptimizer(Optimizer):
         layer-wise mode; its update, the refresh included, is then the one of the summed
         gradient, and the gradient is freed right after it.
         """
-        if distributed.is_dtensor(p) and self._uses_matrix_rule(p, group):
+        if is_dtensor(p) and self._uses_matrix_rule(p, group):
             raise NotImplementedError("layerwise=True does not support FSDP2 (sharded) matrices")
         with torch.no_grad():
             work = [(p, group, index)]
@@ -409,6 +439,17 @@ class SubspaceOptimizer(Optimizer):
     def _uses_matrix_rule(self, param: Tensor, group: dict[str, Any]) -> bool:
         return group["subspace"] and param.ndim >= 2
 
+    def _step_sharding(self) -> StepSharding | None:
+        """How this step is split over ranks: ``DTensor`` matrices (FSDP2, HSDP) take the registered
+        sharding, else :attr:`sharding` (owner-sharded DDP); ``None``: every rank updates everything."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                if is_dtensor(p) and self._uses_matrix_rule(p, group):
+                    if _dtensor_sharding is None:
+                        raise RuntimeError("DTensor parameters need sumo_optim.distributed (import it)")
+                    return _dtensor_sharding
+        return self.sharding
+
     def _parameters_with_grad(self) -> list[tuple[Tensor, dict[str, Any], int]]:
         """(parameter, its group, its index over all groups) for each parameter with a gradient."""
         work, index = [], 0
@@ -444,7 +485,7 @@ class SubspaceOptimizer(Optimizer):
         batches: dict[tuple[torch.device, torch.dtype], list[int]] = {}
         grads = {}
         for i in positions:
-            grads[i] = distributed.local_tensor(work[i][0].grad)  # under FSDP2, this rank's shard
+            grads[i] = local_tensor(work[i][0].grad)  # under FSDP2, this rank's shard
             if grads[i].numel():
                 batches.setdefault((grads[i].device, grads[i].dtype), []).append(i)
         pending = []
@@ -468,15 +509,19 @@ class SubspaceOptimizer(Optimizer):
         return [([in_work[id(prepared[i][0])] for i in positions], flags) for positions, flags in checks]
 
     def _finite_flags(
-        self, work: list[tuple[Tensor, dict[str, Any], int]], pending: list[tuple[list[int], Tensor]]
+        self,
+        work: list[tuple[Tensor, dict[str, Any], int]],
+        pending: list[tuple[list[int], Tensor]],
+        sharding: StepSharding | None = None,
     ) -> list[bool]:
-        """Which gradients are finite (the host waits for the check here); raises for a non-finite
-        one in a group with ``nonfinite="raise"``."""
+        """Which gradients are finite (the host waits for the check here; agreed over ranks by
+        ``sharding``); raises for a non-finite one in a group with ``nonfinite="raise"``."""
         finite = [True] * len(work)
         for positions, flags in pending:
             for i, ok in zip(positions, flags.tolist()):
                 finite[i] = ok
-        finite = distributed.agree_on_finite(finite, work)
+        if sharding is not None:
+            finite = sharding.agree_on_finite(finite, work)
         for (p, group, index), ok in zip(work, finite):
             if not ok and group["nonfinite"] == "raise":
                 raise ValueError(
@@ -502,8 +547,8 @@ class SubspaceOptimizer(Optimizer):
             return loss
         work = self._parameters_with_grad()
         self._check_gradients(work)
-        owners = distributed.uses_owners(self)  # owner-sharded DDP, or FSDP2
-        together = self.steps_matrices_together and not owners
+        sharding = self._step_sharding()  # owner-sharded DDP, FSDP2 or HSDP
+        together = self.steps_matrices_together and sharding is None
         is_matrix = [self._uses_matrix_rule(p, group) for p, group, _ in work]
         # On a step where no matrix refreshes its basis, the matrices' projected gradients
         # (r×n, computed first anyway) are checked instead of the gradients (m×n): a NaN or Inf
@@ -520,14 +565,14 @@ class SubspaceOptimizer(Optimizer):
         if early:
             pending.extend(self._queue_projection_check(work, prepared))
         ready = []
-        for (p, group, index), ok in zip(work, self._finite_flags(work, pending)):
+        for (p, group, index), ok in zip(work, self._finite_flags(work, pending, sharding)):
             if ok:
                 ready.append((p, group, index))
             else:
                 state = self.state[p]
                 state["skipped_steps"] = state.get("skipped_steps", 0) + 1
-        if owners:
-            distributed.owner_step(self, ready)
+        if sharding is not None:
+            sharding.step(self, ready)
         elif prepared is not None and len(ready) == len(work):
             self._update_parameters(ready, prepared)
         else:
@@ -590,7 +635,7 @@ class SubspaceOptimizer(Optimizer):
             self.vector_step_is_elementwise
             and p.numel() > VECTOR_CHUNK
             and not self._uses_matrix_rule(p, group)
-            and not distributed.is_dtensor(p)
+            and not is_dtensor(p)
             and p.is_contiguous()
             and p.grad.is_contiguous()
         )
@@ -638,7 +683,7 @@ class SubspaceOptimizer(Optimizer):
     def _vector_moments(state: dict[str, Any], grad: Tensor, group: dict[str, Any]) -> tuple[Tensor, Tensor]:
         """AdamW's moments as ``state["exp_avg"]`` and ``state["exp_avg_sq"]`` in ``grad``'s dtype,
         to be updated in place: zero on the first step, dequantized when stored in 8 bits."""
-        if distributed.is_dtensor(grad) and group["adamw_state_bits"] == 8:
+        if is_dtensor(grad) and group["adamw_state_bits"] == 8:
             raise NotImplementedError("adamw_state_bits=8 does not support FSDP2 (DTensor) parameters")
         if "exp_avg_codes" in state:
             exp_avg = dequantize_blockwise(state.pop("exp_avg_codes"), state.pop("exp_avg_absmax"))
@@ -697,9 +742,9 @@ class SubspaceOptimizer(Optimizer):
         if weights is p:
             return
         if group["bf16_stochastic_rounding"] and p.dtype == torch.bfloat16 and weights.dtype == torch.float32:
-            state, local = self.state[p], distributed.local_tensor(weights)  # under FSDP2, this rank's shard
+            state, local = self.state[p], local_tensor(weights)  # under FSDP2, this rank's shard
             generator = refresh_generator(state["seed"], state["step"], local.device, stream=ROUNDING_STREAM)
-            distributed.local_tensor(p).copy_(stochastic_round_to_bf16(local, generator))
+            local_tensor(p).copy_(stochastic_round_to_bf16(local, generator))
         else:
             p.copy_(weights)
 

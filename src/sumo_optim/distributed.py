@@ -1,74 +1,140 @@
-"""Data-parallel and FSDP2 training with the library's optimizers: a thin owner layer.
+"""Data-parallel, FSDP2 and HSDP training with the library's optimizers: a thin owner layer.
 
-Three ways to run, all giving the single-process result (up to the reduction order of the
+Four ways to run, all giving the single-process result (up to the reduction order of the
 gradients' all-reduce):
 
 * **replicated** (DDP, the default): gradients are equal on every rank, and every random
   draw depends only on (seed, parameter index, step) (:func:`~sumo_optim.subspace.refresh_generator`),
   so every rank computes the same update. Nothing to do.
 * **owner-sharded** (DDP, :func:`shard_matrices`): each matrix has one owner rank
-  (:func:`assign_owners`, balanced by size); only the owner runs the matrix rule and keeps
-  its low-rank state, then broadcasts the new weights, as in Muon's distributed variant.
-  Non-matrix parameters (AdamW) are updated on every rank.
-* **FSDP2** (``torch.distributed.fsdp.fully_shard``; parameters are ``DTensor``s sharded on
-  dim 0): automatic. The owner of a matrix gathers the whole gradient and weight
-  (``dist.gather`` of the shards), runs the matrix rule on them, and scatters the new weight
-  back (``dist.scatter``), all asynchronous. Non-matrix parameters are updated shard by
-  shard, their AdamW states being ``DTensor``s too.
+  (:func:`assign_owners`); only the owner runs the matrix rule and keeps its low-rank state,
+  then broadcasts the new weights, as in Muon's distributed variant. Non-matrix parameters
+  (AdamW) are updated on every rank.
+* **FSDP2** (``torch.distributed.fsdp.fully_shard`` on a 1-D mesh; parameters are ``DTensor``s
+  placed ``(Shard(0),)``) and **HSDP** (``fully_shard`` on a 2-D ``("replicate", "shard")``
+  mesh; placed ``(Replicate(), Shard(0))``): automatic. The matrices are dealt in batches of
+  ``W`` (the shard dimension's size), one per rank (:func:`owner_batches`). Per batch,
+  all-to-alls hand each owner the whole gradient and weight of its matrix, gathered from
+  everyone's shards; the owner runs the matrix rule on them; another all-to-all returns each
+  rank its rows of the new weights. Consecutive batches form groups of about
+  :data:`GROUP_ELEMENTS` elements per owner, computed together (equal shapes in one stack);
+  the next group's gathers and the last group's returns are in flight while a group is
+  computed. Tensors travel in the parameters' dtype (bf16 for bf16 weights, which loses
+  nothing). Under HSDP every replica group does the same work with the same result.
+  Non-matrix parameters are updated shard by shard, their AdamW states being ``DTensor``s too.
 
-In both owner modes low-rank states live on the owner only (state memory divided by the
-world size). Checkpoints (:func:`save_checkpoint`, :func:`load_checkpoint`) go through
-``torch.distributed.checkpoint`` with states keyed by parameter name, so a run can resume on
-another world size: owners are recomputed and each loads the states of the matrices it owns.
+In the owner modes low-rank states live on the owner only (state memory divided by the
+world size, or by the shard size under HSDP). Checkpoints (:func:`save_checkpoint`,
+:func:`load_checkpoint`) go through ``torch.distributed.checkpoint`` with states keyed by
+parameter name, so a run can resume on another world size or mesh: owners are recomputed and
+each rank loads the states of the matrices it owns.
 """
 
 from __future__ import annotations
 
-import heapq
-import sys
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-if TYPE_CHECKING:
-    from .base import SubspaceOptimizer
+from .base import SubspaceOptimizer, Work, register_dtensor_sharding
+from .dtensors import is_dtensor, local_tensor
 
 __all__ = [
+    "GROUP_ELEMENTS",
+    "DTensorSharding",
     "MatrixSharding",
     "assign_owners",
     "load_checkpoint",
     "matrix_owners",
     "optimizer_state_dict",
+    "owner_batches",
     "save_checkpoint",
     "shard_matrices",
 ]
 
-Work = list[tuple[Tensor, dict[str, Any], int]]
+# Elements of whole FSDP2/HSDP matrices an owner computes together (at least one batch's). About
+# three groups are in flight at once (one computed, the next gathered, the last returned), each
+# holding weights and gradients: 6 × 4 B × 2**26 = 1.5 GiB per rank in float32 at most.
+GROUP_ELEMENTS = 2**26
 
 
-def is_dtensor(tensor: Any) -> bool:
-    """True for a ``DTensor`` (an FSDP2 parameter or gradient).
+# ---------------------------------------------------------------------------------- owners
+def owner_batches(sizes: Sequence[int], world_size: int) -> list[list[int | None]]:
+    """Items dealt to ranks in rounds: ``batches[k][rank]`` is the item ``rank`` owns in round
+    ``k`` (``None``: none).
 
-    Without importing ``torch.distributed.tensor`` (seconds): no DTensor exists before it is.
+    Largest first, each round of ``world_size`` dealt in the direction opposite to the last
+    (rank 0 up, then down), so the heaviest rank carries at most the mean load plus the largest
+    item. Deterministic: every rank computes the same rounds without communicating.
     """
-    module = sys.modules.get("torch.distributed.tensor")
-    return module is not None and isinstance(tensor, module.DTensor)
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    order = sorted(range(len(sizes)), key=lambda i: (-sizes[i], i))
+    batches: list[list[int | None]] = []
+    for start in range(0, len(order), world_size):
+        batch: list[int | None] = [None] * world_size
+        ranks = range(world_size) if len(batches) % 2 == 0 else range(world_size - 1, -1, -1)
+        for item, rank in zip(order[start : start + world_size], ranks):
+            batch[rank] = item
+        batches.append(batch)
+    return batches
 
 
-def local_tensor(tensor: Tensor) -> Tensor:
-    """This rank's shard of a ``DTensor``; a plain tensor itself."""
-    return tensor.to_local() if is_dtensor(tensor) else tensor
+def assign_owners(sizes: Sequence[int], world_size: int) -> list[int]:
+    """Owner rank of each item, as :func:`owner_batches` deals them."""
+    owners = [0] * len(sizes)
+    for batch in owner_batches(sizes, world_size):
+        for rank, item in enumerate(batch):
+            if item is not None:
+                owners[item] = rank
+    return owners
 
 
+def matrix_owners(optimizer: SubspaceOptimizer, world_size: int) -> dict[int, int]:
+    """Parameter index (over all groups) → owner rank, for every parameter the matrix rule updates."""
+    matrices = [
+        (index, p.numel())
+        for index, (p, group) in enumerate((p, g) for g in optimizer.param_groups for p in g["params"])
+        if optimizer._uses_matrix_rule(p, group)
+    ]
+    owners = assign_owners([size for _, size in matrices], world_size)
+    return {index: owner for (index, _), owner in zip(matrices, owners)}
+
+
+# ------------------------------------------------------------------------ owner-sharded DDP
 @dataclass(frozen=True)
 class MatrixSharding:
-    """Owner-sharded mode over ``process_group`` (``None``: the default group)."""
+    """Owner-sharded DDP over ``process_group`` (``None``: the default group): each matrix is
+    updated on its owner (:func:`matrix_owners`) and broadcast from there."""
 
     process_group: Any = None
+
+    def agree_on_finite(self, finite: list[bool], work: Work) -> list[bool]:
+        return finite  # DDP's gradients are whole and equal on every rank
+
+    def step(self, optimizer: SubspaceOptimizer, work: Work) -> None:
+        owners, rank = self.owners(optimizer)
+        group = self._group()
+        optimizer._update_parameters([item for item in work if owners.get(item[2], rank) == rank])
+        handles = [
+            dist.broadcast(p, dist.get_global_rank(group, owners[index]), group=group, async_op=True)
+            for p, _, index in work
+            if index in owners
+        ]
+        for handle in handles:
+            handle.wait()
+
+    def owners(self, optimizer: SubspaceOptimizer) -> tuple[dict[int, int], int]:
+        group = self._group()
+        return matrix_owners(optimizer, dist.get_world_size(group)), dist.get_rank(group)
+
+    def _group(self) -> Any:
+        return self.process_group if self.process_group is not None else dist.group.WORLD
 
 
 def shard_matrices(optimizer: SubspaceOptimizer, process_group: Any = None) -> SubspaceOptimizer:
@@ -85,185 +151,222 @@ def shard_matrices(optimizer: SubspaceOptimizer, process_group: Any = None) -> S
     return optimizer
 
 
-def assign_owners(sizes: Sequence[int], world_size: int) -> list[int]:
-    """Owner rank of each item: largest first, each to the least-loaded rank (ties: lowest rank).
-
-    Deterministic, so every rank computes the same assignment without communicating; the
-    heaviest rank carries at most the mean load plus the largest item.
-    """
-    if world_size < 1:
-        raise ValueError(f"world_size must be >= 1, got {world_size}")
-    owners = [0] * len(sizes)
-    loads = [(0, rank) for rank in range(world_size)]
-    for item in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
-        load, rank = heapq.heappop(loads)
-        owners[item] = rank
-        heapq.heappush(loads, (load + sizes[item], rank))
-    return owners
-
-
-def matrix_owners(optimizer: SubspaceOptimizer, world_size: int) -> dict[int, int]:
-    """Parameter index (over all groups) → owner rank, for every parameter the matrix rule updates."""
-    matrices = [
-        (index, p.numel())
-        for index, (p, group) in enumerate((p, g) for g in optimizer.param_groups for p in g["params"])
-        if optimizer._uses_matrix_rule(p, group)
-    ]
-    owners = assign_owners([size for _, size in matrices], world_size)
-    return {index: owner for (index, _), owner in zip(matrices, owners)}
-
-
-def _owner_group(optimizer: SubspaceOptimizer) -> Any:
-    """The process group over which matrices are owned, or ``None`` when every rank updates all."""
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            if is_dtensor(p) and optimizer._uses_matrix_rule(p, group):
-                if p.device_mesh.ndim != 1:
-                    raise NotImplementedError("sumo_optim supports FSDP2 on a 1-D device mesh only")
-                return p.device_mesh.get_group()
-    sharding = getattr(optimizer, "sharding", None)
-    if sharding is None:
-        return None
-    return sharding.process_group if sharding.process_group is not None else dist.group.WORLD
-
-
-def uses_owners(optimizer: SubspaceOptimizer) -> bool:
-    """True in owner-sharded mode and under FSDP2."""
-    return _owner_group(optimizer) is not None
-
-
-def agree_on_finite(finite: list[bool], work: Work) -> list[bool]:
-    """Under FSDP2 each rank sees only its shard of a gradient: a gradient is finite only if
-    it is on every rank (one all-reduce). Plain gradients are left as they are."""
-    dtensors = [p.grad for p, _, _ in work if is_dtensor(p.grad)]
-    if not dtensors:
-        return finite
-    flags = torch.tensor(finite, dtype=torch.int32, device=local_tensor(dtensors[0]).device)
-    dist.all_reduce(flags, op=dist.ReduceOp.MIN, group=dtensors[0].device_mesh.get_group())
-    return [bool(flag) for flag in flags.tolist()]
-
-
-# Elements of whole FSDP2 matrices in flight at once: bounds the gathered weights and gradients
-# an owner holds (2 × 4 B × 2**27 = 1 GiB in float32) instead of gathering every matrix at once.
-BUCKET_ELEMENTS = 2**27
-
-
-def owner_step(optimizer: SubspaceOptimizer, work: Work) -> None:
-    """One step in owner mode: the rest on every rank, then the matrices bucket by bucket, each on
-    its owner, with the new weights sent from the owners to every rank."""
-    process_group = _owner_group(optimizer)
-    owners = matrix_owners(optimizer, dist.get_world_size(process_group))
-    optimizer._update_parameters([item for item in work if item[2] not in owners])
-    bucket, size = [], 0
-    for p, group, index in work:
-        if index not in owners:
-            continue
-        if bucket and size + p.numel() > BUCKET_ELEMENTS:
-            _owner_step_bucket(optimizer, bucket, process_group)
-            bucket, size = [], 0
-        bucket.append((p, group, index, owners[index]))
-        size += p.numel() if is_dtensor(p) else 0  # DDP's matrices are whole already: one bucket
-    if bucket:
-        _owner_step_bucket(optimizer, bucket, process_group)
-
-
-def _owner_step_bucket(
-    optimizer: SubspaceOptimizer, matrices: list[tuple[Tensor, dict[str, Any], int, int]], process_group: Any
-) -> None:
-    """Gather (FSDP2) or take (DDP) each matrix on its owner, update it there, send it back."""
-    rank = dist.get_rank(process_group)
-    # The owner's stand-in for a parameter: the parameter itself, or the whole gathered DTensor.
-    stand_ins: dict[int, Tensor] = {}
-    gathered = []
-    for p, _, index, owner in matrices:
-        if is_dtensor(p):
-            gathered.append((index, _gather_rows(p, owner, process_group), _gather_rows(p.grad, owner, process_group)))
-        elif owner == rank:
-            stand_ins[index] = p
-    for index, weights, grad in gathered:  # every rank waits; only the owner receives
-        whole_weights, whole_grad = weights(), grad()
-        if whole_weights is not None:
-            whole_weights.grad = whole_grad
-            stand_ins[index] = whole_weights
-    owned = [(stand_ins[index], group, index) for _, group, index, _ in matrices if index in stand_ins]
-    _with_states_moved(optimizer, {index: p for p, _, index, _ in matrices if index in stand_ins}, stand_ins, owned)
-    finish = []
-    for p, _, index, owner in matrices:
-        if is_dtensor(p):
-            finish.append(_scatter_rows(stand_ins.get(index), p, owner, process_group))
-        else:
-            handle = dist.broadcast(p, dist.get_global_rank(process_group, owner), group=process_group, async_op=True)
-            finish.append(handle.wait)
-    for done in finish:
-        done()
-
-
-def _rows_per_rank(tensor: Tensor, world_size: int) -> int:
-    """Rows of each rank's (padded) shard of a ``Shard(0)`` DTensor: ``ceil(m / world_size)``."""
+# ----------------------------------------------------------------------------- FSDP2, HSDP
+def _shard_dim(tensor: Tensor) -> int:
+    """The mesh dimension over which a ``DTensor`` is sharded on its rows (the others replicate)."""
     placements = tuple(tensor.placements)
-    if len(placements) != 1 or not placements[0].is_shard(0):
-        raise NotImplementedError(f"sumo_optim supports FSDP2 matrices sharded as (Shard(0),), got {placements}")
-    return -(-tensor.shape[0] // world_size)
+    shards = [dim for dim, placement in enumerate(placements) if not placement.is_replicate()]
+    if len(shards) != 1 or not placements[shards[0]].is_shard(0):
+        raise NotImplementedError(
+            f"sumo_optim supports DTensors placed (Shard(0),) (FSDP2) or (Replicate(), Shard(0)) (HSDP), "
+            f"got {placements}"
+        )
+    return shards[0]
 
 
-def _padded_rows(tensor: Tensor, rows: int) -> Tensor:
-    """``tensor`` with zero rows appended up to ``rows`` (itself, contiguous, when it has them)."""
-    if tensor.shape[0] == rows:
-        return tensor.contiguous()
-    padded = tensor.new_zeros((rows, *tensor.shape[1:]))
-    padded[: tensor.shape[0]] = tensor
-    return padded
+def _row_counts(rows: int, world_size: int) -> list[int]:
+    """Rows of each rank's shard of a ``Shard(0)`` tensor (``torch.chunk``'s split, empty shards last)."""
+    per_rank = -(-rows // world_size)
+    return [max(0, min(rows, (rank + 1) * per_rank) - rank * per_rank) for rank in range(world_size)]
 
 
-def _gather_rows(tensor: Tensor, owner: int, process_group: Any) -> Callable[[], Tensor | None]:
-    """Starts gathering a ``Shard(0)`` DTensor's shards on ``owner``; the returned function
-    waits and gives the whole tensor there (``None`` elsewhere)."""
-    world_size = dist.get_world_size(process_group)
-    rows = _rows_per_rank(tensor, world_size)
-    local = _padded_rows(tensor.to_local(), rows)
-    pieces = [torch.empty_like(local) for _ in range(world_size)] if dist.get_rank(process_group) == owner else None
-    handle = dist.gather(local, pieces, dist.get_global_rank(process_group, owner), group=process_group, async_op=True)
-
-    def result() -> Tensor | None:
-        handle.wait()
-        return None if pieces is None else torch.cat(pieces)[: tensor.shape[0]]
-
-    return result
+def _shard_sizes(p: Tensor, world_size: int) -> list[int]:
+    """Elements of each rank's shard of ``p``."""
+    row = p.numel() // p.shape[0] if p.shape[0] else 0
+    return [rows * row for rows in _row_counts(p.shape[0], world_size)]
 
 
-def _scatter_rows(full: Tensor | None, p: Tensor, owner: int, process_group: Any) -> Callable[[], None]:
-    """Starts sending each rank its rows of ``full`` (given on ``owner``) into ``p``'s local shard;
-    the returned function waits and copies."""
-    world_size = dist.get_world_size(process_group)
-    rows = _rows_per_rank(p, world_size)
-    local = p.to_local()
-    received = torch.empty((rows, *local.shape[1:]), dtype=local.dtype, device=local.device)
-    pieces = None if full is None else list(_padded_rows(full, rows * world_size).split(rows))
-    handle = dist.scatter(
-        received, pieces, dist.get_global_rank(process_group, owner), group=process_group, async_op=True
-    )
+@dataclass(frozen=True)
+class _Layout:
+    """Who owns which ``DTensor`` matrix: ``batches[k][rank]`` is a parameter index or ``None``."""
 
-    def finish() -> None:
-        handle.wait()
-        local.copy_(received[: local.shape[0]])
-
-    return finish
+    group: Any  # the shard dimension's process group
+    rank: int  # this rank in it
+    world_size: int
+    batches: list[list[int | None]]
 
 
-def _with_states_moved(
-    optimizer: SubspaceOptimizer, params: dict[int, Tensor], stand_ins: dict[int, Tensor], owned: Work
-) -> None:
-    """Runs the algorithm's own ``_update_parameters`` on the stand-ins, with the parameters'
-    states moved onto them for the call."""
-    moved = [(params[index], stand_in) for index, stand_in in stand_ins.items() if stand_in is not params[index]]
-    for p, stand_in in moved:
-        optimizer.state[stand_in] = optimizer.state.pop(p, {})
+def _layout(optimizer: SubspaceOptimizer) -> _Layout:
+    matrices = [
+        (index, p)
+        for index, (p, group) in enumerate((p, g) for g in optimizer.param_groups for p in g["params"])
+        if is_dtensor(p) and optimizer._uses_matrix_rule(p, group)
+    ]
+    mesh, dim = matrices[0][1].device_mesh, _shard_dim(matrices[0][1])
+    for _, p in matrices:
+        if p.device_mesh != mesh or _shard_dim(p) != dim:
+            raise NotImplementedError("sumo_optim supports DTensor matrices on one device mesh only")
+    world_size = mesh.size(dim)
+    matrices.sort(key=lambda item: tuple(item[1].shape))  # equal shapes together, within equal sizes
+    batches = owner_batches([p.numel() for _, p in matrices], world_size)
+    indices = [[None if item is None else matrices[item][0] for item in batch] for batch in batches]
+    return _Layout(mesh.get_group(dim), mesh.get_local_rank(dim), world_size, indices)
+
+
+@dataclass(frozen=True)
+class _InFlight:
+    """An all-to-all under way; :meth:`wait` gives what arrived."""
+
+    handle: Any
+    received: Tensor
+    sent: Tensor  # kept alive until the transfer is done
+
+    def wait(self) -> Tensor:
+        self.handle.wait()
+        return self.received
+
+
+def _all_to_all(
+    pieces: list[Tensor], input_sizes: list[int], output_sizes: list[int], dtype: torch.dtype, device: Any, group: Any
+) -> _InFlight:
+    """Starts ``dist.all_to_all_single`` of ``pieces`` (flattened and concatenated, as
+    ``input_sizes`` splits them: one part per rank, in rank order), asynchronously."""
+    if len(pieces) == 1 and pieces[0].dtype == dtype and pieces[0].is_contiguous():
+        sent = pieces[0].view(-1)
+    elif pieces:
+        sent = torch.cat([piece.reshape(-1).to(dtype) for piece in pieces])
+    else:
+        sent = torch.empty(0, dtype=dtype, device=device)
+    received = torch.empty(sum(output_sizes), dtype=dtype, device=device)
+    handle = dist.all_to_all_single(received, sent, output_sizes, input_sizes, group=group, async_op=True)
+    return _InFlight(handle, received, sent)
+
+
+class _Transfer:
+    """One batch of matrices in flight: gathered onto their owners, then their rows returned."""
+
+    def __init__(self, batch: list[int | None], params: dict[int, Tensor], layout: _Layout) -> None:
+        self.batch, self.params, self.layout = batch, params, layout
+        self.present = [params[index] for index in batch if index is not None]
+        self.dtype = functools.reduce(torch.promote_types, (p.dtype for p in self.present))
+        self.device = local_tensor(self.present[0]).device
+        self.mine = batch[layout.rank]
+        # What this rank sends each owner (its rows of the owner's matrix), and receives back.
+        self.local_sizes = [0 if index is None else local_tensor(params[index]).numel() for index in batch]
+        self.owned_sizes = [0] * layout.world_size
+        if self.mine is not None:
+            self.owned_sizes = _shard_sizes(params[self.mine], layout.world_size)
+            if self.owned_sizes[layout.rank] != self.local_sizes[layout.rank]:
+                raise NotImplementedError(f"unexpected shard of shape {tuple(local_tensor(params[self.mine]).shape)}")
+
+    def gather(self) -> Callable[[], tuple[int, Tensor] | None]:
+        """Starts sending each owner this rank's rows of its weights and gradient; the returned
+        function waits and gives (index, whole weights with ``.grad``) on an owner, else ``None``."""
+        arrived = [
+            _all_to_all(
+                [local_tensor(t) for t in tensors],
+                self.local_sizes,
+                self.owned_sizes,
+                self.dtype,
+                self.device,
+                self.layout.group,
+            )
+            for tensors in (self.present, [p.grad for p in self.present])
+        ]
+
+        def result() -> tuple[int, Tensor] | None:
+            weights, grad = (transfer.wait() for transfer in arrived)
+            if self.mine is None:
+                return None
+            p = self.params[self.mine]
+            whole = weights.view(p.shape).to(p.dtype)
+            whole.grad = grad.view(p.shape).to(p.dtype)
+            return self.mine, whole
+
+        return result
+
+    def give_back(self, whole: Tensor | None) -> Callable[[], None]:
+        """Starts sending each rank its rows of the owner's new weights ``whole``; the returned
+        function waits and writes them into this rank's shards."""
+        pieces = [] if whole is None else [whole]
+        arrived = _all_to_all(pieces, self.owned_sizes, self.local_sizes, self.dtype, self.device, self.layout.group)
+
+        def finish() -> None:
+            for index, rows in zip(self.batch, arrived.wait().split(self.local_sizes)):
+                if index is not None:
+                    local = local_tensor(self.params[index])
+                    local.copy_(rows.view(local.shape))
+
+        return finish
+
+
+class DTensorSharding:
+    """FSDP2 and HSDP: each ``DTensor`` matrix is updated whole on its owner within the shard
+    dimension, batch by batch through all-to-alls (see the module's docstring)."""
+
+    def agree_on_finite(self, finite: list[bool], work: Work) -> list[bool]:
+        """Each rank sees only its shard of a gradient: a gradient is finite only if it is on
+        every rank of the shard dimension (one all-reduce; replicas have equal gradients)."""
+        dtensors = [p.grad for p, _, _ in work if is_dtensor(p.grad)]
+        if not dtensors:
+            return finite
+        grad = dtensors[0]
+        flags = torch.tensor(finite, dtype=torch.int32, device=local_tensor(grad).device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MIN, group=grad.device_mesh.get_group(_shard_dim(grad)))
+        return [bool(flag) for flag in flags.tolist()]
+
+    def step(self, optimizer: SubspaceOptimizer, work: Work) -> None:
+        layout = _layout(optimizer)
+        params = {index: p for p, _, index in work}
+        owned = {index for batch in layout.batches for index in batch if index is not None}
+        batches = [[index if index in params else None for index in batch] for batch in layout.batches]
+        transfers = [_Transfer(batch, params, layout) for batch in batches if any(i is not None for i in batch)]
+        groups = _groups(transfers)
+        gathering = [transfer.gather() for transfer in groups[0]] if groups else []
+        # The rest (and any matrix that is not a DTensor) on every rank, while the first group travels.
+        optimizer._update_parameters([item for item in work if item[2] not in owned])
+        returning: list[Callable[[], None]] = []
+        param_groups = {index: group for _, group, index in work}
+        for number, current in enumerate(groups):
+            following = [transfer.gather() for transfer in groups[number + 1]] if number + 1 < len(groups) else []
+            arrived = [gathered() for gathered in gathering]  # (index, whole matrix) on owners, else None
+            mine = [(params[index], whole, param_groups[index], index) for index, whole in filter(None, arrived)]
+            _update_wholes(optimizer, mine)
+            for finish in returning:  # the previous group's rows are back
+                finish()
+            returning = [
+                transfer.give_back(None if item is None else item[1]) for transfer, item in zip(current, arrived)
+            ]
+            gathering = following
+        for finish in returning:
+            finish()
+
+    def owners(self, optimizer: SubspaceOptimizer) -> tuple[dict[int, int], int]:
+        layout = _layout(optimizer)
+        owners = {index: rank for batch in layout.batches for rank, index in enumerate(batch) if index is not None}
+        return owners, layout.rank
+
+
+register_dtensor_sharding(DTensorSharding())
+
+
+def _groups(transfers: list[_Transfer]) -> list[list[_Transfer]]:
+    """Consecutive batches, each group's largest matrices adding up to about :data:`GROUP_ELEMENTS`."""
+    groups: list[list[_Transfer]] = []
+    size = 0
+    for transfer in transfers:
+        largest = max(p.numel() for p in transfer.present)
+        if not groups or size + largest > GROUP_ELEMENTS:
+            groups.append([])
+            size = 0
+        groups[-1].append(transfer)
+        size += largest
+    return groups
+
+
+def _update_wholes(optimizer: SubspaceOptimizer, wholes: list[tuple[Tensor, Tensor, dict[str, Any], int]]) -> None:
+    """Runs the algorithm's own ``_update_parameters`` on the gathered matrices (parameter, whole
+    matrix, group, index), with each parameter's state moved onto its whole matrix for the call."""
+    if not wholes:
+        return
+    for p, whole, _, _ in wholes:
+        optimizer.state[whole] = optimizer.state.pop(p, {})
     try:
-        optimizer._update_parameters(owned)
+        optimizer._update_parameters([(whole, group, index) for _, whole, group, index in wholes])
     finally:
-        for p, stand_in in moved:
-            optimizer.state[p] = optimizer.state.pop(stand_in)
-            stand_in.grad = None
+        for p, whole, _, _ in wholes:
+            optimizer.state[p] = optimizer.state.pop(whole)
+            whole.grad = None
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -277,11 +380,8 @@ def _parameter_names(model: nn.Module) -> dict[Tensor, str]:
 
 
 def _owned_indices(optimizer: SubspaceOptimizer) -> tuple[dict[int, int], int]:
-    process_group = _owner_group(optimizer)
-    if process_group is None:
-        return {}, 0
-    rank, world_size = dist.get_rank(process_group), dist.get_world_size(process_group)
-    return matrix_owners(optimizer, world_size), rank
+    sharding = optimizer._step_sharding()
+    return ({}, 0) if sharding is None else sharding.owners(optimizer)
 
 
 def optimizer_state_dict(model: nn.Module, optimizer: SubspaceOptimizer) -> dict[str, Any]:

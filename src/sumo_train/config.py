@@ -28,7 +28,7 @@ DEFAULT_LR = {
     "muon": 0.02,
 }
 
-DISTRIBUTED_MODES = ("ddp", "ddp-sharded", "fsdp2")
+DISTRIBUTED_MODES = ("ddp", "ddp-sharded", "fsdp2", "hsdp")
 DTYPES = ("float32", "bfloat16")
 TORCH_OPTIMIZERS = ("adamw", "muon")  # torch.optim's: no layer-wise mode, bf16 states on bf16 weights
 
@@ -61,7 +61,8 @@ class RunConfig:
     checkpoint_every: int = 0  # 0: only at the end
     seed: int = 0
     device: str = "auto"
-    distributed: str = "ddp"  # under torchrun: ddp (replicated optimizer) | ddp-sharded | fsdp2
+    distributed: str = "ddp"  # under torchrun: ddp (replicated optimizer) | ddp-sharded | fsdp2 | hsdp
+    replicate: int = 0  # hsdp: replica groups (each shards the model over world size / replicate); 0: one per node
     cache_dir: str = ".cache/sumo-train"
     run_dir: str = "runs/run"
     max_length: int = 64  # finetune: tokens per sentence
@@ -111,6 +112,10 @@ class RunConfig:
                 errors.append(f"{name} must be in [0, 1], got {getattr(self, name)!r}")
         if self.distributed not in DISTRIBUTED_MODES:
             errors.append(f"distributed must be one of {', '.join(DISTRIBUTED_MODES)}, got {self.distributed!r}")
+        if not isinstance(self.replicate, int) or isinstance(self.replicate, bool) or self.replicate < 0:
+            errors.append(f"replicate must be an int >= 0, got {self.replicate!r}")
+        elif self.replicate and self.distributed != "hsdp":
+            errors.append(f"replicate={self.replicate} needs distributed='hsdp', got {self.distributed!r}")
         if self.distributed != "ddp" and self.optimizer in ("adamw", "muon"):
             errors.append(f"distributed={self.distributed!r} needs a low-rank optimizer, not {self.optimizer!r}")
         if isinstance(self.grad_accum, int) and self.grad_accum >= 1 and self.batch_size % self.grad_accum:

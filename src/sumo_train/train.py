@@ -12,9 +12,12 @@ refuses the combinations that cannot work.
 Launched by ``torchrun --nproc-per-node N``, each rank takes its ``1/N`` of every batch and
 rank 0 alone writes metrics. ``distributed`` picks how: ``ddp`` (DDP, the optimizer replicated:
 every rank computes the same update; rank 0 writes the checkpoints), ``ddp-sharded`` (DDP, each
-matrix updated by its owner rank, :func:`sumo_optim.distributed.shard_matrices`) or ``fsdp2``
-(``fully_shard`` on every transformer layer, then the whole model). In the last two no rank holds
-the whole optimizer state, so every rank writes its part of each checkpoint through DCP.
+matrix updated by its owner rank, :func:`sumo_optim.distributed.shard_matrices`), ``fsdp2``
+(``fully_shard`` on every transformer layer, then the whole model) or ``hsdp`` (the same on a
+2-D ``("replicate", "shard")`` mesh: ``replicate`` replica groups, by default one per node,
+each sharding the model over its ranks). In the last three no rank holds the whole optimizer
+state, so every rank writes its part of each checkpoint through DCP; such a checkpoint
+resumes under any of them, on any world size.
 """
 
 from __future__ import annotations
@@ -115,22 +118,38 @@ def join_torchrun(device: torch.device) -> tuple[int, int, torch.device]:
     return dist.get_rank(), dist.get_world_size(), device
 
 
-def parallelize(task: Task, world_size: int, device: torch.device, mode: str) -> None:
+def parallelize(task: Task, world_size: int, device: torch.device, config: RunConfig) -> None:
     """Makes ``task.train_model`` data-parallel: DDP, or FSDP2 applied torchtitan style to each
-    transformer layer (LLaMA decoder / BERT encoder layers), then to the whole model."""
+    transformer layer (LLaMA decoder / BERT encoder layers), then to the whole model, on a 1-D
+    mesh (``fsdp2``) or a 2-D ``("replicate", "shard")`` one (``hsdp``, :func:`hsdp_replicas`)."""
     model = task.model
-    if mode != "fsdp2":
+    if config.distributed not in ("fsdp2", "hsdp"):
         device_ids = [device.index] if device.type == "cuda" else None
         task.train_model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
         return
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    mesh = init_device_mesh(device.type, (world_size,))
+    if config.distributed == "hsdp":
+        replicate = hsdp_replicas(config, world_size)
+        mesh = init_device_mesh(
+            device.type, (replicate, world_size // replicate), mesh_dim_names=("replicate", "shard")
+        )
+    else:
+        mesh = init_device_mesh(device.type, (world_size,))
     base = model.base_model
     for layer in base.layers if hasattr(base, "layers") else base.encoder.layer:
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
+
+
+def hsdp_replicas(config: RunConfig, world_size: int) -> int:
+    """HSDP's replica groups: ``config.replicate``, or one per node (torchrun's ``LOCAL_WORLD_SIZE``
+    ranks each); it must divide the world size."""
+    replicate = config.replicate or world_size // int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size)))
+    if replicate < 1 or world_size % replicate:
+        raise ValueError(f"replicate={replicate} must divide the world size ({world_size})")
+    return replicate
 
 
 def gradient_sync(task: Task, world_size: int, mode: str, last: bool) -> contextlib.AbstractContextManager:
@@ -138,7 +157,7 @@ def gradient_sync(task: Task, world_size: int, mode: str, last: bool) -> context
     (around forward and backward) or FSDP2's ``set_requires_gradient_sync`` before the others."""
     if world_size == 1:
         return contextlib.nullcontext()
-    if mode == "fsdp2":
+    if mode in ("fsdp2", "hsdp"):
         task.model.set_requires_gradient_sync(last)
         return contextlib.nullcontext()
     return contextlib.nullcontext() if last else task.train_model.no_sync()
@@ -345,7 +364,7 @@ def train(config: RunConfig, resume: bool = False, progress: bool = True) -> dic
     model = task.model
     sharded = world_size > 1 and config.distributed != "ddp"  # no rank holds the whole optimizer state
     if world_size > 1:
-        parallelize(task, world_size, device, config.distributed)
+        parallelize(task, world_size, device, config)
     optimizers = build_optimizers(config, model)
     if world_size > 1 and config.distributed == "ddp-sharded":
         sumo_dist.shard_matrices(optimizers[0])
