@@ -1,13 +1,15 @@
 """Orthogonalization and basis choice against float64 references on fresh random inputs."""
 
+import math
+
 import pytest
 import torch
 
 from sumo_optim import linalg, orthogonalize, orthogonalize_newton_schulz, random_orthonormal, top_singular_vectors
 from sumo_optim.linalg import (
+    cholesky_qr2,
     orthogonalize_cholesky,
     orthogonalize_cholesky_many,
-    orthonormal_columns,
     randomized_top_singular_vectors,
 )
 from sumo_optim.testing import matrix_with_spectrum
@@ -219,15 +221,50 @@ def test_randomized_basis_of_a_stack_equals_one_matrix_at_a_time(side):
         assert basis.shape == (30 if side == "left" else 50, 5) and basis.is_contiguous()
 
 
-def test_orthonormal_columns_spans_the_input():
-    g = torch.Generator().manual_seed(10)
-    for condition in (1e0, 1e3):
-        y = matrix_with_spectrum(
-            torch.logspace(0, -torch.log10(torch.tensor(condition)).item(), 12), 300, 12, g, dtype=torch.float32
-        )
-        q = orthonormal_columns(y).double()
-        assert torch.allclose(q.T @ q, torch.eye(12, dtype=torch.float64), atol=1e-5)
-        assert ((q @ q.T @ y.double() - y.double()).norm() / y.norm()) < 1e-5
-    dependent = torch.ones(50, 3)
-    q = orthonormal_columns(dependent)  # Cholesky fails: Householder fallback, no NaN
-    assert torch.isfinite(q).all()
+@pytest.mark.parametrize("condition", [1e0, 1e3, 1e6, 1e8, 1e12, math.inf])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cholesky_qr2_matches_float64_householder(condition, dtype):
+    """Q orthonormal, span(Q) = span(M) and Q R = M to float64 rounding where CholeskyQR2 is exact
+    (κ ≤ 1e6), and by the Householder fallback beyond (κ = 1e8, 1e12, rank-deficient); R upper
+    triangular with a non-negative diagonal, as float64 Householder QR with those signs."""
+    g = torch.Generator().manual_seed(int(torch.randint(0, 10**6, ())))
+    rows, cols = 60, 12
+    if math.isinf(condition):  # exactly rank-deficient: two equal columns
+        matrix = torch.randn(3, rows, cols, generator=g, dtype=torch.float64)
+        matrix[..., 5] = matrix[..., 2]
+    else:
+        spectrum = torch.logspace(0, -math.log10(condition), cols)
+        matrix = torch.stack([matrix_with_spectrum(spectrum, rows, cols, g) for _ in range(3)])
+    matrix = matrix.to(dtype)
+    q, r, r_inverse, trusted = cholesky_qr2(matrix)
+    assert q.dtype == r.dtype == torch.float64 and q.shape == (3, rows, cols) and r.shape == (3, cols, cols)
+    assert bool(trusted.all())
+    exact = matrix.double()
+    reference_q, reference_r = torch.linalg.qr(exact)
+    eye = torch.eye(cols, dtype=torch.float64).expand(3, cols, cols)
+    torch.testing.assert_close(q.mT @ q, eye, atol=1e-13, rtol=0)
+    torch.testing.assert_close(q @ r, exact, atol=1e-13 * exact.abs().amax().item(), rtol=0)
+    assert torch.equal(r.tril(-1), torch.zeros_like(r)) and bool((r.diagonal(dim1=-2, dim2=-1) >= 0).all())
+    if condition <= 1e6:  # a unique Q: the reference's, up to the signs of its columns
+        signs = torch.sign(reference_r.diagonal(dim1=-2, dim2=-1)).unsqueeze(-2)
+        torch.testing.assert_close(q, reference_q * signs, atol=1e-13 * condition, rtol=0)
+        torch.testing.assert_close(r_inverse @ r, eye, atol=1e-13 * condition, rtol=0)
+    else:  # the span of the reference's well-determined leading columns
+        leading = reference_q[..., :4]
+        torch.testing.assert_close(q @ (q.mT @ leading), leading, atol=1e-12, rtol=0)
+
+
+def test_cholesky_qr2_without_fallback_flags_instead_of_waiting():
+    g = torch.Generator().manual_seed(11)
+    matrix = torch.randn(4, 30, 6, generator=g, dtype=torch.float64)
+    matrix[1] = 0.0
+    matrix[2, :, 3] = matrix[2, :, 0]
+    matrix[3, 0, 0] = float("nan")
+    q, r, _, trusted = cholesky_qr2(matrix, fallback=False, compute_q=False)
+    assert q is None and trusted.tolist() == [True, False, False, False]
+    reference = cholesky_qr2(matrix[:1]).r
+    torch.testing.assert_close(r[:1], reference, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="tall"):
+        cholesky_qr2(matrix.mT)
+    single = cholesky_qr2(torch.ones(20, 3, dtype=torch.float64))  # unbatched, Householder fallback
+    assert single.q.shape == (20, 3) and bool(torch.isfinite(single.q).all()) and bool(single.trusted)

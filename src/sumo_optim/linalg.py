@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -22,12 +23,13 @@ from .kernels import grouped_addmm_
 __all__ = [
     "CHUNK_BYTES",
     "NEWTON_SCHULZ_COEFFICIENTS",
+    "CholeskyQR",
+    "cholesky_qr2",
     "orthogonalize",
     "orthogonalize_cholesky",
     "orthogonalize_cholesky_many",
     "orthogonalize_cholesky_unchecked",
     "orthogonalize_newton_schulz",
-    "orthonormal_columns",
     "random_orthonormal",
     "randomized_top_singular_vectors",
     "replace_untrusted_",
@@ -160,7 +162,7 @@ def orthogonalize_cholesky_unchecked(
         if tolerance is None:
             tolerance = max(4 * torch.finfo(matrix.dtype).eps, torch.finfo(torch.float64).eps * max(rows, cols))
         size = max(1, CHUNK_BYTES // (8 * rows * cols))
-        chunks = [_cholesky_qr2(chunk) for chunk in wide.split(size)]
+        chunks = [_cholesky_factors(chunk) for chunk in wide.split(size)]
         prepared.append((matrix, transposed, wide, size, tolerance, chunks))
     # One polar iteration per (short side, tolerance): its step count depends on the tolerance.
     polars: dict[tuple[int, float], list[tuple[int, int]]] = {}
@@ -180,7 +182,7 @@ def orthogonalize_cholesky_unchecked(
         for (i, c), polar, polar_trusted in zip(members, polar_all.split(counts), trusted.split(counts)):
             parts = prepared[i][-1][c]
             # U Vᵀ(M) = polar(R) L₂⁻¹ L₁⁻¹ M: an r×r matrix T, applied to M once per chunk below.
-            parts["transform"] = polar @ parts["inverse2"] @ parts["inverse1"]
+            parts["transform"] = polar @ parts["inverse"]
             parts["trusted"] = parts["trusted"] & polar_trusted & torch.isfinite(parts["transform"]).all(dim=(-2, -1))
     outputs, flags = [], []
     for matrix, transposed, wide, size, _, chunks in prepared:
@@ -197,24 +199,83 @@ def orthogonalize_cholesky_unchecked(
     return outputs, flags
 
 
-def _cholesky_qr2(batch: Tensor) -> dict[str, Tensor]:
-    """CholeskyQR2 of wide matrices (b×r×n) in float64: ``M = L₁L₂ Y``, keeping ``L₁⁻¹`` and ``L₂⁻¹`` (r×r)."""
-    batch = batch.to(torch.float64)
-    rows = batch.shape[-2]
-    identity = torch.eye(rows, dtype=torch.float64, device=batch.device)
-    lower1, info1 = torch.linalg.cholesky_ex(batch @ batch.mT)
+def _first_axis(x: Tensor | None) -> Tensor | None:
+    return x[None] if x is not None else None
+
+
+def _cholesky_factors(batch: Tensor) -> dict[str, Tensor]:
+    """:func:`cholesky_qr2` of wide matrices (b×r×n, through their transposes) without ``Q`` and
+    without fallback: ``M = F Y`` with ``F = Rᵀ`` (r×r), ``F⁻¹``, and the trust flags."""
+    qr = cholesky_qr2(batch.mT, fallback=False, compute_q=False)
+    return {"factor": qr.r.mT, "inverse": qr.r_inverse.mT, "trusted": qr.trusted}
+
+
+class CholeskyQR(NamedTuple):
+    """``M = Q R`` from :func:`cholesky_qr2`, all float64: ``Q`` (…×m×k; ``None`` unless asked
+    for), ``R`` (upper triangular, positive diagonal), ``R⁻¹``, and ``trusted`` (batch shape)."""
+
+    q: Tensor | None
+    r: Tensor
+    r_inverse: Tensor
+    trusted: Tensor
+
+
+def cholesky_qr2(matrix: Tensor, fallback: bool = True, compute_q: bool = True) -> CholeskyQR:
+    """Thin ``M = Q R`` of tall matrices (…×m×k, m ≥ k, batched) by CholeskyQR2 in float64.
+
+    Two passes of ``G = YᵀY = LLᵀ``, ``Y ← Y L⁻ᵀ`` (Fukaya et al. 2014), starting from ``Y = M``:
+    ``R = (L₁L₂)ᵀ``. Each ``L⁻¹`` is formed explicitly (k×k) and applied by one product instead
+    of a triangular solve over m×k (faster on GPUs; its residual ~κ eps64 is what the second
+    pass removes). Exact to float64 rounding for κ(M) up to ~1e7.
+
+    ``trusted`` is False where the result cannot be vouched for: a failed Cholesky, a first
+    factor with ``min diag(L₁) ≤ 1e-7 max diag(L₁)`` (κ beyond ~1e7), a second Gram more than
+    0.1 from ``I`` in some entry (the first pass did not nearly orthonormalize), or non-finite
+    values. With ``fallback=True`` (one host synchronization) those matrices are recomputed by
+    float64 Householder QR, signs chosen so ``R``'s diagonal is ≥ 0, and marked trusted; with
+    ``fallback=False`` nothing waits for the device and the caller completes them.
+    ``compute_q=False`` skips the product that forms ``Q`` (callers that need only ``R``).
+    """
+    if matrix.shape[-2] < matrix.shape[-1]:
+        raise ValueError(f"cholesky_qr2 needs tall matrices (m >= k), got shape {tuple(matrix.shape)}")
+    y = matrix.to(torch.float64)
+    cols = y.shape[-1]
+    identity = torch.eye(cols, dtype=torch.float64, device=y.device)
+    lower1, info1 = torch.linalg.cholesky_ex(y.mT @ y)
     inverse1 = torch.linalg.solve_triangular(lower1, identity, upper=False)
-    rows_1 = inverse1 @ batch  # Y₁ = L₁⁻¹ M
-    gram2 = rows_1 @ rows_1.mT
+    y = y @ inverse1.mT  # Y₁ = M L₁⁻ᵀ
+    gram2 = y.mT @ y
     lower2, info2 = torch.linalg.cholesky_ex(gram2)
-    # gram2's diagonal holds Y₁'s squared row norms: finite iff every entry of Y₁ is.
-    trusted = (info1 == 0) & (info2 == 0) & torch.isfinite(gram2).all(dim=(-2, -1))
-    return {
-        "factor": lower1 @ lower2,
-        "inverse1": inverse1,
-        "inverse2": torch.linalg.solve_triangular(lower2, identity, upper=False),
-        "trusted": trusted,
-    }
+    inverse2 = torch.linalg.solve_triangular(lower2, identity, upper=False)
+    diagonal = lower1.diagonal(dim1=-2, dim2=-1)
+    trusted = (
+        (info1 == 0)
+        & (info2 == 0)
+        & (diagonal.amin(-1) > 1e-7 * diagonal.amax(-1))
+        & ((gram2 - identity).abs().amax(dim=(-2, -1)) < 0.1)  # False for NaN; Inf in Y₁ shows here too
+    )
+    q = y @ inverse2.mT if compute_q else None
+    result = CholeskyQR(q, (lower1 @ lower2).mT, (inverse2 @ inverse1).mT, trusted)
+    if fallback and not bool(trusted.all()):  # the one synchronization
+        result = _householder_where_untrusted(matrix, result)
+    return result
+
+
+def _householder_where_untrusted(matrix: Tensor, result: CholeskyQR) -> CholeskyQR:
+    """``result`` with its untrusted matrices replaced by float64 Householder QR (R's diagonal ≥ 0)."""
+    if matrix.ndim == 2:  # as a batch of one
+        batched = _householder_where_untrusted(matrix[None], CholeskyQR(*(_first_axis(x) for x in result)))
+        return CholeskyQR(*(x[0] if x is not None else None for x in batched))
+    untrusted = (~result.trusted).nonzero(as_tuple=True)
+    q, r = torch.linalg.qr(matrix[untrusted].to(torch.float64))
+    signs = torch.where(r.diagonal(dim1=-2, dim2=-1) < 0, -1.0, 1.0).to(torch.float64)
+    q, r = q * signs.unsqueeze(-2), r * signs.unsqueeze(-1)
+    identity = torch.eye(r.shape[-1], dtype=torch.float64, device=r.device)
+    replaced = list(result[:3])
+    for out, value in zip(replaced, (q, r, torch.linalg.solve_triangular(r, identity, upper=True))):
+        if out is not None:
+            out[untrusted] = value
+    return CholeskyQR(*replaced, torch.ones_like(result.trusted))
 
 
 def orthogonalize_newton_schulz(
@@ -302,16 +363,21 @@ def randomized_top_singular_vectors(
     generators = generators or [None] * len(a)
     omega = torch.stack([torch.randn(n, sketch_size, device=device, dtype=dtype, generator=g) for g in generators])
     a_t = [x.mT for x in a]
-    q = _per_batch(orthonormal_columns, _stacked_products(a, omega))
+    q = _per_batch(_orthonormal_columns, _stacked_products(a, omega))
     for _ in range(power_iterations):
-        z = _per_batch(orthonormal_columns, _stacked_products(a_t, q))
-        q = _per_batch(orthonormal_columns, _stacked_products(a, z))
+        z = _per_batch(_orthonormal_columns, _stacked_products(a_t, q))
+        q = _per_batch(_orthonormal_columns, _stacked_products(a, z))
     small = _stacked_products(list(q.mT.unbind()), a).to(torch.float64)
     eigenvectors = _per_batch(lambda x: torch.linalg.eigh(x)[1], small @ small.mT)
     bases = q @ eigenvectors[..., -rank:].flip(-1).to(q.dtype)
     if len(a) == 1:
         return [bases[0]]
     return [basis.clone() for basis in bases.unbind()]  # independent tensors for the optimizer state
+
+
+def _orthonormal_columns(matrix: Tensor) -> Tensor:
+    """``Q`` of :func:`cholesky_qr2`, in the input's dtype."""
+    return cholesky_qr2(matrix).q.to(matrix.dtype)
 
 
 def _per_batch(function, stack: Tensor) -> Tensor:
@@ -325,22 +391,6 @@ def _stacked_products(lefts: Sequence[Tensor], rights: Tensor | Sequence[Tensor]
     out = torch.empty(len(lefts), lefts[0].shape[0], rights[0].shape[1], device=lefts[0].device, dtype=lefts[0].dtype)
     grouped_addmm_(list(out.unbind()), lefts, rights, beta=0.0)
     return out
-
-
-def orthonormal_columns(matrix: Tensor) -> Tensor:
-    """An orthonormal basis of the column space of a tall full-rank ``matrix`` (m×k, m ≥ k).
-
-    CholeskyQR2 with a float64 Gram matrix (two Cholesky factorizations and triangular solves:
-    fast on GPUs where Householder QR is not); falls back to Householder QR when the columns
-    are too close to dependent for Cholesky.
-    """
-    q = matrix
-    for _ in range(2):  # Q = Y R⁻¹ with R = Lᵀ, L = chol(YᵀY); the second pass restores orthogonality
-        lower, info = torch.linalg.cholesky_ex((q.mT @ q).to(torch.float64))
-        if bool(info.any()):
-            return torch.linalg.qr(matrix)[0]
-        q = torch.linalg.solve_triangular(lower.mT.to(q.dtype), q, upper=True, left=False)
-    return q
 
 
 def random_orthonormal(

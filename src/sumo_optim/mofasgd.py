@@ -20,30 +20,15 @@ import torch
 from torch import Tensor
 
 from .base import SubspaceOptimizer, _is_number
+from .linalg import cholesky_qr2
 from .lr_adjust import LR_ADJUSTMENTS, lr_adjustment
 
-__all__ = ["MoFaSGD", "thin_qr", "top_singular_triplets", "update_momentum_factors"]
+__all__ = ["MoFaSGD", "top_singular_triplets", "update_momentum_factors"]
 
 
-def thin_qr(matrix: Tensor) -> tuple[Tensor, Tensor]:
-    """``Q R`` of tall matrices (…×m×k, batched): CholeskyQR2 on a float64 Gram matrix (batched
-    products and Cholesky), or ``torch.linalg.qr`` (Householder) where a stack is too close to
-    rank-deficient for it (κ beyond ~1e7; one host check per call)."""
-    q, r = matrix.to(torch.float64), None
-    for _ in range(2):  # the second pass makes Q orthonormal to working precision
-        gram = q.mT @ q
-        lower, info = torch.linalg.cholesky_ex(gram)
-        diagonal = lower.diagonal(dim1=-2, dim2=-1)
-        if r is None:
-            conditioned = diagonal.amin(-1) > 1e-7 * diagonal.amax(-1)
-        else:  # CholeskyQR2's condition: the first Q is already close to orthonormal
-            conditioned = (gram - torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)).abs().amax(
-                (-2, -1)
-            ) < 0.1
-        if not bool(((info == 0) & conditioned).all()):
-            return torch.linalg.qr(matrix)
-        q = torch.linalg.solve_triangular(lower.mT, q, upper=True, left=False)  # Q ← Q L⁻ᵀ
-        r = lower.mT if r is None else lower.mT @ r
+def _thin_qr(matrix: Tensor) -> tuple[Tensor, Tensor]:
+    """``Q R`` of tall matrices (batched) by :func:`~sumo_optim.linalg.cholesky_qr2`, in the input's dtype."""
+    q, r, _, _ = cholesky_qr2(matrix)
     return q.to(matrix.dtype), r.to(matrix.dtype)
 
 
@@ -54,7 +39,7 @@ def top_singular_triplets(matrix: Tensor, rank: int) -> tuple[Tensor, Tensor, Te
     the digits; any orthonormal completion of ``U_r`` where σ is zero)."""
     matrix64 = matrix.to(torch.float64)
     right = torch.linalg.eigh(matrix64.mT @ matrix64).eigenvectors[..., -rank:].flip(-1)  # descending
-    left, triangle = thin_qr(matrix64 @ right)
+    left, triangle = _thin_qr(matrix64 @ right)
     diagonal = triangle.diagonal(dim1=-2, dim2=-1)
     left = left * torch.where(diagonal < 0, -1.0, 1.0).unsqueeze(-2)
     return left.to(matrix.dtype), diagonal.abs().to(matrix.dtype), right.to(matrix.dtype)
@@ -66,13 +51,13 @@ def update_momentum_factors(
     """Rank-r factors of ``β U diag(σ) Vᵀ + Ĝ`` (Ĝ: G projected on the tangent space at U, V).
 
     Works on one matrix or on a stack of equal-shape matrices (leading batch dimension), with
-    batched building blocks only (:func:`thin_qr`, :func:`top_singular_triplets`): cuSOLVER's
+    batched building blocks only (:func:`~sumo_optim.linalg.cholesky_qr2`, :func:`top_singular_triplets`): cuSOLVER's
     SVD loops over a stack of 2r×2r cores one matrix at a time.
     """
     rank = u.shape[-1]
     grad_v, grad_t_u = grad @ v, grad.mT @ u
-    left, left_r = thin_qr(torch.cat([u, grad_v], dim=-1))
-    right, right_r = thin_qr(torch.cat([v, grad_t_u], dim=-1))
+    left, left_r = _thin_qr(torch.cat([u, grad_v], dim=-1))
+    right, right_r = _thin_qr(torch.cat([v, grad_t_u], dim=-1))
     identity = torch.eye(rank, dtype=u.dtype, device=u.device).expand(*u.shape[:-2], rank, rank)
     core = torch.cat(
         [
