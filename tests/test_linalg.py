@@ -101,7 +101,7 @@ def test_newton_schulz_tall_matches_transpose_of_wide():
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
-@pytest.mark.parametrize("method", ["svd", "randomized"])
+@pytest.mark.parametrize("method", ["svd", "iterative", "randomized"])
 def test_top_singular_vectors_span_the_top_subspace(side, method):
     g = torch.Generator().manual_seed(5)
     spectrum = torch.cat([torch.linspace(10, 5, 6), torch.logspace(-1, -3, 24)])  # clear gap after 6
@@ -268,3 +268,68 @@ def test_cholesky_qr2_without_fallback_flags_instead_of_waiting():
         cholesky_qr2(matrix.mT)
     single = cholesky_qr2(torch.ones(20, 3, dtype=torch.float64))  # unbatched, Householder fallback
     assert single.q.shape == (20, 3) and bool(torch.isfinite(single.q).all()) and bool(single.trusted)
+
+
+def spectrum_of(kind, count, rank, generator):
+    """Singular values of a realistic gradient-like spectrum, largest 1."""
+    index = torch.arange(1, count + 1, dtype=torch.float64)
+    if kind == "power":  # σ_i ∝ i^−α, α drawn in [0.5, 1.5]
+        return index ** -(0.5 + torch.rand((), generator=generator, dtype=torch.float64))
+    if kind == "geometric":
+        return 0.9 ** (index - 1)
+    spectrum = index**-0.8  # "tie": σ_{r+1} equal to σ_r up to 1e-9
+    spectrum[rank] = spectrum[rank - 1] * (1 - 1e-9)
+    return spectrum
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_iterative_top_singular_vectors_match_float64_svd(side):
+    """Each vector within the float32 accuracy its gap allows of float64 SVD's (up to sign), on a
+    stack of matrices with decaying spectra; signs by the convention; no fallback needed."""
+    g = torch.Generator().manual_seed(int(torch.randint(0, 10**6, ())))
+    rows, cols = (60, 150) if side == "left" else (150, 60)
+    matrices = [
+        matrix_with_spectrum(spectrum_of(kind, 60, rank=12, generator=g), rows, cols, g, dtype=torch.float32)
+        for kind in ("power", "geometric", "power", "power")
+    ]
+    result = linalg.iterative_top_singular_vectors(matrices, 12, side)
+    assert not result.fell_back.any() and result.iterations >= 2
+    eps = torch.finfo(torch.float32).eps
+    for matrix, basis in zip(matrices, result.bases):
+        u, s, vh = torch.linalg.svd(matrix.double(), full_matrices=False)
+        exact = (u if side == "left" else vh.mT)[:, :12]
+        assert basis.shape == exact.shape and basis.dtype == torch.float32 and basis.is_contiguous()
+        aligned = exact * torch.sign((basis.double() * exact).sum(0))
+        # sin∠ ≤ ρ_i / gap_i with ρ_i ≤ 16 eps ‖A‖_F (the check), gap_i to the nearest other σ
+        gaps = torch.stack([(s[:12] - s[1:13]), torch.cat([s[:1], s[:11] - s[1:12]])]).amin(0)
+        bound = 16 * eps * s.norm() / gaps
+        assert ((basis.double() - aligned).norm(dim=0) <= 2 * bound + 2 * eps).all()
+        largest = basis.gather(0, basis.abs().argmax(0, keepdim=True))
+        assert (largest > 0).all()
+
+
+def test_iterative_top_singular_vectors_fall_back_to_the_svd():
+    """A tie at σ_r (the top-r subspace is decided by rounding), a matrix of rank below r and a
+    flat spectrum with too few iterations get the float32 SVD's vectors, with the sign convention."""
+    g = torch.Generator().manual_seed(int(torch.randint(0, 10**6, ())))
+    tie = matrix_with_spectrum(spectrum_of("tie", 40, rank=6, generator=g), 80, 40, g, dtype=torch.float32)
+    low_rank = matrix_with_spectrum([3.0, 2.0, 1.0], 80, 40, g, dtype=torch.float32)
+    good = matrix_with_spectrum(spectrum_of("geometric", 40, 6, g), 80, 40, g, dtype=torch.float32)
+    result = linalg.iterative_top_singular_vectors([tie, low_rank, good], 6, "right")
+    assert result.fell_back.tolist() == [True, True, False]
+    for matrix, basis in zip((tie, low_rank), result.bases):
+        vectors = torch.linalg.svd(matrix, full_matrices=False)[2][:6].mT
+        signs = torch.sign(vectors.gather(0, vectors.abs().argmax(0, keepdim=True)))
+        torch.testing.assert_close(basis, vectors * signs, rtol=0, atol=0)
+    flat = torch.randn(80, 40, generator=g)
+    assert linalg.iterative_top_singular_vectors([flat], 6, max_iterations=2).fell_back.tolist() == [True]
+
+
+def test_iterative_top_singular_vectors_float64_and_tf32_setting():
+    g = torch.Generator().manual_seed(int(torch.randint(0, 10**6, ())))
+    matrix = matrix_with_spectrum(spectrum_of("geometric", 30, 5, g), 30, 70, g)
+    saved = torch.backends.cuda.matmul.allow_tf32
+    basis = top_singular_vectors(matrix, 5, "left", method="iterative")
+    assert torch.backends.cuda.matmul.allow_tf32 == saved
+    exact = torch.linalg.svd(matrix, full_matrices=False)[0][:, :5]
+    torch.testing.assert_close(basis, exact * torch.sign((basis * exact).sum(0)), rtol=0, atol=1e-12)

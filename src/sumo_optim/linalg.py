@@ -24,7 +24,9 @@ __all__ = [
     "CHUNK_BYTES",
     "NEWTON_SCHULZ_COEFFICIENTS",
     "CholeskyQR",
+    "TopSingularVectors",
     "cholesky_qr2",
+    "iterative_top_singular_vectors",
     "orthogonalize",
     "orthogonalize_cholesky",
     "orthogonalize_cholesky_many",
@@ -318,6 +320,8 @@ def top_singular_vectors(
 
     ``side="left"`` returns ``U[:, :r]`` (m×r), ``side="right"`` returns ``V[:, :r]`` (n×r).
     ``method="svd"`` takes a truncated SVD (float32, or float64 for a float64 input);
+    ``method="iterative"`` the same vectors by :func:`iterative_top_singular_vectors` (signs by
+    its convention, ``power_iterations`` ignored);
     ``method="randomized"`` the randomized range finder of Halko, Martinsson & Tropp
     (2011, Alg. 4.4: ``Y = (A Aᵀ)^q A Ω``, re-orthonormalized after each product), then
     Rayleigh–Ritz on the small projected matrix, which costs O(mn(r+p)) instead of O(mn·min(m, n)).
@@ -329,8 +333,10 @@ def top_singular_vectors(
     if method == "svd":  # U[:, :r] or Vh[:r]ᵀ of one SVD of the matrix itself, as galore-torch takes them
         u, _, vh = torch.linalg.svd(a, full_matrices=False)
         return (u[:, :rank] if side == "left" else vh[:rank].mT).contiguous()
+    if method == "iterative":
+        return iterative_top_singular_vectors([a], rank, side, generators=[generator]).bases[0]
     if method != "randomized":
-        raise ValueError(f"method must be 'svd' or 'randomized', got {method!r}")
+        raise ValueError(f"method must be 'svd', 'iterative' or 'randomized', got {method!r}")
     return randomized_top_singular_vectors([a], rank, side, power_iterations, oversample, [generator])[0]
 
 
@@ -373,6 +379,149 @@ def randomized_top_singular_vectors(
     if len(a) == 1:
         return [bases[0]]
     return [basis.clone() for basis in bases.unbind()]  # independent tensors for the optimizer state
+
+
+class TopSingularVectors(NamedTuple):
+    """Result of :func:`iterative_top_singular_vectors`: one basis per matrix, which matrices
+    fell back to the full SVD (a CPU bool tensor), and the subspace iterations run."""
+
+    bases: list[Tensor]
+    fell_back: Tensor
+    iterations: int
+
+
+def iterative_top_singular_vectors(
+    matrices: Sequence[Tensor],
+    rank: int,
+    side: str = "left",
+    oversample: int | None = None,
+    min_iterations: int = 2,
+    max_iterations: int = 30,
+    residual_tolerance: float | None = None,
+    angle_tolerance: float = 0.1,
+    generators: Sequence[torch.Generator | None] | None = None,
+) -> TopSingularVectors:
+    """The exact top-``rank`` singular vectors (``U[:, :r]`` or ``V[:, :r]``, as :func:`top_singular_vectors`
+    with ``method="svd"``) of a stack of same-shape matrices, mostly without an SVD of them.
+
+    Subspace iteration with Rayleigh–Ritz (Halko, Martinsson & Tropp 2011, Alg. 4.4 run to
+    convergence; Stewart's SRRIT). With ``k = r + oversample`` columns (default ``oversample = r``:
+    the error at ``σ_r`` shrinks by ``(σ_{k+1}/σ_r)²`` per iteration, fast on decaying spectra)
+    and ``Q`` (m×k) orthonormal, one iteration is: ``Bᵀ = AᵀQ``; the float64 ``eigh`` of ``B Bᵀ``
+    gives Ritz values ``θ`` and vectors ``W``; ``U = Q W``, ``V = Bᵀ W Θ⁻¹`` (so ``Aᵀ U = V Θ``
+    exactly); ``A V`` gives the residuals ``ρᵢ = ‖A vᵢ − θᵢ uᵢ‖``, and ``Q ← orth(A V Θ⁻¹)``, a
+    basis of ``A Aᵀ Q``. Two products with the large matrix per iteration, all grouped.
+
+    A matrix is done when, after ``min_iterations``, its top ``r`` Ritz triplets pass:
+
+    1. ``ρᵢ ≤ residual_tolerance · ‖A‖_F`` for i ≤ r (default ``16 eps``: each triplet is then an
+       exact singular triplet of a matrix that close to ``A``, an SVD's backward error; float32
+       ``torch.linalg.svd``'s own residuals measure ~8 eps ``‖A‖₂``, and the float32 rounding of
+       ``A V`` grows with ``‖A‖_F``, which flat spectra make several times ``‖A‖₂``);
+    2. ``‖(ρ₁ … ρ_r)‖ ≤ angle_tolerance · δ`` with ``δ = θ_r − θ_{r+1} − ρ_{r+1}``. Ritz values
+       interlace (``θ_r ≤ σ_r``) and an exact singular value lies within ``ρ_{r+1}`` of ``θ_{r+1}``,
+       which bounds ``σ_{r+1} ≤ θ_{r+1} + ρ_{r+1}`` as long as the sketch has not missed a singular
+       value above ``θ_{r+1}`` (probability ~0 for a Gaussian start with oversampling). Wedin's
+       theorem then bounds the sine of the angle between ``span(U_r)`` and the exact top-r
+       singular subspace by ``‖R_r‖/δ ≤ angle_tolerance``: the subspace is the top-r one, and
+       its vectors are as accurate as the residuals allow (``ρᵢ / gap_i`` each, as for an SVD).
+
+    Matrices not done after ``max_iterations`` (a near tie at ``σ_r`` — where the choice is made
+    by rounding, so only the SVD itself reproduces the SVD's choice — numerical rank below r,
+    or a spectrum too flat to converge) fall back to ``torch.linalg.svd``. Products run in full
+    float32 even where TF32 is allowed (the residual test needs float32 rounding); one host
+    synchronization per iteration once ``min_iterations`` are done (besides CholeskyQR2's). Signs follow one convention
+    for both paths (an SVD's are arbitrary): each vector's entry of largest magnitude is positive.
+    """
+    if side not in ("left", "right"):
+        raise ValueError(f"side must be 'left' or 'right', got {side!r}")
+    a = [x if x.dtype == torch.float64 else x.float() for x in matrices]
+    if side == "right":
+        a = [x.mT for x in a]
+    m, n = a[0].shape
+    rank = min(rank, m, n)
+    sketch_size = min(rank + (rank if oversample is None else oversample), m, n)
+    device, dtype = a[0].device, a[0].dtype
+    tolerance = 16 * torch.finfo(dtype).eps if residual_tolerance is None else residual_tolerance
+    norms = torch.stack(torch._foreach_norm(a)).double()  # ‖A‖_F of each matrix
+    generators = generators or [None] * len(a)
+    bases: list[Tensor | None] = [None] * len(a)
+    active = list(range(len(a)))
+    iteration = 0
+    with _float32_products():
+        omega = torch.stack([torch.randn(n, sketch_size, device=device, dtype=dtype, generator=g) for g in generators])
+        y = _stacked_products(a, omega)
+        while True:
+            q = _per_batch(_orthonormal_columns, y)
+            b_t = _stacked_products([a[i].mT for i in active], q)  # Bᵀ = AᵀQ (n×k)
+            gram = b_t.mT.double() @ b_t.double()  # B Bᵀ, k×k
+            squares, w = torch.linalg.eigh(gram[0]) if len(active) == 1 else torch.linalg.eigh(gram)
+            squares, w = squares.expand(len(active), -1), w.expand(len(active), -1, -1)
+            theta = squares.flip(-1).clamp_min(0).sqrt()  # descending
+            w = w.flip(-1)
+            floor = (theta[..., :1] * torch.finfo(dtype).eps).clamp_min(torch.finfo(dtype).tiny)
+            inverse = 1 / theta.clamp_min(floor)  # Θ⁻¹, finite in ``dtype`` (columns at σ ≈ 0 are noise)
+            v = b_t @ (w * inverse.unsqueeze(-2)).to(dtype)
+            a_v = _stacked_products([a[i] for i in active], v)
+            u = q @ w.to(dtype)
+            residuals = (a_v - u * theta.to(dtype).unsqueeze(-2)).norm(dim=-2).double()
+            if iteration >= min_iterations:
+                scale = tolerance * norms[active]
+                certified = _ritz_certified(theta, residuals, rank, scale, angle_tolerance)
+                # Numerical rank below r, or σ_r and σ_{r+1} tied to within the residual tolerance:
+                # criterion 2 cannot be met, the SVD decides.
+                hopeless = _tied_at_rank(theta, rank, scale)
+                certified_list, stop_list = certified.tolist(), (certified | hopeless).tolist()  # the synchronization
+                for j, i in enumerate(active):
+                    if certified_list[j]:
+                        bases[i] = u[j, :, :rank]
+                keep = [j for j, stop in enumerate(stop_list) if not stop]
+                if not keep or iteration >= max_iterations:
+                    break
+                active = [active[j] for j in keep]
+                a_v, inverse = a_v[keep], inverse[keep]
+            y = a_v * inverse.unsqueeze(-2).to(dtype)
+            iteration += 1
+    fell_back = torch.zeros(len(a), dtype=torch.bool)
+    for i in range(len(a)):
+        if bases[i] is None:
+            fell_back[i] = True
+            bases[i] = top_singular_vectors(a[i].mT if side == "right" else a[i], rank, side)  # as galore-torch
+    return TopSingularVectors([_largest_entry_positive(x) for x in bases], fell_back, iteration)
+
+
+def _ritz_certified(theta: Tensor, residuals: Tensor, rank: int, tolerance: Tensor, angle_tolerance: float) -> Tensor:
+    """Criteria 1 and 2 of :func:`iterative_top_singular_vectors`, per matrix (float64 inputs;
+    ``tolerance``: the residual bound ``residual_tolerance · ‖A‖_F`` of each)."""
+    top = residuals[..., :rank]
+    if theta.shape[-1] > rank:
+        gap = theta[..., rank - 1] - theta[..., rank] - residuals[..., rank]
+    else:  # k = r = min(m, n): no (r+1)-th singular value
+        gap = theta[..., rank - 1]
+    return (top.amax(-1) <= tolerance) & (top.norm(dim=-1) <= angle_tolerance * gap) & (gap > 0)
+
+
+def _tied_at_rank(theta: Tensor, rank: int, tolerance: Tensor) -> Tensor:
+    """Whether ``θ_r`` is within ``tolerance`` (the residual bound) of zero or of ``θ_{r+1}``."""
+    following = theta[..., rank] if theta.shape[-1] > rank else torch.zeros_like(theta[..., 0])
+    return theta[..., rank - 1] - following <= tolerance
+
+
+def _largest_entry_positive(basis: Tensor) -> Tensor:
+    """``basis`` with each column's sign chosen so that its entry of largest magnitude is positive."""
+    largest = basis.gather(-2, basis.abs().argmax(dim=-2, keepdim=True))
+    return (basis * torch.where(largest < 0, -1.0, 1.0).to(basis.dtype)).contiguous()
+
+
+class _float32_products:  # noqa: N801 - used as a context manager, like torch.no_grad
+    """Turns TF32 off for CUDA float32 products inside the block, restoring the setting after."""
+
+    def __enter__(self) -> None:
+        self.saved = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False
+
+    def __exit__(self, *exc: object) -> None:
+        torch.backends.cuda.matmul.allow_tf32 = self.saved
 
 
 def _orthonormal_columns(matrix: Tensor) -> Tensor:
