@@ -190,7 +190,7 @@ def orthogonalize_cholesky_unchecked(
     for matrix, transposed, wide, size, _, chunks in prepared:
         result = torch.empty_like(matrix, memory_format=torch.contiguous_format)
         # A tall result as Mᵀ Tᵀ, row-major in the input's shape: a transposed view there sends
-        # later products to slower cuBLAS kernels (NOTES v7).
+        # later products to slower cuBLAS kernels (benchmarks/NOTES.md).
         for out, chunk, parts in zip(result.view(-1, *result.shape[-2:]).split(size), wide.split(size), chunks):
             chunk = chunk.to(torch.float64)
             out.copy_(chunk.mT @ parts["transform"].mT if transposed else parts["transform"] @ chunk)
