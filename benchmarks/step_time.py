@@ -15,7 +15,8 @@ steps repeatedly. Reported per optimizer:
 Run on a GPU for real numbers (``python benchmarks/step_time.py``); ``--smoke`` runs tiny shapes
 on CPU; ``--gradients power`` gives the gradients a decaying spectrum (the iterative refresh's
 iteration count depends on it; i.i.d. Gaussian gradients are its worst case). Optimizer names
-(``galore``: exact SVD refresh, ``galore-iterative``, ``galore-randomized``) take ``-graph``
+(``galore``: exact SVD refresh, ``galore-iterative``, ``galore-randomized``; ``mofasgd``,
+``mofasgd-warm``: its warm-started core solver) take ``-graph``
 (``cuda_graph=True``) and then ``-tf32`` (TF32 matmuls allowed while timing) suffixes. Writes
 JSON and a markdown table under benchmarks/results/.
 """
@@ -63,7 +64,7 @@ def build(name: str, params: list[torch.Tensor], rank: int, gap: int):
     name = name.removesuffix("-tf32")
     graph = name.endswith("-graph")
     name = name.removesuffix("-graph")
-    if graph and name in ("adamw-fused", "muon", "galore-torch", "mofasgd"):
+    if graph and name in ("adamw-fused", "muon", "galore-torch", "mofasgd", "mofasgd-warm"):
         raise ValueError(f"{name} has no cuda_graph option")
     if name == "adamw-fused":
         return torch.optim.AdamW(params, lr=1e-3, fused=True)
@@ -77,8 +78,8 @@ def build(name: str, params: list[torch.Tensor], rank: int, gap: int):
         return sumo_optim.SUMO(params, lr=0.02, rank=rank, update_freq=gap, cuda_graph=graph)
     if name == "sumo-svd":
         return sumo_optim.SUMO(params, lr=0.02, rank=rank, update_freq=gap, orthogonalization="svd", cuda_graph=graph)
-    if name == "mofasgd":
-        return sumo_optim.MoFaSGD(params, lr=0.02, rank=rank)
+    if name in ("mofasgd", "mofasgd-warm"):
+        return sumo_optim.MoFaSGD(params, lr=0.02, rank=rank, core_solver="warm" if name.endswith("warm") else "eigh")
     if name == "golore":
         return sumo_optim.GoLore(
             params, total_steps=10**6, lr=1e-2, rank=rank, update_proj_gap=gap, scale=0.25, cuda_graph=graph
@@ -279,7 +280,15 @@ def main() -> None:
     names = []
     for name in args.optimizers.split(","):
         base = name.removesuffix("-tf32").removesuffix("-graph")
-        known = base in ("adamw-fused", "muon", "sumo", "sumo-svd", "galore-randomized", "galore-iterative")
+        known = base in (
+            "adamw-fused",
+            "muon",
+            "sumo",
+            "sumo-svd",
+            "galore-randomized",
+            "galore-iterative",
+            "mofasgd-warm",
+        )
         if base == "galore-torch" and galore_torch_adamw() is None:
             print("skipping galore-torch: not installed (pip install galore-torch==1.0 --no-deps)")
         elif not known and base != "galore-torch" and base not in sumo_optim.available():

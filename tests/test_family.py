@@ -5,7 +5,7 @@ import torch
 
 from sumo_optim import GaLoreAdamW, GoLore, MoFaSGD
 from sumo_optim.linalg import _largest_entry_positive
-from sumo_optim.mofasgd import top_singular_triplets
+from sumo_optim.mofasgd import top_singular_triplets, update_momentum_factors, warm_top_singular_triplets
 from sumo_optim.testing import galore_torch_adamw, matrix_with_spectrum
 
 
@@ -276,3 +276,52 @@ def test_mofasgd_batched_factor_update_equals_one_matrix_at_a_time():
         torch.testing.assert_close(s_a["singular_values"], s_b["singular_values"], rtol=0, atol=1e-12)
         momentum = s_a["left"] * s_a["singular_values"] @ s_a["right"].T
         torch.testing.assert_close(momentum, s_b["left"] * s_b["singular_values"] @ s_b["right"].T, rtol=0, atol=1e-12)
+
+
+def test_warm_core_solver_matches_the_eigh_one_matrix_at_a_time():
+    """MoFaSGD's factor update with the warm-started core solver (a stack at once) gives each
+    matrix's momentum ``U diag(σ) Vᵀ`` and step direction ``U Vᵀ`` of the per-matrix eigh route,
+    in float64; a core with a tie at σ_r falls back and equals that route exactly."""
+    g = torch.Generator().manual_seed(int(torch.randint(0, 10**6, ())))
+    count, rows, cols, rank = 5, 60, 90, 8
+    u = torch.linalg.qr(torch.randn(count, rows, rank, generator=g, dtype=torch.float64))[0]
+    v = torch.linalg.qr(torch.randn(count, cols, rank, generator=g, dtype=torch.float64))[0]
+    sigma = torch.logspace(0, -2, rank, dtype=torch.float64).repeat(count, 1)
+    scales = torch.tensor([0.01, 0.1, 0.3, 1.0, 3.0], dtype=torch.float64).view(-1, 1, 1)
+    grad = torch.randn(count, rows, cols, generator=g, dtype=torch.float64) * scales / cols**0.5
+    warm = update_momentum_factors(u, sigma, v, grad, 0.9, core_solver="warm")
+    for i in range(count):
+        left, values, right = update_momentum_factors(u[i], sigma[i], v[i], grad[i], 0.9)
+        torch.testing.assert_close(warm[1][i], values, rtol=0, atol=1e-12)
+        momentum = warm[0][i] * warm[1][i] @ warm[2][i].mT
+        torch.testing.assert_close(momentum, left * values @ right.mT, rtol=0, atol=1e-12)
+        torch.testing.assert_close(warm[0][i] @ warm[2][i].mT, left @ right.mT, rtol=0, atol=1e-9)
+    spectrum = torch.logspace(0, -3, 2 * rank, dtype=torch.float64)
+    spectrum[rank] = spectrum[rank - 1]  # σ_r = σ_{r+1}: the top r is decided by rounding
+    tied = torch.stack(
+        [matrix_with_spectrum(spectrum, 2 * rank, 2 * rank, g), torch.randn(16, 16, generator=g).double()]
+    )
+    left, values, right, fell_back = warm_top_singular_triplets(tied, rank)
+    assert fell_back.tolist() == [True, False]
+    exact = top_singular_triplets(tied[:1], rank)
+    for ours, theirs in zip((left, values, right), exact):
+        torch.testing.assert_close(ours[:1], theirs, rtol=0, atol=0)
+
+
+def test_mofasgd_warm_core_solver_trains_as_the_eigh_one():
+    g = torch.Generator().manual_seed(3)
+    start = [torch.randn(s, generator=g, dtype=torch.float64) for s in [(24, 40), (24, 40), (40, 24)]]
+    runs = []
+    for core_solver in ("eigh", "warm"):
+        params = [torch.nn.Parameter(w.clone()) for w in start]
+        optimizer = MoFaSGD(params, rank=4, beta=0.9, lr=0.05, core_solver=core_solver)
+        grads = torch.Generator().manual_seed(4)
+        for _ in range(6):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=grads, dtype=torch.float64)
+            optimizer.step()
+        runs.append(params)
+    for a, b in zip(*runs):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+    with pytest.raises(ValueError, match="core_solver"):
+        MoFaSGD(runs[0], core_solver="svd")
