@@ -227,8 +227,9 @@ def cholesky_qr2(matrix: Tensor, fallback: bool = True, compute_q: bool = True) 
 
     Two passes of ``G = YᵀY = LLᵀ``, ``Y ← Y L⁻ᵀ`` (Fukaya et al. 2014), starting from ``Y = M``:
     ``R = (L₁L₂)ᵀ``. Each ``L⁻¹`` is formed explicitly (k×k) and applied by one product instead
-    of a triangular solve over m×k (faster on GPUs; its residual ~κ eps64 is what the second
-    pass removes). Exact to float64 rounding for κ(M) up to ~1e7.
+    of a triangular solve over m×k (meant to be faster on GPUs: not yet measured, see
+    ``benchmarks/fastpath_ab.py qr``; its residual ~κ eps64 is what the second pass removes).
+    Exact to float64 rounding for κ(M) up to ~1e7.
 
     ``trusted`` is False where the result cannot be vouched for: a failed Cholesky, a first
     factor with ``min diag(L₁) ≤ 1e-7 max diag(L₁)`` (κ beyond ~1e7), a second Gram more than
