@@ -281,9 +281,11 @@ def test_mofasgd_batched_factor_update_equals_one_matrix_at_a_time():
 def test_warm_core_solver_matches_the_eigh_one_matrix_at_a_time():
     """MoFaSGD's factor update with the warm-started core solver (a stack at once) gives each
     matrix's momentum ``U diag(σ) Vᵀ`` and step direction ``U Vᵀ`` of the per-matrix eigh route,
-    in float64; a core with a tie at σ_r falls back and equals that route exactly."""
+    in float64; a core with a tie at σ_r falls back and equals that route exactly. r = 24 > the
+    oversampling (16), so the Rayleigh–Ritz space (r + 16 = 40) is smaller than the 2r = 48 core
+    and the subspace iteration has to converge (with r ≤ 16 it would span the whole core)."""
     g = torch.Generator().manual_seed(int(torch.randint(0, 10**6, ())))
-    count, rows, cols, rank = 5, 60, 90, 8
+    count, rows, cols, rank = 5, 60, 90, 24
     u = torch.linalg.qr(torch.randn(count, rows, rank, generator=g, dtype=torch.float64))[0]
     v = torch.linalg.qr(torch.randn(count, cols, rank, generator=g, dtype=torch.float64))[0]
     sigma = torch.logspace(0, -2, rank, dtype=torch.float64).repeat(count, 1)
@@ -299,22 +301,32 @@ def test_warm_core_solver_matches_the_eigh_one_matrix_at_a_time():
     spectrum = torch.logspace(0, -3, 2 * rank, dtype=torch.float64)
     spectrum[rank] = spectrum[rank - 1]  # σ_r = σ_{r+1}: the top r is decided by rounding
     tied = torch.stack(
-        [matrix_with_spectrum(spectrum, 2 * rank, 2 * rank, g), torch.randn(16, 16, generator=g).double()]
+        [
+            matrix_with_spectrum(spectrum, 2 * rank, 2 * rank, g),
+            # a warm start, as MoFaSGD's cores give: the top r near the first r coordinates
+            torch.diag(torch.cat([torch.linspace(1, 0.5, rank), torch.logspace(-2, -4, rank)]).double())
+            + 1e-3 * torch.randn(2 * rank, 2 * rank, generator=g, dtype=torch.float64),
+        ]
     )
     left, values, right, fell_back = warm_top_singular_triplets(tied, rank)
-    assert fell_back.tolist() == [True, False]
-    exact = top_singular_triplets(tied[:1], rank)
+    assert fell_back.tolist() == [True, False]  # the second by subspace iteration, certified
+    exact = top_singular_triplets(tied, rank)
     for ours, theirs in zip((left, values, right), exact):
-        torch.testing.assert_close(ours[:1], theirs, rtol=0, atol=0)
+        torch.testing.assert_close(ours[:1], theirs[:1], rtol=0, atol=0)
+    torch.testing.assert_close(values[1], exact[1][1], rtol=0, atol=1e-13)
+    torch.testing.assert_close(
+        left[1] * values[1] @ right[1].mT, exact[0][1] * exact[1][1] @ exact[2][1].mT, rtol=0, atol=1e-13
+    )
 
 
 def test_mofasgd_warm_core_solver_trains_as_the_eigh_one():
+    # r = 20: the warm solver's Rayleigh–Ritz space (36) is smaller than the 40×40 core
     g = torch.Generator().manual_seed(3)
-    start = [torch.randn(s, generator=g, dtype=torch.float64) for s in [(24, 40), (24, 40), (40, 24)]]
+    start = [torch.randn(s, generator=g, dtype=torch.float64) for s in [(48, 80), (48, 80), (80, 48)]]
     runs = []
     for core_solver in ("eigh", "warm"):
         params = [torch.nn.Parameter(w.clone()) for w in start]
-        optimizer = MoFaSGD(params, rank=4, beta=0.9, lr=0.05, core_solver=core_solver)
+        optimizer = MoFaSGD(params, rank=20, beta=0.9, lr=0.05, core_solver=core_solver)
         grads = torch.Generator().manual_seed(4)
         for _ in range(6):
             for p in params:
