@@ -4,7 +4,7 @@
 plain step (no refresh) of each named optimizer (``step_time.build`` names) at LLaMA shapes and
 prints the ``addmm_`` products grouped by input shapes, the step's GPU time (the sum of its
 device events), and the 32 costliest kernels. Which cuBLAS kernel a product gets shows here:
-a transposed operand with an unaligned leading dimension sends it to a slower one (NOTES v7).
+a transposed operand with an unaligned leading dimension sends it to a slower one (NOTES.md, "Tried").
 """
 
 from __future__ import annotations

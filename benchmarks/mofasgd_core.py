@@ -6,6 +6,9 @@ orthonormal factors, a random gradient), times the whole update
 (:func:`sumo_optim.mofasgd.update_momentum_factors`), its two thin QRs, and the core SVD by each
 candidate, and prints for each candidate the distance of its top-r singular subspaces and values
 to the float64 ``torch.linalg.svd``. CUDA events after warm-up, median of repeats.
+``core_solver="warm"`` (:func:`sumo_optim.mofasgd.warm_top_singular_triplets`) is timed on the
+update's own cores, where its warm start holds, with the number that fell back to ``eigh``.
+``--smoke`` (or no GPU) runs tiny shapes on CPU.
 """
 
 from __future__ import annotations
@@ -17,11 +20,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from refresh_costs import median_ms
+from fastpath_ab import timed_ms
 from step_time import matrix_shapes
-from sumo_optim.mofasgd import update_momentum_factors
+from sumo_optim.mofasgd import update_momentum_factors, warm_top_singular_triplets
 
-gpu_ms = functools.partial(median_ms, repeats=5)  # the float32 SVD candidates take seconds per call
+gpu_ms = functools.partial(timed_ms, repeats=5)  # the float32 SVD candidates take seconds per call
 
 
 def svd_default(core):
@@ -66,15 +69,39 @@ CANDIDATES = {
 }
 
 
+class _capture_cores:  # noqa: N801 - a context manager
+    """Records the cores that :func:`update_momentum_factors` hands to ``top_singular_triplets``."""
+
+    def __init__(self, into: list) -> None:
+        self.into = into
+
+    def __enter__(self) -> None:
+        import sumo_optim.mofasgd as module
+
+        self.module, self.original = module, module.top_singular_triplets
+
+        def recording(core, rank):
+            self.into.append(core)
+            return self.original(core, rank)
+
+        module.top_singular_triplets = recording
+
+    def __exit__(self, *exc: object) -> None:
+        self.module.top_singular_triplets = self.original
+
+
 def main() -> None:
-    model = sys.argv[1] if len(sys.argv) > 1 else "1b"
-    rank = int(sys.argv[2]) if len(sys.argv) > 2 else 128
-    device = torch.device("cuda")
+    arguments = [a for a in sys.argv[1:] if a != "--smoke"]
+    smoke = "--smoke" in sys.argv or not torch.cuda.is_available()
+    model = "tiny" if smoke else (arguments[0] if arguments else "1b")
+    rank = 8 if smoke else (int(arguments[1]) if len(arguments) > 1 else 128)
+    device = torch.device("cpu" if smoke else "cuda")
     torch.manual_seed(0)
     counts: dict[tuple[int, int], int] = {}
     for shape in matrix_shapes(model):
         counts[shape] = counts.get(shape, 0) + 1
-    print(f"MoFaSGD factor update at {model}, r = {rank}, {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    name = "CPU" if smoke else torch.cuda.get_device_name()
+    print(f"MoFaSGD factor update at {model}, r = {rank}, {name}, torch {torch.__version__}")
     totals: dict[str, float] = {}
     for (m, n), count in counts.items():
         u = torch.linalg.qr(torch.randn(count, m, rank, device=device))[0]
@@ -83,9 +110,20 @@ def main() -> None:
         grad = torch.randn(count, m, n, device=device) * 1e-2
         rows = {
             "whole update": gpu_ms(lambda: update_momentum_factors(u, sigma, v, grad, 0.95)),  # noqa: B023
+            "whole update, core_solver=warm": gpu_ms(
+                lambda: update_momentum_factors(u, sigma, v, grad, 0.95, "warm")  # noqa: B023
+            ),
             "QR of [U, G V]": gpu_ms(lambda: torch.linalg.qr(torch.cat([u, grad @ v], dim=-1))),  # noqa: B023
             "QR of [V, Gᵀ U]": gpu_ms(lambda: torch.linalg.qr(torch.cat([v, grad.mT @ u], dim=-1))),  # noqa: B023
         }
+        own_cores = []
+        with _capture_cores(own_cores):
+            update_momentum_factors(u, sigma, v, grad, 0.95)
+        own = own_cores[0]
+        rows["core: eigh of KᵀK float64 (own cores)"] = gpu_ms(lambda: eigh_gram_float64(own))  # noqa: B023
+        rows["core: warm subspace iteration (own cores)"] = gpu_ms(lambda: warm_top_singular_triplets(own, rank))  # noqa: B023
+        fell_back = int(warm_top_singular_triplets(own, rank)[3].sum())
+        print(f"=== {count} × {m}×{n}: warm core solver fell back on {fell_back} of {count} own cores")
         spectrum = torch.diag_embed(torch.logspace(0, -6, 2 * rank, device=device))
         core = torch.randn(count, 2 * rank, 2 * rank, device=device) @ spectrum
         core = core @ torch.randn(count, 2 * rank, 2 * rank, device=device)

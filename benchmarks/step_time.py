@@ -13,8 +13,12 @@ steps repeatedly. Reported per optimizer:
   float64 ``U Vᵀ`` and ``‖O Oᵀ − I‖_F / √r``; and the effect of TF32 projections on the update.
 
 Run on a GPU for real numbers (``python benchmarks/step_time.py``); ``--smoke`` runs tiny shapes
-on CPU. Optimizer names take ``-graph`` (``cuda_graph=True``) and then ``-tf32`` (TF32 matmuls
-allowed while timing) suffixes. Writes JSON and a markdown table under benchmarks/results/.
+on CPU; ``--gradients power`` gives the gradients a decaying spectrum (the iterative refresh's
+iteration count depends on it; i.i.d. Gaussian gradients are its worst case). Optimizer names
+(``galore``: exact SVD refresh, ``galore-iterative``, ``galore-randomized``; ``mofasgd``,
+``mofasgd-warm``: its warm-started core solver) take ``-graph``
+(``cuda_graph=True``) and then ``-tf32`` (TF32 matmuls allowed while timing) suffixes. Writes
+JSON and a markdown table under benchmarks/results/.
 """
 
 from __future__ import annotations
@@ -60,7 +64,7 @@ def build(name: str, params: list[torch.Tensor], rank: int, gap: int):
     name = name.removesuffix("-tf32")
     graph = name.endswith("-graph")
     name = name.removesuffix("-graph")
-    if graph and name in ("adamw-fused", "muon", "galore-torch", "mofasgd"):
+    if graph and name in ("adamw-fused", "muon", "galore-torch", "mofasgd", "mofasgd-warm"):
         raise ValueError(f"{name} has no cuda_graph option")
     if name == "adamw-fused":
         return torch.optim.AdamW(params, lr=1e-3, fused=True)
@@ -74,13 +78,13 @@ def build(name: str, params: list[torch.Tensor], rank: int, gap: int):
         return sumo_optim.SUMO(params, lr=0.02, rank=rank, update_freq=gap, cuda_graph=graph)
     if name == "sumo-svd":
         return sumo_optim.SUMO(params, lr=0.02, rank=rank, update_freq=gap, orthogonalization="svd", cuda_graph=graph)
-    if name == "mofasgd":
-        return sumo_optim.MoFaSGD(params, lr=0.02, rank=rank)
+    if name in ("mofasgd", "mofasgd-warm"):
+        return sumo_optim.MoFaSGD(params, lr=0.02, rank=rank, core_solver="warm" if name.endswith("warm") else "eigh")
     if name == "golore":
         return sumo_optim.GoLore(
             params, total_steps=10**6, lr=1e-2, rank=rank, update_proj_gap=gap, scale=0.25, cuda_graph=graph
         )
-    refresh = "randomized" if name.endswith("randomized") else "svd"
+    refresh = next((r for r in ("randomized", "iterative") if name.endswith(r)), "svd")
     return sumo_optim.GaLoreAdamW(
         params, lr=1e-2, rank=rank, update_proj_gap=gap, scale=0.25, refresh=refresh, cuda_graph=graph
     )
@@ -168,11 +172,26 @@ def tf32_update_error(params, optimizer) -> float:
     return ((deltas[1] - deltas[0]).norm() / deltas[0].norm()).item()
 
 
-def run_one(name, shapes, rank, gap, device, steps, warmup):
+def power_law_gradient(shape: tuple[int, int], device: torch.device, generator: torch.Generator) -> torch.Tensor:
+    """``U diag(i^−0.8) Vᵀ`` with random orthonormal U, V, scaled to the Frobenius norm of the
+    Gaussian gradients (1e-3 per entry): a decaying spectrum, as real gradients have."""
+    m, n = shape
+    k = min(m, n)
+    u = torch.linalg.qr(torch.randn(m, k, device=device, generator=generator))[0]
+    v = torch.linalg.qr(torch.randn(n, k, device=device, generator=generator))[0]
+    spectrum = torch.arange(1, k + 1, device=device, dtype=torch.float32) ** -0.8
+    return (u * (spectrum * 1e-3 * (m * n) ** 0.5 / spectrum.norm())) @ v.T
+
+
+def run_one(name, shapes, rank, gap, device, steps, warmup, gradients="gaussian"):
+    """One optimizer's row; ``gradients``: "gaussian" (i.i.d., a flat spectrum) or "power"
+    (:func:`power_law_gradient`, one per shape; what the iterative refresh's cost depends on)."""
     generator = torch.Generator(device=device).manual_seed(0)
     params = [torch.randn(s, device=device, generator=generator).div_(s[1] ** 0.5).requires_grad_() for s in shapes]
+    power = {s: power_law_gradient(s, device, generator) for s in set(shapes)} if gradients == "power" else {}
     for p in params:
-        p.grad = torch.randn(p.shape, device=device, generator=generator) * 1e-3
+        shape = tuple(p.shape)
+        p.grad = power[shape].clone() if power else torch.randn(shape, device=device, generator=generator) * 1e-3
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
@@ -246,6 +265,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU")
+    parser.add_argument(
+        "--gradients",
+        choices=("gaussian", "power"),
+        default="gaussian",
+        help="random gradients: i.i.d. Gaussian, or a power-law spectrum (σ_i ∝ i^-0.8) per shape",
+    )
     parser.add_argument("--out", default=None, help="file stem under benchmarks/results/")
     parser.add_argument("--profile", default=None, help="print a torch.profiler table of this optimizer's step")
     args = parser.parse_args()
@@ -255,7 +280,15 @@ def main() -> None:
     names = []
     for name in args.optimizers.split(","):
         base = name.removesuffix("-tf32").removesuffix("-graph")
-        known = base in ("adamw-fused", "muon", "sumo", "sumo-svd", "galore-randomized")
+        known = base in (
+            "adamw-fused",
+            "muon",
+            "sumo",
+            "sumo-svd",
+            "galore-randomized",
+            "galore-iterative",
+            "mofasgd-warm",
+        )
         if base == "galore-torch" and galore_torch_adamw() is None:
             print("skipping galore-torch: not installed (pip install galore-torch==1.0 --no-deps)")
         elif not known and base != "galore-torch" and base not in sumo_optim.available():
@@ -271,7 +304,7 @@ def main() -> None:
             for name in names:
                 with contextlib.suppress(torch.cuda.OutOfMemoryError):
                     t0 = time.perf_counter()
-                    row = run_one(name, shapes, rank, args.update_freq, device, args.steps, args.warmup)
+                    row = run_one(name, shapes, rank, args.update_freq, device, args.steps, args.warmup, args.gradients)
                     row.update(model=model, rank=rank, layers_timed=len(shapes) // 7, scale_to_full=scale)
                     rows.append(row)
                     print(
@@ -294,10 +327,11 @@ def main() -> None:
         "date": str(datetime.date.today()),
         "update_freq": args.update_freq,
         "steps": args.steps,
+        "gradients": args.gradients,
     }
     lines = [
         f"Optimizer step on LLaMA weight matrices ({device_name}, torch {torch.__version__}, {meta['date']}; "
-        f"K = {args.update_freq}; 7B timed on {args.layers_7b} blocks and scaled to 32)",
+        f"K = {args.update_freq}; 7B timed on {args.layers_7b} blocks and scaled to 32; {args.gradients} gradients)",
         "",
         "| model | r | optimizer | step ms | amortized ms | × AdamW | state MiB | peak extra MiB | held MiB "
         "| UVᵀ error |",

@@ -2,7 +2,7 @@
 
 ``python benchmarks/with_blas.py cublaslt benchmarks/kernel_breakdown.py sumo-tf32`` runs
 ``kernel_breakdown.py sumo-tf32`` after ``torch.backends.cuda.preferred_blas_library("cublaslt")``;
-``cublas`` is the default. The A/B behind NOTES v9 (``results/blas_*``).
+``cublas`` is the default. The cuBLASLt A/B in NOTES.md (its tables are in the git history).
 """
 
 from __future__ import annotations

@@ -1,13 +1,15 @@
 """Orthogonalization and basis choice against float64 references on fresh random inputs."""
 
+import math
+
 import pytest
 import torch
 
 from sumo_optim import linalg, orthogonalize, orthogonalize_newton_schulz, random_orthonormal, top_singular_vectors
 from sumo_optim.linalg import (
+    cholesky_qr2,
     orthogonalize_cholesky,
     orthogonalize_cholesky_many,
-    orthonormal_columns,
     randomized_top_singular_vectors,
 )
 from sumo_optim.testing import matrix_with_spectrum
@@ -99,7 +101,7 @@ def test_newton_schulz_tall_matches_transpose_of_wide():
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
-@pytest.mark.parametrize("method", ["svd", "randomized"])
+@pytest.mark.parametrize("method", ["svd", "iterative", "randomized"])
 def test_top_singular_vectors_span_the_top_subspace(side, method):
     g = torch.Generator().manual_seed(5)
     spectrum = torch.cat([torch.linspace(10, 5, 6), torch.logspace(-1, -3, 24)])  # clear gap after 6
@@ -219,15 +221,115 @@ def test_randomized_basis_of_a_stack_equals_one_matrix_at_a_time(side):
         assert basis.shape == (30 if side == "left" else 50, 5) and basis.is_contiguous()
 
 
-def test_orthonormal_columns_spans_the_input():
-    g = torch.Generator().manual_seed(10)
-    for condition in (1e0, 1e3):
-        y = matrix_with_spectrum(
-            torch.logspace(0, -torch.log10(torch.tensor(condition)).item(), 12), 300, 12, g, dtype=torch.float32
-        )
-        q = orthonormal_columns(y).double()
-        assert torch.allclose(q.T @ q, torch.eye(12, dtype=torch.float64), atol=1e-5)
-        assert ((q @ q.T @ y.double() - y.double()).norm() / y.norm()) < 1e-5
-    dependent = torch.ones(50, 3)
-    q = orthonormal_columns(dependent)  # Cholesky fails: Householder fallback, no NaN
-    assert torch.isfinite(q).all()
+@pytest.mark.parametrize("condition", [1e0, 1e3, 1e6, 1e8, 1e12, math.inf])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cholesky_qr2_matches_float64_householder(condition, dtype):
+    """Q orthonormal, span(Q) = span(M) and Q R = M to float64 rounding where CholeskyQR2 is exact
+    (κ ≤ 1e6), and by the Householder fallback beyond (κ = 1e8, 1e12, rank-deficient); R upper
+    triangular with a non-negative diagonal, as float64 Householder QR with those signs."""
+    g = torch.Generator().manual_seed(int(torch.randint(0, 10**6, ())))
+    rows, cols = 60, 12
+    if math.isinf(condition):  # exactly rank-deficient: two equal columns
+        matrix = torch.randn(3, rows, cols, generator=g, dtype=torch.float64)
+        matrix[..., 5] = matrix[..., 2]
+    else:
+        spectrum = torch.logspace(0, -math.log10(condition), cols)
+        matrix = torch.stack([matrix_with_spectrum(spectrum, rows, cols, g) for _ in range(3)])
+    matrix = matrix.to(dtype)
+    q, r, r_inverse, trusted = cholesky_qr2(matrix)
+    assert q.dtype == r.dtype == torch.float64 and q.shape == (3, rows, cols) and r.shape == (3, cols, cols)
+    assert bool(trusted.all())
+    exact = matrix.double()
+    reference_q, reference_r = torch.linalg.qr(exact)
+    eye = torch.eye(cols, dtype=torch.float64).expand(3, cols, cols)
+    torch.testing.assert_close(q.mT @ q, eye, atol=1e-13, rtol=0)
+    torch.testing.assert_close(q @ r, exact, atol=1e-13 * exact.abs().amax().item(), rtol=0)
+    assert torch.equal(r.tril(-1), torch.zeros_like(r)) and bool((r.diagonal(dim1=-2, dim2=-1) >= 0).all())
+    if condition <= 1e6:  # a unique Q: the reference's, up to the signs of its columns
+        signs = torch.sign(reference_r.diagonal(dim1=-2, dim2=-1)).unsqueeze(-2)
+        torch.testing.assert_close(q, reference_q * signs, atol=1e-13 * condition, rtol=0)
+        torch.testing.assert_close(r_inverse @ r, eye, atol=1e-13 * condition, rtol=0)
+    else:  # the span of the reference's well-determined leading columns
+        leading = reference_q[..., :4]
+        torch.testing.assert_close(q @ (q.mT @ leading), leading, atol=1e-12, rtol=0)
+
+
+def test_cholesky_qr2_without_fallback_flags_instead_of_waiting():
+    g = torch.Generator().manual_seed(11)
+    matrix = torch.randn(4, 30, 6, generator=g, dtype=torch.float64)
+    matrix[1] = 0.0
+    matrix[2, :, 3] = matrix[2, :, 0]
+    matrix[3, 0, 0] = float("nan")
+    q, r, _, trusted = cholesky_qr2(matrix, fallback=False, compute_q=False)
+    assert q is None and trusted.tolist() == [True, False, False, False]
+    reference = cholesky_qr2(matrix[:1]).r
+    torch.testing.assert_close(r[:1], reference, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="tall"):
+        cholesky_qr2(matrix.mT)
+    single = cholesky_qr2(torch.ones(20, 3, dtype=torch.float64))  # unbatched, Householder fallback
+    assert single.q.shape == (20, 3) and bool(torch.isfinite(single.q).all()) and bool(single.trusted)
+
+
+def spectrum_of(kind, count, rank, generator):
+    """Singular values of a realistic gradient-like spectrum, largest 1."""
+    index = torch.arange(1, count + 1, dtype=torch.float64)
+    if kind == "power":  # σ_i ∝ i^−α, α drawn in [0.5, 1.5]
+        return index ** -(0.5 + torch.rand((), generator=generator, dtype=torch.float64))
+    if kind == "geometric":
+        return 0.9 ** (index - 1)
+    spectrum = index**-0.8  # "tie": σ_{r+1} equal to σ_r up to 1e-9
+    spectrum[rank] = spectrum[rank - 1] * (1 - 1e-9)
+    return spectrum
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_iterative_top_singular_vectors_match_float64_svd(side):
+    """Each vector within the float32 accuracy its gap allows of float64 SVD's (up to sign), on a
+    stack of matrices with decaying spectra; signs by the convention; no fallback needed."""
+    g = torch.Generator().manual_seed(int(torch.randint(0, 10**6, ())))
+    rows, cols = (60, 150) if side == "left" else (150, 60)
+    matrices = [
+        matrix_with_spectrum(spectrum_of(kind, 60, rank=12, generator=g), rows, cols, g, dtype=torch.float32)
+        for kind in ("power", "geometric", "power", "power")
+    ]
+    result = linalg.iterative_top_singular_vectors(matrices, 12, side)
+    assert not result.fell_back.any() and result.iterations >= 2
+    eps = torch.finfo(torch.float32).eps
+    for matrix, basis in zip(matrices, result.bases):
+        u, s, vh = torch.linalg.svd(matrix.double(), full_matrices=False)
+        exact = (u if side == "left" else vh.mT)[:, :12]
+        assert basis.shape == exact.shape and basis.dtype == torch.float32 and basis.is_contiguous()
+        aligned = exact * torch.sign((basis.double() * exact).sum(0))
+        # sin∠ ≤ ρ_i / gap_i with ρ_i ≤ 16 eps ‖A‖_F (the check), gap_i to the nearest other σ
+        gaps = torch.stack([(s[:12] - s[1:13]), torch.cat([s[:1], s[:11] - s[1:12]])]).amin(0)
+        bound = 16 * eps * s.norm() / gaps
+        assert ((basis.double() - aligned).norm(dim=0) <= 2 * bound + 2 * eps).all()
+        largest = basis.gather(0, basis.abs().argmax(0, keepdim=True))
+        assert (largest > 0).all()
+
+
+def test_iterative_top_singular_vectors_fall_back_to_the_svd():
+    """A tie at σ_r (the top-r subspace is decided by rounding), a matrix of rank below r and a
+    flat spectrum with too few iterations get the float32 SVD's vectors, with the sign convention."""
+    g = torch.Generator().manual_seed(int(torch.randint(0, 10**6, ())))
+    tie = matrix_with_spectrum(spectrum_of("tie", 40, rank=6, generator=g), 80, 40, g, dtype=torch.float32)
+    low_rank = matrix_with_spectrum([3.0, 2.0, 1.0], 80, 40, g, dtype=torch.float32)
+    good = matrix_with_spectrum(spectrum_of("geometric", 40, 6, g), 80, 40, g, dtype=torch.float32)
+    result = linalg.iterative_top_singular_vectors([tie, low_rank, good], 6, "right")
+    assert result.fell_back.tolist() == [True, True, False]
+    for matrix, basis in zip((tie, low_rank), result.bases):
+        vectors = torch.linalg.svd(matrix, full_matrices=False)[2][:6].mT
+        signs = torch.sign(vectors.gather(0, vectors.abs().argmax(0, keepdim=True)))
+        torch.testing.assert_close(basis, vectors * signs, rtol=0, atol=0)
+    flat = torch.randn(80, 40, generator=g)
+    assert linalg.iterative_top_singular_vectors([flat], 6, max_iterations=2).fell_back.tolist() == [True]
+
+
+def test_iterative_top_singular_vectors_float64_and_tf32_setting():
+    g = torch.Generator().manual_seed(int(torch.randint(0, 10**6, ())))
+    matrix = matrix_with_spectrum(spectrum_of("geometric", 30, 5, g), 30, 70, g)
+    saved = torch.backends.cuda.matmul.allow_tf32
+    basis = top_singular_vectors(matrix, 5, "left", method="iterative")
+    assert torch.backends.cuda.matmul.allow_tf32 == saved
+    exact = torch.linalg.svd(matrix, full_matrices=False)[0][:, :5]
+    torch.testing.assert_close(basis, exact * torch.sign((basis * exact).sum(0)), rtol=0, atol=1e-12)

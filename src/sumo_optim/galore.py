@@ -85,7 +85,9 @@ class GaLoreAdamW(SubspaceOptimizer):
         rank: r for groups that name none (``None``: such groups get plain Adam, as in galore-torch).
         update_proj_gap: T, the refresh period. scale: α. proj_type: "std" (project the
             shorter side), "reverse_std", "left" or "right".
-        refresh: "svd" (exact, galore-torch) or "randomized" (range finder, milliseconds on GPU).
+        refresh: "svd" (exact, galore-torch), "iterative" (the same top-r singular vectors to
+            float32 accuracy by checked subspace iteration, SVD fallback; one sign convention
+            instead of LAPACK's) or "randomized" (range finder, milliseconds on GPU).
         transport_moments: carry the first moment into a new basis instead of keeping it as is.
         nonfinite, seed, layerwise, cuda_graph: as in :class:`~sumo_optim.SUMO` (the graph
             replays the projections and the inner rule on the reduced gradients).

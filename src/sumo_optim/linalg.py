@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -22,12 +23,15 @@ from .kernels import grouped_addmm_
 __all__ = [
     "CHUNK_BYTES",
     "NEWTON_SCHULZ_COEFFICIENTS",
+    "CholeskyQR",
+    "TopSingularVectors",
+    "cholesky_qr2",
+    "iterative_top_singular_vectors",
     "orthogonalize",
     "orthogonalize_cholesky",
     "orthogonalize_cholesky_many",
     "orthogonalize_cholesky_unchecked",
     "orthogonalize_newton_schulz",
-    "orthonormal_columns",
     "random_orthonormal",
     "randomized_top_singular_vectors",
     "replace_untrusted_",
@@ -160,7 +164,7 @@ def orthogonalize_cholesky_unchecked(
         if tolerance is None:
             tolerance = max(4 * torch.finfo(matrix.dtype).eps, torch.finfo(torch.float64).eps * max(rows, cols))
         size = max(1, CHUNK_BYTES // (8 * rows * cols))
-        chunks = [_cholesky_qr2(chunk) for chunk in wide.split(size)]
+        chunks = [_cholesky_factors(chunk) for chunk in wide.split(size)]
         prepared.append((matrix, transposed, wide, size, tolerance, chunks))
     # One polar iteration per (short side, tolerance): its step count depends on the tolerance.
     polars: dict[tuple[int, float], list[tuple[int, int]]] = {}
@@ -180,13 +184,13 @@ def orthogonalize_cholesky_unchecked(
         for (i, c), polar, polar_trusted in zip(members, polar_all.split(counts), trusted.split(counts)):
             parts = prepared[i][-1][c]
             # U Vᵀ(M) = polar(R) L₂⁻¹ L₁⁻¹ M: an r×r matrix T, applied to M once per chunk below.
-            parts["transform"] = polar @ parts["inverse2"] @ parts["inverse1"]
+            parts["transform"] = polar @ parts["inverse"]
             parts["trusted"] = parts["trusted"] & polar_trusted & torch.isfinite(parts["transform"]).all(dim=(-2, -1))
     outputs, flags = [], []
     for matrix, transposed, wide, size, _, chunks in prepared:
         result = torch.empty_like(matrix, memory_format=torch.contiguous_format)
         # A tall result as Mᵀ Tᵀ, row-major in the input's shape: a transposed view there sends
-        # later products to slower cuBLAS kernels (NOTES v7).
+        # later products to slower cuBLAS kernels (benchmarks/NOTES.md).
         for out, chunk, parts in zip(result.view(-1, *result.shape[-2:]).split(size), wide.split(size), chunks):
             chunk = chunk.to(torch.float64)
             out.copy_(chunk.mT @ parts["transform"].mT if transposed else parts["transform"] @ chunk)
@@ -197,24 +201,84 @@ def orthogonalize_cholesky_unchecked(
     return outputs, flags
 
 
-def _cholesky_qr2(batch: Tensor) -> dict[str, Tensor]:
-    """CholeskyQR2 of wide matrices (b×r×n) in float64: ``M = L₁L₂ Y``, keeping ``L₁⁻¹`` and ``L₂⁻¹`` (r×r)."""
-    batch = batch.to(torch.float64)
-    rows = batch.shape[-2]
-    identity = torch.eye(rows, dtype=torch.float64, device=batch.device)
-    lower1, info1 = torch.linalg.cholesky_ex(batch @ batch.mT)
+def _first_axis(x: Tensor | None) -> Tensor | None:
+    return x[None] if x is not None else None
+
+
+def _cholesky_factors(batch: Tensor) -> dict[str, Tensor]:
+    """:func:`cholesky_qr2` of wide matrices (b×r×n, through their transposes) without ``Q`` and
+    without fallback: ``M = F Y`` with ``F = Rᵀ`` (r×r), ``F⁻¹``, and the trust flags."""
+    qr = cholesky_qr2(batch.mT, fallback=False, compute_q=False)
+    return {"factor": qr.r.mT, "inverse": qr.r_inverse.mT, "trusted": qr.trusted}
+
+
+class CholeskyQR(NamedTuple):
+    """``M = Q R`` from :func:`cholesky_qr2`, all float64: ``Q`` (…×m×k; ``None`` unless asked
+    for), ``R`` (upper triangular, positive diagonal), ``R⁻¹``, and ``trusted`` (batch shape)."""
+
+    q: Tensor | None
+    r: Tensor
+    r_inverse: Tensor
+    trusted: Tensor
+
+
+def cholesky_qr2(matrix: Tensor, fallback: bool = True, compute_q: bool = True) -> CholeskyQR:
+    """Thin ``M = Q R`` of tall matrices (…×m×k, m ≥ k, batched) by CholeskyQR2 in float64.
+
+    Two passes of ``G = YᵀY = LLᵀ``, ``Y ← Y L⁻ᵀ`` (Fukaya et al. 2014), starting from ``Y = M``:
+    ``R = (L₁L₂)ᵀ``. Each ``L⁻¹`` is formed explicitly (k×k) and applied by one product instead
+    of a triangular solve over m×k (meant to be faster on GPUs: not yet measured, see
+    ``benchmarks/fastpath_ab.py qr``; its residual ~κ eps64 is what the second pass removes).
+    Exact to float64 rounding for κ(M) up to ~1e7.
+
+    ``trusted`` is False where the result cannot be vouched for: a failed Cholesky, a first
+    factor with ``min diag(L₁) ≤ 1e-7 max diag(L₁)`` (κ beyond ~1e7), a second Gram more than
+    0.1 from ``I`` in some entry (the first pass did not nearly orthonormalize), or non-finite
+    values. With ``fallback=True`` (one host synchronization) those matrices are recomputed by
+    float64 Householder QR, signs chosen so ``R``'s diagonal is ≥ 0, and marked trusted; with
+    ``fallback=False`` nothing waits for the device and the caller completes them.
+    ``compute_q=False`` skips the product that forms ``Q`` (callers that need only ``R``).
+    """
+    if matrix.shape[-2] < matrix.shape[-1]:
+        raise ValueError(f"cholesky_qr2 needs tall matrices (m >= k), got shape {tuple(matrix.shape)}")
+    y = matrix.to(torch.float64)
+    cols = y.shape[-1]
+    identity = torch.eye(cols, dtype=torch.float64, device=y.device)
+    lower1, info1 = torch.linalg.cholesky_ex(y.mT @ y)
     inverse1 = torch.linalg.solve_triangular(lower1, identity, upper=False)
-    rows_1 = inverse1 @ batch  # Y₁ = L₁⁻¹ M
-    gram2 = rows_1 @ rows_1.mT
+    y = y @ inverse1.mT  # Y₁ = M L₁⁻ᵀ
+    gram2 = y.mT @ y
     lower2, info2 = torch.linalg.cholesky_ex(gram2)
-    # gram2's diagonal holds Y₁'s squared row norms: finite iff every entry of Y₁ is.
-    trusted = (info1 == 0) & (info2 == 0) & torch.isfinite(gram2).all(dim=(-2, -1))
-    return {
-        "factor": lower1 @ lower2,
-        "inverse1": inverse1,
-        "inverse2": torch.linalg.solve_triangular(lower2, identity, upper=False),
-        "trusted": trusted,
-    }
+    inverse2 = torch.linalg.solve_triangular(lower2, identity, upper=False)
+    diagonal = lower1.diagonal(dim1=-2, dim2=-1)
+    trusted = (
+        (info1 == 0)
+        & (info2 == 0)
+        & (diagonal.amin(-1) > 1e-7 * diagonal.amax(-1))
+        & ((gram2 - identity).abs().amax(dim=(-2, -1)) < 0.1)  # False for NaN; Inf in Y₁ shows here too
+    )
+    q = y @ inverse2.mT if compute_q else None
+    result = CholeskyQR(q, (lower1 @ lower2).mT, (inverse2 @ inverse1).mT, trusted)
+    if fallback and not bool(trusted.all()):  # the one synchronization
+        result = _householder_where_untrusted(matrix, result)
+    return result
+
+
+def _householder_where_untrusted(matrix: Tensor, result: CholeskyQR) -> CholeskyQR:
+    """``result`` with its untrusted matrices replaced by float64 Householder QR (R's diagonal ≥ 0)."""
+    if matrix.ndim == 2:  # as a batch of one
+        batched = _householder_where_untrusted(matrix[None], CholeskyQR(*(_first_axis(x) for x in result)))
+        return CholeskyQR(*(x[0] if x is not None else None for x in batched))
+    untrusted = (~result.trusted).nonzero(as_tuple=True)
+    q, r = torch.linalg.qr(matrix[untrusted].to(torch.float64))
+    signs = torch.where(r.diagonal(dim1=-2, dim2=-1) < 0, -1.0, 1.0).to(torch.float64)
+    q, r = q * signs.unsqueeze(-2), r * signs.unsqueeze(-1)
+    identity = torch.eye(r.shape[-1], dtype=torch.float64, device=r.device)
+    replaced = list(result[:3])
+    for out, value in zip(replaced, (q, r, torch.linalg.solve_triangular(r, identity, upper=True))):
+        if out is not None:
+            out[untrusted] = value
+    return CholeskyQR(*replaced, torch.ones_like(result.trusted))
 
 
 def orthogonalize_newton_schulz(
@@ -257,6 +321,8 @@ def top_singular_vectors(
 
     ``side="left"`` returns ``U[:, :r]`` (m×r), ``side="right"`` returns ``V[:, :r]`` (n×r).
     ``method="svd"`` takes a truncated SVD (float32, or float64 for a float64 input);
+    ``method="iterative"`` the same vectors by :func:`iterative_top_singular_vectors` (signs by
+    its convention, ``power_iterations`` ignored);
     ``method="randomized"`` the randomized range finder of Halko, Martinsson & Tropp
     (2011, Alg. 4.4: ``Y = (A Aᵀ)^q A Ω``, re-orthonormalized after each product), then
     Rayleigh–Ritz on the small projected matrix, which costs O(mn(r+p)) instead of O(mn·min(m, n)).
@@ -268,8 +334,10 @@ def top_singular_vectors(
     if method == "svd":  # U[:, :r] or Vh[:r]ᵀ of one SVD of the matrix itself, as galore-torch takes them
         u, _, vh = torch.linalg.svd(a, full_matrices=False)
         return (u[:, :rank] if side == "left" else vh[:rank].mT).contiguous()
+    if method == "iterative":
+        return iterative_top_singular_vectors([a], rank, side, generators=[generator]).bases[0]
     if method != "randomized":
-        raise ValueError(f"method must be 'svd' or 'randomized', got {method!r}")
+        raise ValueError(f"method must be 'svd', 'iterative' or 'randomized', got {method!r}")
     return randomized_top_singular_vectors([a], rank, side, power_iterations, oversample, [generator])[0]
 
 
@@ -302,16 +370,164 @@ def randomized_top_singular_vectors(
     generators = generators or [None] * len(a)
     omega = torch.stack([torch.randn(n, sketch_size, device=device, dtype=dtype, generator=g) for g in generators])
     a_t = [x.mT for x in a]
-    q = _per_batch(orthonormal_columns, _stacked_products(a, omega))
+    q = _per_batch(_orthonormal_columns, _stacked_products(a, omega))
     for _ in range(power_iterations):
-        z = _per_batch(orthonormal_columns, _stacked_products(a_t, q))
-        q = _per_batch(orthonormal_columns, _stacked_products(a, z))
+        z = _per_batch(_orthonormal_columns, _stacked_products(a_t, q))
+        q = _per_batch(_orthonormal_columns, _stacked_products(a, z))
     small = _stacked_products(list(q.mT.unbind()), a).to(torch.float64)
     eigenvectors = _per_batch(lambda x: torch.linalg.eigh(x)[1], small @ small.mT)
     bases = q @ eigenvectors[..., -rank:].flip(-1).to(q.dtype)
     if len(a) == 1:
         return [bases[0]]
     return [basis.clone() for basis in bases.unbind()]  # independent tensors for the optimizer state
+
+
+class TopSingularVectors(NamedTuple):
+    """Result of :func:`iterative_top_singular_vectors`: one basis per matrix, which matrices
+    fell back to the full SVD (a CPU bool tensor), and the subspace iterations run."""
+
+    bases: list[Tensor]
+    fell_back: Tensor
+    iterations: int
+
+
+def iterative_top_singular_vectors(
+    matrices: Sequence[Tensor],
+    rank: int,
+    side: str = "left",
+    oversample: int | None = None,
+    min_iterations: int = 2,
+    max_iterations: int = 30,
+    residual_tolerance: float | None = None,
+    angle_tolerance: float = 0.1,
+    generators: Sequence[torch.Generator | None] | None = None,
+) -> TopSingularVectors:
+    """The exact top-``rank`` singular vectors (``U[:, :r]`` or ``V[:, :r]``, as :func:`top_singular_vectors`
+    with ``method="svd"``) of a stack of same-shape matrices, mostly without an SVD of them.
+
+    Subspace iteration with Rayleigh–Ritz (Halko, Martinsson & Tropp 2011, Alg. 4.4 run to
+    convergence; Stewart's SRRIT). With ``k = r + oversample`` columns (default ``oversample = r``:
+    the error at ``σ_r`` shrinks by ``(σ_{k+1}/σ_r)²`` per iteration, fast on decaying spectra)
+    and ``Q`` (m×k) orthonormal, one iteration is: ``Bᵀ = AᵀQ``; the float64 ``eigh`` of ``B Bᵀ``
+    gives Ritz values ``θ`` and vectors ``W``; ``U = Q W``, ``V = Bᵀ W Θ⁻¹`` (so ``Aᵀ U = V Θ``
+    exactly); ``A V`` gives the residuals ``ρᵢ = ‖A vᵢ − θᵢ uᵢ‖``, and ``Q ← orth(A V Θ⁻¹)``, a
+    basis of ``A Aᵀ Q``. Two products with the large matrix per iteration, all grouped.
+
+    A matrix is done when, after ``min_iterations``, its top ``r`` Ritz triplets pass:
+
+    1. ``ρᵢ ≤ residual_tolerance · ‖A‖_F`` for i ≤ r (default ``16 eps``: each triplet is then an
+       exact singular triplet of a matrix that close to ``A``, an SVD's backward error; float32
+       ``torch.linalg.svd``'s own residuals measure ~8 eps ``‖A‖₂``, and the float32 rounding of
+       ``A V`` grows with ``‖A‖_F``, which flat spectra make several times ``‖A‖₂``);
+    2. ``‖(ρ₁ … ρ_r)‖ ≤ angle_tolerance · δ`` with ``δ = θ_r − θ_{r+1} − ρ_{r+1}``. Ritz values
+       interlace (``θ_r ≤ σ_r``) and an exact singular value lies within ``ρ_{r+1}`` of ``θ_{r+1}``,
+       which bounds ``σ_{r+1} ≤ θ_{r+1} + ρ_{r+1}`` as long as the sketch has not missed a singular
+       value above ``θ_{r+1}`` (probability ~0 for a Gaussian start with oversampling). Wedin's
+       theorem then bounds the sine of the angle between ``span(U_r)`` and the exact top-r
+       singular subspace by ``‖R_r‖/δ ≤ angle_tolerance``: the subspace is the top-r one, and
+       its vectors are as accurate as the residuals allow (``ρᵢ / gap_i`` each, as for an SVD).
+
+    Matrices not done after ``max_iterations`` (a near tie at ``σ_r`` — where the choice is made
+    by rounding, so only the SVD itself reproduces the SVD's choice — numerical rank below r,
+    or a spectrum too flat to converge) fall back to ``torch.linalg.svd``. Products run in full
+    float32 even where TF32 is allowed (the residual test needs float32 rounding); one host
+    synchronization per iteration once ``min_iterations`` are done (besides CholeskyQR2's). Signs follow one convention
+    for both paths (an SVD's are arbitrary): each vector's entry of largest magnitude is positive.
+    """
+    if side not in ("left", "right"):
+        raise ValueError(f"side must be 'left' or 'right', got {side!r}")
+    a = [x if x.dtype == torch.float64 else x.float() for x in matrices]
+    if side == "right":
+        a = [x.mT for x in a]
+    m, n = a[0].shape
+    rank = min(rank, m, n)
+    sketch_size = min(rank + (rank if oversample is None else oversample), m, n)
+    device, dtype = a[0].device, a[0].dtype
+    tolerance = 16 * torch.finfo(dtype).eps if residual_tolerance is None else residual_tolerance
+    norms = torch.stack(torch._foreach_norm(a)).double()  # ‖A‖_F of each matrix
+    generators = generators or [None] * len(a)
+    bases: list[Tensor | None] = [None] * len(a)
+    active = list(range(len(a)))
+    iteration = 0
+    with _float32_products():
+        omega = torch.stack([torch.randn(n, sketch_size, device=device, dtype=dtype, generator=g) for g in generators])
+        y = _stacked_products(a, omega)
+        while True:
+            q = _per_batch(_orthonormal_columns, y)
+            b_t = _stacked_products([a[i].mT for i in active], q)  # Bᵀ = AᵀQ (n×k)
+            gram = b_t.mT.double() @ b_t.double()  # B Bᵀ, k×k
+            squares, w = torch.linalg.eigh(gram[0]) if len(active) == 1 else torch.linalg.eigh(gram)
+            squares, w = squares.expand(len(active), -1), w.expand(len(active), -1, -1)
+            theta = squares.flip(-1).clamp_min(0).sqrt()  # descending
+            w = w.flip(-1)
+            floor = (theta[..., :1] * torch.finfo(dtype).eps).clamp_min(torch.finfo(dtype).tiny)
+            inverse = 1 / theta.clamp_min(floor)  # Θ⁻¹, finite in ``dtype`` (columns at σ ≈ 0 are noise)
+            v = b_t @ (w * inverse.unsqueeze(-2)).to(dtype)
+            a_v = _stacked_products([a[i] for i in active], v)
+            u = q @ w.to(dtype)
+            residuals = (a_v - u * theta.to(dtype).unsqueeze(-2)).norm(dim=-2).double()
+            if iteration >= min_iterations:
+                scale = tolerance * norms[active]
+                certified = _ritz_certified(theta, residuals, rank, scale, angle_tolerance)
+                # Numerical rank below r, or σ_r and σ_{r+1} tied to within the residual tolerance:
+                # criterion 2 cannot be met, the SVD decides.
+                hopeless = _tied_at_rank(theta, rank, scale)
+                certified_list, stop_list = certified.tolist(), (certified | hopeless).tolist()  # the synchronization
+                for j, i in enumerate(active):
+                    if certified_list[j]:
+                        bases[i] = u[j, :, :rank]
+                keep = [j for j, stop in enumerate(stop_list) if not stop]
+                if not keep or iteration >= max_iterations:
+                    break
+                active = [active[j] for j in keep]
+                a_v, inverse = a_v[keep], inverse[keep]
+            y = a_v * inverse.unsqueeze(-2).to(dtype)
+            iteration += 1
+    fell_back = torch.zeros(len(a), dtype=torch.bool)
+    for i in range(len(a)):
+        if bases[i] is None:
+            fell_back[i] = True
+            bases[i] = top_singular_vectors(a[i].mT if side == "right" else a[i], rank, side)  # as galore-torch
+    return TopSingularVectors([_largest_entry_positive(x) for x in bases], fell_back, iteration)
+
+
+def _ritz_certified(theta: Tensor, residuals: Tensor, rank: int, tolerance: Tensor, angle_tolerance: float) -> Tensor:
+    """Criteria 1 and 2 of :func:`iterative_top_singular_vectors`, per matrix (float64 inputs;
+    ``tolerance``: the residual bound ``residual_tolerance · ‖A‖_F`` of each)."""
+    top = residuals[..., :rank]
+    if theta.shape[-1] > rank:
+        gap = theta[..., rank - 1] - theta[..., rank] - residuals[..., rank]
+    else:  # k = r = min(m, n): no (r+1)-th singular value
+        gap = theta[..., rank - 1]
+    return (top.amax(-1) <= tolerance) & (top.norm(dim=-1) <= angle_tolerance * gap) & (gap > 0)
+
+
+def _tied_at_rank(theta: Tensor, rank: int, tolerance: Tensor) -> Tensor:
+    """Whether ``θ_r`` is within ``tolerance`` (the residual bound) of zero or of ``θ_{r+1}``."""
+    following = theta[..., rank] if theta.shape[-1] > rank else torch.zeros_like(theta[..., 0])
+    return theta[..., rank - 1] - following <= tolerance
+
+
+def _largest_entry_positive(basis: Tensor) -> Tensor:
+    """``basis`` with each column's sign chosen so that its entry of largest magnitude is positive."""
+    largest = basis.gather(-2, basis.abs().argmax(dim=-2, keepdim=True))
+    return (basis * torch.where(largest < 0, -1.0, 1.0).to(basis.dtype)).contiguous()
+
+
+class _float32_products:  # noqa: N801 - used as a context manager, like torch.no_grad
+    """Turns TF32 off for CUDA float32 products inside the block, restoring the setting after."""
+
+    def __enter__(self) -> None:
+        self.saved = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False
+
+    def __exit__(self, *exc: object) -> None:
+        torch.backends.cuda.matmul.allow_tf32 = self.saved
+
+
+def _orthonormal_columns(matrix: Tensor) -> Tensor:
+    """``Q`` of :func:`cholesky_qr2`, in the input's dtype."""
+    return cholesky_qr2(matrix).q.to(matrix.dtype)
 
 
 def _per_batch(function, stack: Tensor) -> Tensor:
@@ -325,22 +541,6 @@ def _stacked_products(lefts: Sequence[Tensor], rights: Tensor | Sequence[Tensor]
     out = torch.empty(len(lefts), lefts[0].shape[0], rights[0].shape[1], device=lefts[0].device, dtype=lefts[0].dtype)
     grouped_addmm_(list(out.unbind()), lefts, rights, beta=0.0)
     return out
-
-
-def orthonormal_columns(matrix: Tensor) -> Tensor:
-    """An orthonormal basis of the column space of a tall full-rank ``matrix`` (m×k, m ≥ k).
-
-    CholeskyQR2 with a float64 Gram matrix (two Cholesky factorizations and triangular solves:
-    fast on GPUs where Householder QR is not); falls back to Householder QR when the columns
-    are too close to dependent for Cholesky.
-    """
-    q = matrix
-    for _ in range(2):  # Q = Y R⁻¹ with R = Lᵀ, L = chol(YᵀY); the second pass restores orthogonality
-        lower, info = torch.linalg.cholesky_ex((q.mT @ q).to(torch.float64))
-        if bool(info.any()):
-            return torch.linalg.qr(matrix)[0]
-        q = torch.linalg.solve_triangular(lower.mT.to(q.dtype), q, upper=True, left=False)
-    return q
 
 
 def random_orthonormal(

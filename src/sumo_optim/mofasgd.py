@@ -20,30 +20,15 @@ import torch
 from torch import Tensor
 
 from .base import SubspaceOptimizer, _is_number
+from .linalg import _ritz_certified, _tied_at_rank, cholesky_qr2
 from .lr_adjust import LR_ADJUSTMENTS, lr_adjustment
 
-__all__ = ["MoFaSGD", "thin_qr", "top_singular_triplets", "update_momentum_factors"]
+__all__ = ["MoFaSGD", "top_singular_triplets", "update_momentum_factors", "warm_top_singular_triplets"]
 
 
-def thin_qr(matrix: Tensor) -> tuple[Tensor, Tensor]:
-    """``Q R`` of tall matrices (…×m×k, batched): CholeskyQR2 on a float64 Gram matrix (batched
-    products and Cholesky), or ``torch.linalg.qr`` (Householder) where a stack is too close to
-    rank-deficient for it (κ beyond ~1e7; one host check per call)."""
-    q, r = matrix.to(torch.float64), None
-    for _ in range(2):  # the second pass makes Q orthonormal to working precision
-        gram = q.mT @ q
-        lower, info = torch.linalg.cholesky_ex(gram)
-        diagonal = lower.diagonal(dim1=-2, dim2=-1)
-        if r is None:
-            conditioned = diagonal.amin(-1) > 1e-7 * diagonal.amax(-1)
-        else:  # CholeskyQR2's condition: the first Q is already close to orthonormal
-            conditioned = (gram - torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)).abs().amax(
-                (-2, -1)
-            ) < 0.1
-        if not bool(((info == 0) & conditioned).all()):
-            return torch.linalg.qr(matrix)
-        q = torch.linalg.solve_triangular(lower.mT, q, upper=True, left=False)  # Q ← Q L⁻ᵀ
-        r = lower.mT if r is None else lower.mT @ r
+def _thin_qr(matrix: Tensor) -> tuple[Tensor, Tensor]:
+    """``Q R`` of tall matrices (batched) by :func:`~sumo_optim.linalg.cholesky_qr2`, in the input's dtype."""
+    q, r, _, _ = cholesky_qr2(matrix)
     return q.to(matrix.dtype), r.to(matrix.dtype)
 
 
@@ -54,25 +39,68 @@ def top_singular_triplets(matrix: Tensor, rank: int) -> tuple[Tensor, Tensor, Te
     the digits; any orthonormal completion of ``U_r`` where σ is zero)."""
     matrix64 = matrix.to(torch.float64)
     right = torch.linalg.eigh(matrix64.mT @ matrix64).eigenvectors[..., -rank:].flip(-1)  # descending
-    left, triangle = thin_qr(matrix64 @ right)
+    left, triangle = _thin_qr(matrix64 @ right)
     diagonal = triangle.diagonal(dim1=-2, dim2=-1)
     left = left * torch.where(diagonal < 0, -1.0, 1.0).unsqueeze(-2)
     return left.to(matrix.dtype), diagonal.abs().to(matrix.dtype), right.to(matrix.dtype)
 
 
+def warm_top_singular_triplets(
+    matrix: Tensor, rank: int, iterations: int = 4, oversample: int = 16
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`top_singular_triplets` of square matrices ``K`` (batched) whose top-``rank`` right
+    singular subspace lies near the first ``rank`` coordinates, as MoFaSGD's core's does (the old
+    momentum's directions come first in its bases). Returns ``U_r, σ_r, V_r`` and a CPU bool per
+    matrix: fell back to :func:`top_singular_triplets`.
+
+    In float64: ``iterations`` steps of subspace iteration on ``KᵀK`` (CholeskyQR2 after each)
+    from the first ``k = rank + oversample`` coordinate vectors, then Rayleigh–Ritz: the k×k
+    ``eigh`` of ``(KX)ᵀ(KX)`` gives ``V``; ``σᵢ = ‖K vᵢ‖`` and ``uᵢ = K vᵢ / σᵢ`` (``K V = U Σ``
+    exactly), residuals ``ρᵢ = ‖Kᵀ uᵢ − σᵢ vᵢ‖``. A matrix passes the check of
+    :func:`~sumo_optim.linalg.iterative_top_singular_vectors` (``ρᵢ ≤ 16 eps64 ‖K‖_F``, Wedin bound
+    ≤ 0.1 from the r/r+1 gap); the others are recomputed by :func:`top_singular_triplets`. The
+    ``eigh`` is k×k instead of 2r×2r.
+    """
+    matrix64 = matrix.to(torch.float64)
+    size = matrix64.shape[-1]
+    width = min(rank + oversample, size)
+    x = torch.eye(size, width, dtype=torch.float64, device=matrix64.device).expand(*matrix64.shape[:-2], size, width)
+    for _ in range(iterations):
+        x = cholesky_qr2(matrix64.mT @ (matrix64 @ x)).q
+    projected = matrix64 @ x
+    w = torch.linalg.eigh(projected.mT @ projected).eigenvectors.flip(-1)  # descending
+    right = x @ w
+    images = projected @ w  # K V = U Σ
+    sigma = images.norm(dim=-2)
+    left = images / sigma.clamp_min(torch.finfo(torch.float64).tiny).unsqueeze(-2)
+    residuals = (matrix64.mT @ left - right * sigma.unsqueeze(-2)).norm(dim=-2)
+    tolerance = 16 * torch.finfo(torch.float64).eps * torch.linalg.matrix_norm(matrix64)
+    certified = _ritz_certified(sigma, residuals, rank, tolerance, 0.1) & ~_tied_at_rank(sigma, rank, tolerance)
+    fell_back = ~certified.cpu()
+    left, sigma, right = (t[..., :rank].contiguous() for t in (left, sigma, right))
+    if bool(fell_back.any()):
+        flat = [t.reshape(-1, *t.shape[-2:]) for t in (left, right, matrix64)]
+        flat_sigma = sigma.reshape(-1, rank)
+        index = fell_back.reshape(-1).nonzero(as_tuple=True)[0].to(matrix64.device)
+        exact = top_singular_triplets(flat[2][index], rank)
+        flat[0][index], flat_sigma[index], flat[1][index] = exact
+    return left.to(matrix.dtype), sigma.to(matrix.dtype), right.to(matrix.dtype), fell_back
+
+
 def update_momentum_factors(
-    u: Tensor, sigma: Tensor, v: Tensor, grad: Tensor, beta: float
+    u: Tensor, sigma: Tensor, v: Tensor, grad: Tensor, beta: float, core_solver: str = "eigh"
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Rank-r factors of ``β U diag(σ) Vᵀ + Ĝ`` (Ĝ: G projected on the tangent space at U, V).
 
     Works on one matrix or on a stack of equal-shape matrices (leading batch dimension), with
-    batched building blocks only (:func:`thin_qr`, :func:`top_singular_triplets`): cuSOLVER's
-    SVD loops over a stack of 2r×2r cores one matrix at a time.
+    batched building blocks only (:func:`~sumo_optim.linalg.cholesky_qr2`, :func:`top_singular_triplets`): cuSOLVER's
+    SVD loops over a stack of 2r×2r cores one matrix at a time. ``core_solver``: the core's top r
+    by :func:`top_singular_triplets` ("eigh") or :func:`warm_top_singular_triplets` ("warm").
     """
     rank = u.shape[-1]
     grad_v, grad_t_u = grad @ v, grad.mT @ u
-    left, left_r = thin_qr(torch.cat([u, grad_v], dim=-1))
-    right, right_r = thin_qr(torch.cat([v, grad_t_u], dim=-1))
+    left, left_r = _thin_qr(torch.cat([u, grad_v], dim=-1))
+    right, right_r = _thin_qr(torch.cat([v, grad_t_u], dim=-1))
     identity = torch.eye(rank, dtype=u.dtype, device=u.device).expand(*u.shape[:-2], rank, rank)
     core = torch.cat(
         [
@@ -81,7 +109,10 @@ def update_momentum_factors(
         ],
         dim=-2,
     )
-    core_u, core_sigma, core_v = top_singular_triplets(left_r @ core @ right_r.mT, rank)
+    if core_solver == "warm":
+        core_u, core_sigma, core_v, _ = warm_top_singular_triplets(left_r @ core @ right_r.mT, rank)
+    else:
+        core_u, core_sigma, core_v = top_singular_triplets(left_r @ core @ right_r.mT, rank)
     return left @ core_u, core_sigma, right @ core_v
 
 
@@ -97,6 +128,9 @@ class MoFaSGD(SubspaceOptimizer):
         adjust_lr_fn: learning-rate convention ``f(m, n)`` of the step ``α f U Vᵀ``: ``"none"``
             (default), ``"original"``, ``"match_rms_adamw"`` or ``"paper"``
             (:mod:`sumo_optim.lr_adjust`).
+        core_solver: the top r of the 2r×2r core: ``"eigh"`` (default; float64 ``eigh`` of ``KᵀK``,
+            :func:`top_singular_triplets`) or ``"warm"`` (subspace iteration from the previous
+            factors, checked, with that as fallback: :func:`warm_top_singular_triplets`).
         weight_decay: decoupled λ. adamw_betas, adamw_eps, nonfinite, seed, layerwise,
             bf16_stochastic_rounding, adamw_state_bits: as in SUMO.
         layerwise_accumulation_steps: as in SUMO, except that a matrix's step reads its whole
@@ -120,11 +154,13 @@ class MoFaSGD(SubspaceOptimizer):
         bf16_stochastic_rounding: bool = False,
         adamw_state_bits: int = 32,
         layerwise_accumulation_steps: int = 1,
+        core_solver: str = "eigh",
     ) -> None:
         defaults = dict(
             lr=lr,
             rank=rank,
             beta=beta,
+            core_solver=core_solver,
             scale=scale,
             adjust_lr_fn=adjust_lr_fn,
             weight_decay=weight_decay,
@@ -146,6 +182,8 @@ class MoFaSGD(SubspaceOptimizer):
             raise ValueError(f"beta must be in [0, 1), got {group['beta']!r}")
         if not _is_number(group["scale"]) or group["scale"] < 0:
             raise ValueError(f"scale must be a finite number >= 0, got {group['scale']!r}")
+        if group["core_solver"] not in ("eigh", "warm"):
+            raise ValueError(f"core_solver must be 'eigh' or 'warm', got {group['core_solver']!r}")
         if group["adjust_lr_fn"] not in LR_ADJUSTMENTS:
             raise ValueError(f"adjust_lr_fn must be one of {LR_ADJUSTMENTS}, got {group['adjust_lr_fn']!r}")
 
@@ -172,12 +210,14 @@ class MoFaSGD(SubspaceOptimizer):
             pending.append((p, group, state, self._working_copy(p.grad).view(p.shape[0], -1)))
         stacks: dict[tuple, list[int]] = {}
         for i, (_, group, state, grad) in enumerate(pending):
-            stacks.setdefault((grad.shape, grad.dtype, grad.device, group["beta"], state["left"].shape), []).append(i)
-        for (*_, beta, _), members in stacks.items():
+            key = (grad.shape, grad.dtype, grad.device, group["beta"], group["core_solver"], state["left"].shape)
+            stacks.setdefault(key, []).append(i)
+        for (*_, beta, core_solver, _), members in stacks.items():
             factors = update_momentum_factors(
                 *(torch.stack([pending[i][2][name] for i in members]) for name in ("left", "singular_values", "right")),
                 torch.stack([pending[i][3] for i in members]),
                 beta,
+                core_solver,
             )
             for i, u, sigma, v in zip(members, *(f.unbind() for f in factors)):
                 pending[i][2]["left"], pending[i][2]["singular_values"], pending[i][2]["right"] = u, sigma, v
@@ -193,7 +233,7 @@ class MoFaSGD(SubspaceOptimizer):
             state["left"], state["singular_values"], state["right"] = u[:, :rank], sigma[:rank], vh[:rank].mT
         else:
             state["left"], state["singular_values"], state["right"] = update_momentum_factors(
-                state["left"], state["singular_values"], state["right"], grad, group["beta"]
+                state["left"], state["singular_values"], state["right"], grad, group["beta"], group["core_solver"]
             )
         self._apply_step(weights, state, group)
 

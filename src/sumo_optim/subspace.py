@@ -21,7 +21,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .linalg import random_orthonormal, randomized_top_singular_vectors, top_singular_vectors
+from .linalg import (
+    iterative_top_singular_vectors,
+    random_orthonormal,
+    randomized_top_singular_vectors,
+    top_singular_vectors,
+)
 
 __all__ = [
     "BASIS_METHODS",
@@ -42,7 +47,7 @@ SIDES = ("left", "right", "full")
 # "std" / "reverse_std" / "left" / "right": galore-torch's proj_type conventions
 # ("std" projects the shorter side too, but right on ties).
 PROJECTION_TYPES = ("short", "std", "reverse_std", "left", "right")
-BASIS_METHODS = ("svd", "randomized", "random")
+BASIS_METHODS = ("svd", "iterative", "randomized", "random")
 # Matrices per batched randomized refresh: at LLaMA-7B's 11008×4096 the float64 Rayleigh–Ritz
 # input of 32 matrices is 0.4 GB.
 REFRESH_CHUNK = 32
@@ -74,8 +79,10 @@ def compute_basis(
 ) -> Tensor:
     """A new orthonormal basis for the ``side`` of ``grad`` (m×n), in float32 or float64.
 
-    ``"svd"``: top-``rank`` singular vectors by exact SVD; ``"randomized"``: the same by a
-    randomized range finder with ``power_iterations``; ``"random"``: uniform on the Stiefel
+    ``"svd"``: top-``rank`` singular vectors by exact SVD; ``"iterative"``: the same vectors
+    (to float32 accuracy, one sign convention) by subspace iteration checked to convergence,
+    with the SVD as fallback; ``"randomized"``: an approximation by a randomized range finder
+    with ``power_iterations``; ``"random"``: uniform on the Stiefel
     manifold, independent of ``grad`` (GoLore).
     """
     if side not in ("left", "right"):
@@ -101,18 +108,23 @@ def compute_bases(
 ) -> list[Tensor]:
     """:func:`compute_basis` for a stack of same-shape gradients (``generators[i]`` for ``grads[i]``).
 
-    The randomized method runs batched (:func:`~sumo_optim.linalg.randomized_top_singular_vectors`),
-    in chunks of ``REFRESH_CHUNK`` matrices to bound its working memory; the others loop.
+    The randomized and iterative methods run batched
+    (:func:`~sumo_optim.linalg.randomized_top_singular_vectors`,
+    :func:`~sumo_optim.linalg.iterative_top_singular_vectors`), in chunks of ``REFRESH_CHUNK``
+    matrices to bound their working memory; the others loop.
     """
     generators = generators if generators is not None else [None] * len(grads)
-    if method != "randomized" or side not in ("left", "right"):
+    if method not in ("randomized", "iterative") or side not in ("left", "right"):
         return [compute_basis(g, rank, side, method, gen, power_iterations) for g, gen in zip(grads, generators)]
     bases = []
     for start in range(0, len(grads), REFRESH_CHUNK):
         chunk = slice(start, start + REFRESH_CHUNK)
-        bases += randomized_top_singular_vectors(
-            grads[chunk], rank, side, power_iterations, generators=generators[chunk]
-        )
+        if method == "iterative":
+            bases += iterative_top_singular_vectors(grads[chunk], rank, side, generators=generators[chunk]).bases
+        else:
+            bases += randomized_top_singular_vectors(
+                grads[chunk], rank, side, power_iterations, generators=generators[chunk]
+            )
     return bases
 
 

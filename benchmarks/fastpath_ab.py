@@ -1,0 +1,226 @@
+"""A/B probes of two step-path changes at LLaMA shapes (GPU; ``--smoke`` runs tiny shapes on CPU).
+
+``qr``: the one CholeskyQR2 (:func:`sumo_optim.linalg.cholesky_qr2`) against the three it
+replaced (copied below from commit 5ed5440), each on its caller's stacks: the randomized
+refresh's sketches (m×(r+8), float32), MoFaSGD's ``[U, G V]`` and ``[V, Gᵀ U]`` (m×2r, float32)
+and SUMO's float64 route (wide r×n moments, ``Q`` not formed). Prints ms per stack, old and new,
+and the largest difference of their ``R`` (relative to its largest entry).
+
+``refresh``: GaLore's refresh per stack of equal shapes, on gradients with a power-law spectrum
+(σ_i ∝ i^−α): the exact SVD (timed on two matrices, scaled to the stack), ``"iterative"``
+(:func:`sumo_optim.linalg.iterative_top_singular_vectors`, whole stack) and ``"randomized"``;
+iterations, fallbacks, and the largest distance of a basis vector to the float64 SVD's (up to
+sign; two matrices per stack).
+
+    python benchmarks/fastpath_ab.py qr,refresh [--model 1b] [--rank 128] [--alpha 0.8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from step_time import matrix_shapes
+from sumo_optim.linalg import cholesky_qr2, iterative_top_singular_vectors, randomized_top_singular_vectors
+from sumo_optim.subspace import REFRESH_CHUNK, choose_side
+
+
+def timed_ms(fn, repeats: int = 5) -> float:
+    """Median wall time of ``fn`` (CUDA events on a GPU), after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        if torch.cuda.is_available():
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+# The three CholeskyQR2s before the merge (5ed5440), for the A/B.
+def old_orthonormal_columns(matrix):  # linalg.orthonormal_columns: the randomized refresh
+    q = matrix
+    for _ in range(2):
+        lower, info = torch.linalg.cholesky_ex((q.mT @ q).to(torch.float64))
+        if bool(info.any()):
+            return torch.linalg.qr(matrix)[0]
+        q = torch.linalg.solve_triangular(lower.mT.to(q.dtype), q, upper=True, left=False)
+    return q
+
+
+def old_thin_qr(matrix):  # mofasgd.thin_qr
+    q, r = matrix.to(torch.float64), None
+    for _ in range(2):
+        gram = q.mT @ q
+        lower, info = torch.linalg.cholesky_ex(gram)
+        diagonal = lower.diagonal(dim1=-2, dim2=-1)
+        if r is None:
+            conditioned = diagonal.amin(-1) > 1e-7 * diagonal.amax(-1)
+        else:
+            identity = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+            conditioned = (gram - identity).abs().amax((-2, -1)) < 0.1
+        if not bool(((info == 0) & conditioned).all()):
+            return torch.linalg.qr(matrix)
+        q = torch.linalg.solve_triangular(lower.mT, q, upper=True, left=False)
+        r = lower.mT if r is None else lower.mT @ r
+    return q.to(matrix.dtype), r.to(matrix.dtype)
+
+
+def old_cholesky_qr2(batch):  # linalg._cholesky_qr2: SUMO's float64 route, wide r×n
+    batch = batch.to(torch.float64)
+    identity = torch.eye(batch.shape[-2], dtype=torch.float64, device=batch.device)
+    lower1, info1 = torch.linalg.cholesky_ex(batch @ batch.mT)
+    inverse1 = torch.linalg.solve_triangular(lower1, identity, upper=False)
+    rows_1 = inverse1 @ batch
+    gram2 = rows_1 @ rows_1.mT
+    lower2, info2 = torch.linalg.cholesky_ex(gram2)
+    trusted = (info1 == 0) & (info2 == 0) & torch.isfinite(gram2).all(dim=(-2, -1))
+    inverse2 = torch.linalg.solve_triangular(lower2, identity, upper=False)
+    return lower1 @ lower2, inverse1, inverse2, trusted
+
+
+def new_orthonormal_columns(matrix):
+    return cholesky_qr2(matrix).q.to(matrix.dtype)
+
+
+def new_thin_qr(matrix):
+    q, r, _, _ = cholesky_qr2(matrix)
+    return q.to(matrix.dtype), r.to(matrix.dtype)
+
+
+def new_sumo_route(batch):
+    qr = cholesky_qr2(batch.mT, fallback=False, compute_q=False)
+    return qr.r.mT, qr.r_inverse.mT, qr.trusted
+
+
+def r_difference(old_r: torch.Tensor, new_r: torch.Tensor) -> float:
+    old_r, new_r = old_r.double(), new_r.double()
+    return ((old_r - new_r).abs().amax() / old_r.abs().amax()).item()
+
+
+def ab_row(caller: str, stack: str, old, new, difference: float) -> None:
+    """One printed row: the median ms of ``old()`` and ``new()``."""
+    print(f"{caller:<22} {stack:<16} {timed_ms(old):9.2f} {timed_ms(new):9.2f}  {difference:.1e}")
+
+
+def qr_ab(shapes, rank: int, device: torch.device) -> None:
+    print(f"{'caller':<22} {'stack':<16} {'old ms':>9} {'new ms':>9}  R difference")
+    sketch = rank + 8
+    for (m, n), count in Counter(shapes).items():
+        short = min(m, n)
+        # randomized refresh: orth(A Ω), A seen from its projected side (rows = the short side);
+        # Q is unique up to column signs, so |QᵀA| (= |R|) is compared, old and new against Householder
+        tall = torch.randn(count, short, sketch, device=device)
+        exact_r = torch.linalg.qr(tall.double())[1].abs()
+        difference = max(
+            r_difference(exact_r, (f(tall).double().mT @ tall.double()).abs())
+            for f in (old_orthonormal_columns, new_orthonormal_columns)
+        )
+        stack = f"{count}×{short}×{sketch}"
+        ab_row(
+            "randomized refresh",
+            stack,
+            lambda x=tall: old_orthonormal_columns(x),
+            lambda x=tall: new_orthonormal_columns(x),
+            difference,
+        )
+        for rows in (m, n):  # MoFaSGD: [U, G V] (m×2r) and [V, Gᵀ U] (n×2r)
+            factors = torch.randn(count, rows, 2 * rank, device=device)
+            difference = r_difference(old_thin_qr(factors)[1], new_thin_qr(factors)[1])
+            stack = f"{count}×{rows}×{2 * rank}"
+            ab_row(
+                "MoFaSGD thin QR", stack, lambda x=factors: old_thin_qr(x), lambda x=factors: new_thin_qr(x), difference
+            )
+        wide = torch.randn(count, rank, max(m, n), device=device)  # SUMO: the moment r×n, float64 inside
+        difference = r_difference(old_cholesky_qr2(wide)[0].mT, new_sumo_route(wide)[0].mT)
+        stack = f"{count}×{rank}×{max(m, n)}"
+        ab_row(
+            "SUMO float64 route",
+            stack,
+            lambda x=wide: old_cholesky_qr2(x),
+            lambda x=wide: new_sumo_route(x),
+            difference,
+        )
+
+
+def power_law_stack(count: int, m: int, n: int, alpha: float, device: torch.device) -> torch.Tensor:
+    k = min(m, n)
+    spectrum = torch.arange(1, k + 1, device=device, dtype=torch.float32) ** -alpha
+    u = torch.linalg.qr(torch.randn(count, m, k, device=device))[0]
+    v = torch.linalg.qr(torch.randn(count, n, k, device=device))[0]
+    return (u * spectrum.unsqueeze(-2)) @ v.mT
+
+
+def column_error(basis: torch.Tensor, exact: torch.Tensor) -> float:
+    basis, exact = basis.double(), exact.double()
+    signs = torch.sign((basis * exact).sum(0))
+    return (basis * signs - exact).norm(dim=0).max().item()
+
+
+def refresh_ab(shapes, rank: int, alpha: float, device: torch.device) -> None:
+    print(f"power-law gradients, σ_i ∝ i^-{alpha}; ms per stack (exact SVD: 2 matrices timed, scaled)")
+    print(f"{'stack':<16} {'svd ms':>10} {'iterative ms':>13} {'randomized ms':>14}  iterations  fallbacks", end="")
+    print("  vector error: iterative / randomized / fp32 svd")
+    for (m, n), count in Counter(shapes).items():
+        count = min(count, REFRESH_CHUNK)
+        side = choose_side((m, n), rank, "std")
+        grads = list(power_law_stack(count, m, n, alpha, device).unbind())
+        svd_ms = timed_ms(lambda grads=grads: [torch.linalg.svd(g, full_matrices=False) for g in grads[:2]], repeats=1)
+        iterative_ms = timed_ms(
+            lambda grads=grads, side=side: iterative_top_singular_vectors(grads, rank, side), repeats=3
+        )
+        randomized_ms = timed_ms(
+            lambda grads=grads, side=side: randomized_top_singular_vectors(grads, rank, side), repeats=3
+        )
+        result = iterative_top_singular_vectors(grads, rank, side)
+        randomized = randomized_top_singular_vectors(grads, rank, side)
+        errors = [0.0, 0.0, 0.0]
+        for i in range(2):
+            u, _, vh = torch.linalg.svd(grads[i].double(), full_matrices=False)
+            u32, _, vh32 = torch.linalg.svd(grads[i], full_matrices=False)
+            exact, fp32 = (u[:, :rank], u32[:, :rank]) if side == "left" else (vh[:rank].mT, vh32[:rank].mT)
+            for j, basis in enumerate((result.bases[i], randomized[i], fp32)):
+                errors[j] = max(errors[j], column_error(basis, exact))
+        print(
+            f"{f'{count}×{m}×{n}':<16} {svd_ms * count / 2:10.1f} {iterative_ms:13.1f} {randomized_ms:14.1f}  "
+            f"{result.iterations:10d}  {int(result.fell_back.sum()):9d}  "
+            f"{errors[0]:.1e} / {errors[1]:.1e} / {errors[2]:.1e}"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("probes", nargs="?", default="qr,refresh")
+    parser.add_argument("--model", default="1b")
+    parser.add_argument("--rank", type=int, default=128)
+    parser.add_argument("--alpha", type=float, default=0.8)
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU")
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+    shapes = matrix_shapes("tiny") if args.smoke else matrix_shapes(args.model)
+    rank = 8 if args.smoke else args.rank
+    torch.manual_seed(0)
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
+    print(f"{'tiny' if args.smoke else args.model}, r = {rank}, {name}, torch {torch.__version__}")
+    if "qr" in args.probes:
+        qr_ab(shapes, rank, device)
+    if "refresh" in args.probes:
+        refresh_ab(shapes, rank, args.alpha, device)
+
+
+if __name__ == "__main__":
+    main()
