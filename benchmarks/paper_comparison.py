@@ -7,8 +7,11 @@ the best run of each reported (docs/results.md is made from this script's output
 
 Each run is one ``sumo-train`` process (several at once with ``--parallel``: on a GPU the small
 models leave it mostly idle); a run whose ``summary.json`` exists is not run again, so the sweep
-can be continued across sessions. Writes ``results.md``/``results.json`` and the best runs'
-loss curves (``loss_curves.png``) under ``--out``.
+can be continued across sessions. ``--extend-edges`` adds one grid step past a best lr at an edge
+of its finished sweep (again while the new point wins); ``--seeds 1`` reruns each finished
+sweep's best lr (inside its grid) with seed 1 (``LABEL-lrLR-seed1``), after the sweeps. Writes
+``results.md``/``results.json``, the best runs' loss curves (``loss_curves.png``) and the final
+metric against lr (``lr_sweep.png``) under ``--out``.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from sumo_train.data import prepare_tokens  # noqa: E402
-from sumo_train.report import plot_runs, read_metrics  # noqa: E402
+from sumo_train.report import plot_lr_sweep, plot_runs, read_metrics  # noqa: E402
 
 # Three learning rates per optimizer around each method's published setting.
 PRETRAIN_GRID = {
@@ -107,6 +110,56 @@ def last_periodic(run_dir: str, key: str) -> float | None:
     """The run's last periodic validation value of ``key`` (not its final whole-split evaluation)."""
     values = [e[key] for e in read_metrics(Path(run_dir)) if key in e and not e.get("final")]
     return values[-1] if values else None
+
+
+def run_dir_name(label: str, fields: dict[str, Any], base_seed: int) -> str:
+    """``LABEL-lrLR``, with ``-seedS`` for a run of another seed than the sweep's."""
+    seed = "" if fields["seed"] == base_seed else f"-seed{fields['seed']}"
+    return f"{label.replace(' ', '_')}-lr{fields['lr']:g}{seed}"
+
+
+def best_runs(done: list[dict[str, Any]], key: str, higher_is_better: bool, seed: int) -> dict[str, dict[str, Any]]:
+    """Each label's best finished run of seed ``seed`` (the sweep's), by ``key``."""
+    best: dict[str, dict[str, Any]] = {}
+    for r in done:
+        if r["seed"] == seed and (r["label"] not in best or (r[key] > best[r["label"]][key]) == higher_is_better):
+            best[r["label"]] = r
+    return best
+
+
+def edge_points(results: list[dict[str, Any]], key: str, higher_is_better: bool, seed: int) -> list[tuple[str, float]]:
+    """(label, lr) one grid step past the best lr of each label whose sweep (seed ``seed``) has
+    finished with its best at the smallest or largest lr tried (the step: the ratio of the two
+    lrs at that end). Labels with a run unfinished, or fewer than two lrs, get none."""
+    points = []
+    for label in dict.fromkeys(r["label"] for r in results):
+        runs = [r for r in results if r["label"] == label and r["seed"] == seed]
+        if len(runs) < 2 or any("summary_missing" in r for r in runs):
+            continue
+        lrs = sorted(r["lr"] for r in runs)
+        best = best_runs(runs, key, higher_is_better, seed)[label]["lr"]
+        if best == lrs[0]:
+            points.append((label, lrs[0] * lrs[0] / lrs[1]))
+        elif best == lrs[-1]:
+            points.append((label, lrs[-1] * lrs[-1] / lrs[-2]))
+    return points
+
+
+def seed_points(
+    results: list[dict[str, Any]], key: str, higher_is_better: bool, seed: int, seeds: list[int]
+) -> list[tuple[str, float, int]]:
+    """(label, lr, seed) for each of ``seeds`` at each label's best lr, once its sweep has
+    finished (every run of seed ``seed`` done) with the best inside the lrs tried."""
+    points = []
+    for label, best in best_runs(
+        [r for r in results if "summary_missing" not in r], key, higher_is_better, seed
+    ).items():
+        if edge_points([r for r in results if r["label"] == label], key, higher_is_better, seed):
+            continue
+        if any(r["label"] == label and r["seed"] == seed and "summary_missing" in r for r in results):
+            continue
+        points += [(label, best["lr"], extra) for extra in seeds if extra != seed]
+    return points
 
 
 def plan(args: argparse.Namespace) -> list[tuple[str, str, dict[str, Any]]]:
@@ -215,6 +268,17 @@ def main(argv: list[str] | None = None) -> int:
         metavar="NAME=LR[,LR...]",
         help="another lr grid for NAME (repeatable)",
     )
+    parser.add_argument(
+        "--extend-edges",
+        action="store_true",
+        help="once a sweep has finished with its best lr at an edge, run one more grid step past it (repeated)",
+    )
+    parser.add_argument(
+        "--seeds",
+        default="",
+        metavar="S[,S...]",
+        help="once a sweep has finished with its best lr inside it, rerun that lr with each of these seeds",
+    )
     parser.add_argument("--smoke", action="store_true", help="tiny CPU version: one lr each, a few steps")
     parser.add_argument(
         "--report-only", action="store_true", help="start no run: the table and plot of the runs under --out"
@@ -229,41 +293,66 @@ def main(argv: list[str] | None = None) -> int:
         first = runs[0][2]
         prepare_tokens(first["corpus"], first["cache_dir"], first["vocab_size"])
     deadline = time.monotonic() + 60 * args.deadline_minutes if args.deadline_minutes is not None else None
-    with ThreadPoolExecutor(args.parallel) as pool:
-        jobs = [
-            pool.submit(
-                run_one,
-                args.out / "runs" / f"{label.replace(' ', '_')}-lr{fields['lr']:g}",
-                fields,
-                args.task,
-                deadline,
-            )
-            for label, _, fields in runs
+    higher_is_better = args.task == "finetune"
+    key = "val_accuracy" if higher_is_better else "val_loss"
+
+    def execute(batch: list[tuple[str, str, dict[str, Any]]]) -> list[dict[str, Any]]:
+        with ThreadPoolExecutor(args.parallel) as pool:
+            jobs = [
+                pool.submit(
+                    run_one, args.out / "runs" / run_dir_name(label, fields, args.seed), fields, args.task, deadline
+                )
+                for label, _, fields in batch
+            ]
+            return [{"label": label, **job.result()} for (label, _, _), job in zip(batch, jobs)]
+
+    def mark(batch_results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        for r in batch_results:  # failed or not started: no result to choose from yet
+            if "failed" in r or "not_started" in r:
+                r["summary_missing"] = True
+        return batch_results
+
+    fields_of = {label: fields for label, _, fields in runs}
+    names = {label: name for label, name, _ in runs}
+    results = mark(execute(runs))
+    for _ in range(4 if args.extend_edges else 0):  # a winning edge: one more point past it, again if it wins
+        points = edge_points(results, key, higher_is_better, args.seed)
+        tried = {(r["label"], r["lr"]) for r in results}
+        batch = [
+            (label, names[label], {**fields_of[label], "lr": lr}) for label, lr in points if (label, lr) not in tried
         ]
-        results = [{"label": label, **job.result()} for (label, _, _), job in zip(runs, jobs)]
+        if not batch:
+            break
+        results += mark(execute(batch))
+    if args.seeds:
+        points = seed_points(results, key, higher_is_better, args.seed, [int(x) for x in args.seeds.split(",")])
+        results += mark(
+            execute([(label, names[label], {**fields_of[label], "lr": lr, "seed": seed}) for label, lr, seed in points])
+        )
     failed = [r for r in results if "failed" in r]
     for r in failed:
         print(f"failed ({r['failed']}): {r['run_dir']}, see its stdout.log", file=sys.stderr)
     waiting = [r for r in results if "not_started" in r]
     if waiting:
         print(f"{len(waiting)} run(s) not started (deadline); run the same command again to continue", file=sys.stderr)
-    done = [r for r in results if "failed" not in r and "not_started" not in r]
+    done = [r for r in results if "summary_missing" not in r]
     if not done:
         return 1
-    higher_is_better = args.task == "finetune"
-    key = "val_accuracy" if higher_is_better else "val_loss"
-    best: dict[str, dict[str, Any]] = {}
-    for r in done:
-        if r["label"] not in best or (r[key] > best[r["label"]][key]) == higher_is_better:
-            best[r["label"]] = r
+    best = best_runs(done, key, higher_is_better, args.seed)
+    others = {
+        label: sorted((r for r in done if r["label"] == label and r["seed"] != args.seed), key=lambda r: r["seed"])
+        for label in best
+    }
     reference_label = "adamw (full)" if higher_is_better else "galore"
     reference = best.get(reference_label)
+    with_seeds = any(others.values())
     lines = [
         "| optimizer | best lr (of the sweep) | "
         + ("val accuracy | val loss" if higher_is_better else "val loss | val ppl")
-        + f" | steps to {reference_label}'s last validation (× its steps) | time to it | wall | tokens/s"
-        + " | peak GPU memory | optimizer state |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        + f" | steps to {reference_label}'s last validation (× its steps) | time to it"
+        + (f" | other seeds at this lr: {key}, steps to it" if with_seeds else "")
+        + " | wall | tokens/s | peak GPU memory | optimizer state |",
+        "|---|---:|---:|---:|---:|---:|" + ("---:|" if with_seeds else "") + "---:|---:|---:|---:|",
     ]
     reference_steps = None
     if reference and (target := last_periodic(reference["run_dir"], key)) is not None:
@@ -281,8 +370,17 @@ def main(argv: list[str] | None = None) -> int:
             reach = f"{step:.0f} ({step / reference_steps:.2f}×) | {seconds:.0f} s"
         else:
             reach = "not reached | –"
+        if with_seeds:
+            seeds = []
+            for other in others[label]:
+                other_step = (
+                    first_reaching(other["run_dir"], key, target, higher_is_better)[0] if target is not None else None
+                )
+                steps = f"{other_step:.0f}" if other_step is not None else "not reached"
+                seeds.append(f"s{other['seed']}: {other[key]:.4f}, {steps}")
+            reach += " | " + ("; ".join(seeds) or "–")
         memory = f"{r['peak_memory_bytes'] / 2**20:,.0f} MiB" if r.get("peak_memory_bytes") else "n/a (CPU)"
-        tried = sorted(x["lr"] for x in done if x["label"] == label)
+        tried = sorted(x["lr"] for x in done if x["label"] == label and x["seed"] == args.seed)
         edge = " (edge)" if len(tried) > 1 and r["lr"] in (tried[0], tried[-1]) else ""
         rates = [m["tokens_per_s"] for m in read_metrics(Path(r["run_dir"])) if "tokens_per_s" in m]
         rate = f"{statistics.median(rates):,.0f}" if rates else "–"
@@ -291,7 +389,10 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['optimizer_state_bytes'] / 2**20:.2f} MiB |"
         )
     table = "\n".join(lines)
-    table += "\n\n(edge): the best lr is the smallest or largest tried; extend the grid with --lrs NAME=LR,LR,..."
+    table += (
+        "\n\n(edge): the best lr is the smallest or largest tried; extend the grid with --extend-edges"
+        " or --lrs NAME=LR,LR,..."
+    )
     device = done[0]["device"]
     model = f"LLaMA {done[0]['preset']}" if args.task == "pretrain" else "MiniLM-L6 on Rotten Tomatoes"
     title = f"{args.task} {model}, {done[0]['steps']} steps, {device}"
@@ -303,14 +404,19 @@ def main(argv: list[str] | None = None) -> int:
         title=title + " (best lr of each)",
         labels=labels,
     )
-    all_runs = "\n".join(f"| {r['label']} | {r['lr']:g} | {r.get(key, float('nan')):.4f} |" for r in done)
+    sweep = {
+        label: [(r["lr"], r[key]) for r in done if r["label"] == label and r["seed"] == args.seed] for label in labels
+    }
+    sweep_plot = plot_lr_sweep(sweep, args.out / "lr_sweep.png", title=title, metric=key.replace("_", " "))
+    all_runs = "\n".join(f"| {r['label']} | {r['lr']:g} | {r['seed']} | {r[key]:.4f} |" for r in done)
     (args.out / "results.md").write_text(
-        f"{title}\n\n{table}\n\nEvery run of the sweep:\n\n| optimizer | lr | {key} |\n|---|---:|---:|\n{all_runs}\n"
+        f"{title}\n\n{table}\n\nEvery run of the sweep:\n\n| optimizer | lr | seed | {key} |\n"
+        f"|---|---:|---:|---:|\n{all_runs}\n"
     )
     (args.out / "results.json").write_text(
         json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "runs": results}, indent=2)
     )
-    print(f"{title}\n\n{table}\n\nplot: {plot}\ntable: {args.out / 'results.md'}")
+    print(f"{title}\n\n{table}\n\nplots: {plot}, {sweep_plot}\ntable: {args.out / 'results.md'}")
     return 1 if failed else 0
 
 

@@ -288,6 +288,40 @@ def test_paper_comparison_smoke_runs_end_to_end(corpus, cache, tmp_path):
     assert "| sumo r=4 |" in (finetune / "results.md").read_text()
 
 
+def test_paper_comparison_extends_winning_edges_and_reruns_best_lrs_with_other_seeds(corpus, cache, tmp_path):
+    """The study's next runs: one grid step past a best lr at an edge, other seeds at a best lr
+    inside the grid, nothing for a sweep with a run unfinished; --seeds runs and reports them."""
+    spec = importlib.util.spec_from_file_location("paper_comparison", ROOT / "benchmarks" / "paper_comparison.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+
+    def run(label, lr, loss, seed=0, missing=False):
+        return {"label": label, "lr": lr, "seed": seed, "val_loss": loss} | (
+            {"summary_missing": True} if missing else {}
+        )
+
+    results = [
+        *(run("low", lr, loss) for lr, loss in ((0.01, 2.0), (0.02, 2.1), (0.04, 2.2))),  # best at the bottom
+        *(run("high", lr, loss) for lr, loss in ((1e-3, 2.3), (3e-3, 2.2), (9e-3, 2.1))),  # best at the top
+        *(run("inside", lr, loss) for lr, loss in ((0.1, 2.5), (0.2, 2.4), (0.4, 2.6))),
+        run("inside", 0.2, 2.0, seed=3),  # another seed's run never decides the best
+        run("unfinished", 1.0, 2.0),
+        run("unfinished", 2.0, 1.9, missing=True),
+    ]
+    edges = script.edge_points(results, "val_loss", False, seed=0)
+    assert edges == [("low", pytest.approx(0.005)), ("high", pytest.approx(0.027))]
+    assert script.edge_points(results[:3], "val_loss", True, seed=0) == [("low", pytest.approx(0.08))]
+    assert script.seed_points(results, "val_loss", False, 0, [0, 1, 2]) == [("inside", 0.2, 1), ("inside", 0.2, 2)]
+
+    out = tmp_path / "seeds"
+    common = ["--smoke", "--cache-dir", str(cache), "--corpus", str(corpus), "--out", str(out)]
+    assert script.main(["pretrain", "--optimizers", "galore", "--seeds", "1", *common]) == 0
+    assert sorted(path.name for path in (out / "runs").iterdir()) == ["galore-lr0.005", "galore-lr0.005-seed1"]
+    assert json.loads((out / "runs" / "galore-lr0.005-seed1" / "config.json").read_text())["seed"] == 1
+    table = (out / "results.md").read_text()
+    assert "other seeds at this lr" in table and "| galore | 0.005 | 1 |" in table
+
+
 def test_torchrun_data_parallel_run_equals_one_process(corpus, cache, tmp_path):
     """sumo-train under torchrun on 2 CPU processes (DDP, gloo, 2 micro-batches each) gives the
     one-process run."""

@@ -55,6 +55,33 @@ def plot_runs(run_dirs: list[Path], out: Path, title: str = "", labels: list[str
     return out
 
 
+def plot_lr_sweep(
+    points: dict[str, list[tuple[float, float]]], out: Path, title: str = "", metric: str = "val loss"
+) -> Path:
+    """The final ``metric`` against learning rate (log scale), one line per optimizer: where each
+    method's best lr lies, and whether it sits at an edge of the grid tried."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6.5, 4.2))
+    for label, pairs in points.items():
+        axis.plot(*zip(*sorted(pairs)), marker="o", label=label)
+    axis.set_xscale("log")
+    axis.set_xlabel("learning rate")
+    axis.set_ylabel(metric)
+    axis.grid(alpha=0.3, which="both")
+    axis.legend(fontsize=8)
+    if title:
+        axis.set_title(title, fontsize=10)
+    figure.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out, dpi=120)
+    plt.close(figure)
+    return out
+
+
 def comparison_table(summaries: list[dict[str, Any]]) -> str:
     """Markdown table of final metrics, wall time, peak memory and optimizer-state bytes. Peak memory
     is each run's own: CUDA's peak allocation, or on a CPU the process's resident memory sampled
