@@ -308,3 +308,31 @@ def test_refresh_from_the_first_micro_batch_is_refused_where_it_cannot_apply():
         sumo_optim.MoFaSGD(params, rank=2, layerwise=True, layerwise_refresh="first")
     with pytest.raises(ValueError, match="complement_scale"):
         sumo_optim.SUMO.paper_rule(params, rank=2, layerwise=True, layerwise_refresh="first")
+
+
+@pytest.mark.parametrize("shape", [(40, 24), (24, 40), (6, 9)])  # right basis, left basis, rank ≥ min: full
+def test_projection_of_a_bf16_gradient_in_blocks_matches_float64(monkeypatch, shape):
+    """Layer-wise accumulation projects a bf16 gradient a block of columns (left basis) or rows
+    (right basis, full) at a time: ``Σ project(G_i)`` equals the float64 product of the bf16
+    gradients, as the whole float32 copy would give."""
+    import sumo_optim.base
+
+    monkeypatch.setattr(sumo_optim.base, "PROJECTION_CHUNK", 50)  # blocks of 1-2 columns or rows
+    torch.manual_seed(0)
+    weight = nn.Parameter(torch.randn(shape).bfloat16())
+    optimizer = sumo_optim.SUMO([{"params": [weight], "rank": 8}], lr=0.01)
+    weight.grad = torch.randn(shape).bfloat16()
+    optimizer.step()  # the basis
+    group, grads = optimizer.param_groups[0], [torch.randn(shape).bfloat16() for _ in range(2)]
+    total = None
+    for grad in grads:
+        weight.grad = grad
+        total = optimizer._add_projection(weight, group, total)
+    summed = sum(g.double() for g in grads)
+    side = optimizer._side(shape, group)
+    assert side == {(40, 24): "right", (24, 40): "left", (6, 9): "full"}[shape] and total.dtype == torch.float32
+    expected = summed
+    if side != "full":
+        basis = optimizer.state[weight]["basis"].double()
+        expected = basis.mT @ summed if side == "left" else summed @ basis
+    torch.testing.assert_close(total.double(), expected, rtol=1e-5, atol=1e-5)

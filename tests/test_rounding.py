@@ -51,3 +51,25 @@ def test_nan_and_inf_are_kept():
 def test_refuses_other_dtypes():
     with pytest.raises(ValueError, match="float32"):
         stochastic_round_to_bf16(torch.zeros(3, dtype=torch.float64))
+
+
+def test_chunked_rounding_into_out_is_unbiased_and_reproducible(monkeypatch):
+    """Large tensors are rounded a chunk at a time (bounded work memory), straight into ``out``."""
+    import sumo_optim.rounding as rounding
+
+    monkeypatch.setattr(rounding, "CHUNK", 1000)
+    x = torch.full((300, 701), 3.3 + 1e-4)  # not a multiple of the chunk
+    x[7, 5] = float("nan")
+    out = torch.empty(x.shape, dtype=torch.bfloat16)
+    assert stochastic_round_to_bf16(x, torch.Generator().manual_seed(0), out=out) is out
+    again = stochastic_round_to_bf16(x, torch.Generator().manual_seed(0))
+    assert torch.equal(out.view(torch.int16), again.view(torch.int16))
+    assert out[7, 5].isnan()
+    finite = out.float().flatten()[~x.flatten().isnan()]
+    low, high = neighbours(x[:1, :1].abs())
+    assert set(finite.unique().tolist()) == {low, high}  # both neighbours occur across chunks
+    p = (x[0, 0].item() - low) / (high - low)
+    standard_error = (high - low) * (p * (1 - p) / finite.numel()) ** 0.5
+    assert abs(finite.double().mean().item() - x[0, 0].item()) < 5 * standard_error
+    with pytest.raises(ValueError, match="contiguous bfloat16"):
+        stochastic_round_to_bf16(x, out=torch.empty(x.shape, dtype=torch.float16))

@@ -43,6 +43,9 @@ LAYERWISE_REFRESH = ("sum", "first")
 # Elements of one chunk of an elementwise (AdamW) step of a large parameter: a multiple of the
 # 8-bit block, 64 MiB of float32 (:meth:`SubspaceOptimizer._update_vector_in_chunks`).
 VECTOR_CHUNK = 2**24
+# Values of a bf16/fp16 gradient converted to float32 at a time when layer-wise accumulation
+# projects it (:meth:`SubspaceOptimizer._add_projection`): 16 MiB of float32 work.
+PROJECTION_CHUNK = 2**22
 
 # (parameter, its group, its index over all groups), for each parameter a step updates.
 Work = list[tuple[Tensor, dict[str, Any], int]]
@@ -305,19 +308,36 @@ class SubspaceOptimizer(Optimizer):
     def _add_projection(self, p: Tensor, group: dict[str, Any], total: Tensor | None) -> Tensor:
         """``total ← total + project(G)`` in place for matrix ``p`` (a new tensor when ``total``
         is None), with ``G`` its gradient as the step's working copy would be (2-D, ≥ float32)
-        and the basis in its dtype (a copy where it is stored in another)."""
-        grad = self._working_copy(p.grad).reshape(p.shape[0], -1)
+        and the basis in its dtype (a copy where it is stored in another).
+
+        A bf16/fp16 gradient is converted to float32 a block of :data:`PROJECTION_CHUNK` values
+        at a time (whole columns of ``G`` for a left basis, whole rows for a right one): each
+        entry of ``project(G)`` reads one column or row of ``G``, so the result is the product
+        of the whole float32 copy, without that copy (172 MiB for a LLaMA-7B MLP matrix)."""
+        raw = p.grad.reshape(p.shape[0], -1)
+        m, n = raw.shape
+        working = torch.promote_types(raw.dtype, torch.float32)
         state = self.state[p]
-        if "basis" in state and state["basis"].dtype != grad.dtype:
-            state = {"basis": state["basis"].to(grad.dtype)}
-        item = Matrix(p, grad, state, group, self._side(grad.shape, group))
+        if "basis" in state and state["basis"].dtype != working:
+            state = {"basis": state["basis"].to(working)}
+        side, fresh = self._side((m, n), group), total is None
         if total is None:
-            m, n = grad.shape
-            rank = item.state["basis"].shape[1] if item.side != "full" else None
-            total = grad.new_empty({"left": (rank, n), "right": (m, rank), "full": (m, n)}[item.side])
-            project_([total], [item], 0.0)
-        else:
-            project_([total], [item], 1.0)
+            rank = state["basis"].shape[1] if side != "full" else None
+            total = raw.new_empty({"left": (rank, n), "right": (m, rank), "full": (m, n)}[side], dtype=working)
+        beta = 0.0 if fresh else 1.0
+        if raw.dtype == working:
+            blocks = [(slice(None), slice(None))]
+        elif side == "left":  # R = Qᵀ G: column blocks of G give column blocks of R
+            width = max(1, PROJECTION_CHUNK // m)
+            blocks = [(slice(None), slice(j, j + width)) for j in range(0, n, width)]
+        else:  # R = G Q (or G): row blocks
+            height = max(1, PROJECTION_CHUNK // n)
+            blocks = [(slice(i, i + height), slice(None)) for i in range(0, m, height)]
+        for rows, columns in blocks:
+            grad = self._working_copy(raw[rows, columns])
+            item = Matrix(p, grad, state, group, side)
+            out = total[:, columns] if side == "left" else total[rows]
+            project_([out], [item], beta)
         return total
 
     def _update_from_projection(self, p: Tensor, group: dict[str, Any], index: int, projected: Tensor) -> None:
@@ -667,8 +687,10 @@ class SubspaceOptimizer(Optimizer):
                 if target.data_ptr() != value.data_ptr():
                     target.copy_(value.reshape(-1))
             if weights.data_ptr() != flat_p[start:end].data_ptr():
-                rounded = stochastic_round_to_bf16(weights, generator) if generator is not None else weights
-                flat_p[start:end].copy_(rounded)
+                if generator is not None:
+                    stochastic_round_to_bf16(weights, generator, out=flat_p[start:end])
+                else:
+                    flat_p[start:end].copy_(weights)
         for name in [name for name in state if name.startswith("exp_avg")]:  # per-element: p's shape
             if not name.endswith("_absmax") and state[name].shape != p.shape:
                 state[name] = state[name].view(p.shape)
@@ -744,7 +766,11 @@ class SubspaceOptimizer(Optimizer):
         if group["bf16_stochastic_rounding"] and p.dtype == torch.bfloat16 and weights.dtype == torch.float32:
             state, local = self.state[p], local_tensor(weights)  # under FSDP2, this rank's shard
             generator = refresh_generator(state["seed"], state["step"], local.device, stream=ROUNDING_STREAM)
-            local_tensor(p).copy_(stochastic_round_to_bf16(local, generator))
+            target = local_tensor(p)
+            if target.is_contiguous():  # straight into the parameter: no bf16 copy in between
+                stochastic_round_to_bf16(local, generator, out=target)
+            else:
+                target.copy_(stochastic_round_to_bf16(local, generator))
         else:
             p.copy_(weights)
 
