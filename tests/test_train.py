@@ -14,6 +14,7 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
+import sumo_optim
 from sumo_train import data as data_lib
 from sumo_train.checkpoint import CheckpointError, latest_checkpoint
 from sumo_train.cli import main as cli
@@ -501,6 +502,36 @@ def test_the_7b_memory_recipe_trains(corpus, cache, tmp_path):
     optimizer.remove_hooks()
 
 
+def test_the_7b_galore_recipe_builds_galore_8bit_and_trains(corpus, cache, tmp_path):
+    """GaLore's own 7B configuration through the training command, at CPU size: GaLoreAdamW8bit
+    with GaLore's scale and refresh interval, layer-wise over 4 micro-batches with refreshes from
+    the first, bf16 weights rounded stochastically, activation checkpointing."""
+    config = tiny(
+        corpus,
+        cache,
+        tmp_path / "galore8bit",
+        optimizer="galore8bit",
+        lr=3e-3,
+        layerwise=True,
+        grad_accum=4,
+        layerwise_refresh="first",
+        adamw_state_bits=8,
+        stochastic_rounding=True,
+        grad_clip=0,
+        activation_checkpointing=True,
+        dtype="bfloat16",
+        update_freq=10,
+    )
+    summary = train(config, progress=False)
+    assert summary["val_loss"] < math.log(512) - 0.3
+    optimizer = build_optimizers(config, build_llama("test", 512, 32, torch.bfloat16))[0]
+    assert isinstance(optimizer, sumo_optim.GaLoreAdamW8bit)
+    assert (optimizer.layerwise_refresh, optimizer.layerwise_accumulation_steps) == ("first", 4)
+    group = optimizer.param_groups[0]
+    assert (group["update_proj_gap"], group["scale"], group["bf16_stochastic_rounding"]) == (10, 0.25, True)
+    optimizer.remove_hooks()
+
+
 def test_compile_with_layerwise(corpus, cache, tmp_path):
     """torch.compile on the CPU (inductor needs a C++ compiler): the compiled run equals the eager one."""
     if shutil.which("cc") is None and shutil.which("gcc") is None:
@@ -526,6 +557,8 @@ def test_compile_with_layerwise(corpus, cache, tmp_path):
         ({"adamw_state_bits": "8", "optimizer": "adamw"}, ("adamw_state_bits", "adamw")),
         ({"state_dtype": "bfloat16", "optimizer": "galore"}, ("state_dtype", "galore")),
         ({"layerwise_refresh": "first"}, ("layerwise_refresh", "--layerwise true")),
+        ({"stochastic_rounding": "true"}, ("stochastic_rounding", "float32")),
+        ({"stochastic_rounding": "true", "dtype": "bfloat16", "optimizer": "muon"}, ("stochastic_rounding", "muon")),
         (
             {"layerwise_refresh": "first", "layerwise": True, "grad_clip": 0, "optimizer": "mofasgd"},
             ("layerwise_refresh", "mofasgd"),

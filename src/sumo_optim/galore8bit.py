@@ -54,7 +54,8 @@ class GaLoreAdamW8bit(GaLoreAdamW):
         block_wise: only ``True`` (bitsandbytes' tensor-wise quantization is not implemented).
         is_paged: only ``False`` (no paged CUDA memory).
         rank, update_proj_gap, scale, proj_type, refresh, nonfinite, seed, layerwise,
-            bf16_stochastic_rounding: as in :class:`~sumo_optim.GaLoreAdamW` (no
+            bf16_stochastic_rounding, layerwise_accumulation_steps, layerwise_refresh: as in
+            :class:`~sumo_optim.GaLoreAdamW` (no
             ``transport_moments`` or ``cuda_graph``: the states are re-coded every step).
 
     Like ``adamw_state_bits=8``, it refuses FSDP2 (DTensor) parameters outside any subspace.
@@ -86,6 +87,8 @@ class GaLoreAdamW8bit(GaLoreAdamW):
         seed: int = 0,
         layerwise: bool = False,
         bf16_stochastic_rounding: bool = False,
+        layerwise_accumulation_steps: int = 1,
+        layerwise_refresh: str = "sum",
     ) -> None:
         refused = {
             "amsgrad": (amsgrad, False),
@@ -112,6 +115,8 @@ class GaLoreAdamW8bit(GaLoreAdamW):
             seed=seed,
             layerwise=layerwise,
             bf16_stochastic_rounding=bf16_stochastic_rounding,
+            layerwise_accumulation_steps=layerwise_accumulation_steps,
+            layerwise_refresh=layerwise_refresh,
             adamw_state_bits=8,
             min_8bit_size=min_8bit_size,
         )

@@ -22,6 +22,7 @@ DEFAULT_LR = {
     "sumo": 0.02,
     "sumo_paper": 1e-3,
     "galore": 0.01,
+    "galore8bit": 0.01,
     "golore": 0.01,
     "mofasgd": 0.02,
     "adamw": 1e-3,
@@ -31,6 +32,7 @@ DEFAULT_LR = {
 DISTRIBUTED_MODES = ("ddp", "ddp-sharded", "fsdp2", "hsdp")
 DTYPES = ("float32", "bfloat16")
 TORCH_OPTIMIZERS = ("adamw", "muon")  # torch.optim's: no layer-wise mode, bf16 states on bf16 weights
+GALORE_FAMILY = ("galore", "galore8bit", "golore")  # GaLore's scale 0.25 and update_proj_gap
 
 
 @dataclass
@@ -74,7 +76,8 @@ class RunConfig:
     # a layer-wise refresh step with --grad-accum reads (the summed gradient, or the first micro-batch's).
     adamw_state_bits: int = 32  # 32 | 8
     state_dtype: str = "float32"  # float32 | bfloat16 (SUMO)
-    layerwise_refresh: str = "sum"  # sum | first (SUMO, GaLore, GoLore)
+    layerwise_refresh: str = "sum"  # sum | first (SUMO, GaLore, GaLore 8-bit, GoLore)
+    stochastic_rounding: bool = False  # bf16 weights: round each update stochastically (library optimizers)
     gpu_memory_cap_gib: float = 0.0  # > 0: cap this process's CUDA allocations (to try a smaller GPU's budget)
 
     def resolved_lr(self) -> float:
@@ -83,7 +86,7 @@ class RunConfig:
     def resolved_scale(self) -> float:
         if self.scale is not None:
             return self.scale
-        return 0.25 if self.optimizer in ("galore", "golore") else 1.0
+        return 0.25 if self.optimizer in GALORE_FAMILY else 1.0
 
     def validate(self) -> RunConfig:
         errors = []
@@ -134,7 +137,7 @@ class RunConfig:
             errors.append(f"layerwise_refresh must be 'sum' or 'first', got {self.layerwise_refresh!r}")
         if self.dtype not in DTYPES:
             errors.append(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        for name in ("activation_checkpointing", "layerwise", "compile"):
+        for name in ("activation_checkpointing", "layerwise", "compile", "stochastic_rounding"):
             if not isinstance(getattr(self, name), bool):
                 errors.append(f"{name} must be true or false, got {getattr(self, name)!r}")
         errors += self._incompatible()
@@ -158,15 +161,20 @@ class RunConfig:
                 )
         if self.adamw_state_bits == 8 and self.optimizer in TORCH_OPTIMIZERS:
             errors.append(f"adamw_state_bits=8 needs an optimizer of the library, not optimizer={self.optimizer!r}")
+        if self.stochastic_rounding is True and (self.dtype != "bfloat16" or self.optimizer in TORCH_OPTIMIZERS):
+            errors.append(
+                f"stochastic_rounding=True rounds bfloat16 weights in an optimizer of the library; got "
+                f"dtype={self.dtype!r}, optimizer={self.optimizer!r}"
+            )
         if self.state_dtype == "bfloat16" and self.optimizer not in ("sumo", "sumo_paper"):
             errors.append(f"state_dtype='bfloat16' is SUMO's (Q and M); optimizer={self.optimizer!r} has none")
         if self.layerwise_refresh == "first":
             if not self.layerwise:
                 errors.append("layerwise_refresh='first' chooses what a layer-wise refresh reads: set --layerwise true")
-            if self.optimizer not in ("sumo", "galore", "golore"):
+            if self.optimizer not in ("sumo", *GALORE_FAMILY):
                 errors.append(
-                    f"layerwise_refresh='first' with optimizer={self.optimizer!r}: only sumo, galore and golore "
-                    "read nothing but projections after a refresh"
+                    f"layerwise_refresh='first' with optimizer={self.optimizer!r}: only sumo, galore, galore8bit "
+                    "and golore read nothing but projections after a refresh"
                 )
         if self.dtype == "bfloat16" and self.optimizer in TORCH_OPTIMIZERS:
             errors.append(

@@ -42,7 +42,7 @@ from sumo_optim import distributed as sumo_dist
 
 from . import data as data_lib
 from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint, staging_dir
-from .config import RunConfig
+from .config import GALORE_FAMILY, RunConfig
 from .models import build_llama
 
 
@@ -185,13 +185,15 @@ def build_optimizers(config: RunConfig, model: nn.Module) -> list[torch.optim.Op
         options.update(layerwise=True, layerwise_accumulation_steps=config.grad_accum)
         if config.layerwise_refresh != "sum":
             options["layerwise_refresh"] = config.layerwise_refresh
-    if config.adamw_state_bits != 32:
+    if config.adamw_state_bits != 32 and name != "galore8bit":  # GaLoreAdamW8bit's are always 8-bit
         options["adamw_state_bits"] = config.adamw_state_bits
+    if config.stochastic_rounding:
+        options["bf16_stochastic_rounding"] = True
     if config.state_dtype != "float32":
         options["state_dtype"] = getattr(torch, config.state_dtype)
     if name in ("sumo", "sumo_paper"):
         options.update(update_freq=config.update_freq, scale=config.resolved_scale(), seed=config.seed)
-    elif name in ("galore", "golore"):
+    elif name in GALORE_FAMILY:
         options.update(update_proj_gap=config.update_freq, scale=config.resolved_scale(), seed=config.seed)
         if name == "golore":
             options["total_steps"] = config.steps
