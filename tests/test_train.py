@@ -475,60 +475,38 @@ def test_layerwise_with_activation_checkpointing_and_bfloat16_trains(corpus, cac
     assert summary["val_loss"] < math.log(512) - 0.3
 
 
-def test_the_7b_memory_recipe_trains(corpus, cache, tmp_path):
-    """Every memory option of the one-GPU 7B run together, at CPU size: bf16 weights, layer-wise
+@pytest.mark.parametrize("optimizer", ["sumo", "galore8bit"])
+def test_the_7b_memory_recipes_train(corpus, cache, tmp_path, optimizer):
+    """Every memory option of the one-GPU 7B runs together, at CPU size: bf16 weights, layer-wise
     updates over 4 micro-batches with refreshes from the first one (refresh every 10 steps),
-    8-bit AdamW moments, SUMO's Q and M in bf16, activation checkpointing."""
+    8-bit AdamW moments, activation checkpointing; SUMO with its Q and M in bf16, GaLore's own
+    7B configuration (GaLoreAdamW8bit, GaLore's scale) with stochastically rounded weights."""
+    options = {"sumo": {"state_dtype": "bfloat16"}, "galore8bit": {"stochastic_rounding": True, "lr": 3e-3}}
     config = tiny(
         corpus,
         cache,
-        tmp_path / "recipe",
+        tmp_path / optimizer,
+        optimizer=optimizer,
         layerwise=True,
         grad_accum=4,
         layerwise_refresh="first",
         adamw_state_bits=8,
-        state_dtype="bfloat16",
         grad_clip=0,
         activation_checkpointing=True,
         dtype="bfloat16",
         update_freq=10,
+        **options[optimizer],
     )
     summary = train(config, progress=False)
     assert summary["val_loss"] < math.log(512) - 0.3
     optimizer = build_optimizers(config, build_llama("test", 512, 32, torch.bfloat16))[0]
     assert (optimizer.layerwise_refresh, optimizer.layerwise_accumulation_steps) == ("first", 4)
-    assert optimizer.param_groups[0]["state_dtype"] == torch.bfloat16
     assert {g["adamw_state_bits"] for g in optimizer.param_groups} == {8}
-    optimizer.remove_hooks()
-
-
-def test_the_7b_galore_recipe_builds_galore_8bit_and_trains(corpus, cache, tmp_path):
-    """GaLore's own 7B configuration through the training command, at CPU size: GaLoreAdamW8bit
-    with GaLore's scale and refresh interval, layer-wise over 4 micro-batches with refreshes from
-    the first, bf16 weights rounded stochastically, activation checkpointing."""
-    config = tiny(
-        corpus,
-        cache,
-        tmp_path / "galore8bit",
-        optimizer="galore8bit",
-        lr=3e-3,
-        layerwise=True,
-        grad_accum=4,
-        layerwise_refresh="first",
-        adamw_state_bits=8,
-        stochastic_rounding=True,
-        grad_clip=0,
-        activation_checkpointing=True,
-        dtype="bfloat16",
-        update_freq=10,
-    )
-    summary = train(config, progress=False)
-    assert summary["val_loss"] < math.log(512) - 0.3
-    optimizer = build_optimizers(config, build_llama("test", 512, 32, torch.bfloat16))[0]
-    assert isinstance(optimizer, sumo_optim.GaLoreAdamW8bit)
-    assert (optimizer.layerwise_refresh, optimizer.layerwise_accumulation_steps) == ("first", 4)
     group = optimizer.param_groups[0]
-    assert (group["update_proj_gap"], group["scale"], group["bf16_stochastic_rounding"]) == (10, 0.25, True)
+    if isinstance(optimizer, sumo_optim.GaLoreAdamW8bit):
+        assert (group["update_proj_gap"], group["scale"], group["bf16_stochastic_rounding"]) == (10, 0.25, True)
+    else:
+        assert isinstance(optimizer, sumo_optim.SUMO) and group["state_dtype"] == torch.bfloat16
     optimizer.remove_hooks()
 
 
