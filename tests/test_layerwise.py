@@ -336,3 +336,42 @@ def test_projection_of_a_bf16_gradient_in_blocks_matches_float64(monkeypatch, sh
         basis = optimizer.state[weight]["basis"].double()
         expected = basis.mT @ summed if side == "left" else summed @ basis
     torch.testing.assert_close(total.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["sumo", "galore"])
+@pytest.mark.parametrize("shape", [(40, 24), (24, 40), (6, 9)])  # right basis, left basis, SUMO: full
+def test_bf16_weights_are_updated_in_row_blocks_like_the_whole_float32_copy(monkeypatch, name, shape):
+    """Layer-wise accumulation on a bf16 matrix projects the gradient and back-projects the step a
+    block of rows or columns at a time (no float32 copy of the whole matrix): with the same summed
+    gradient (the second micro-batch's is zero), the weights after steps inside the basis equal
+    those of the normal step on the whole float32 working copy, to the last bf16 bit but for
+    rare one-ulp differences of float32 summation order. Large steps make any misplaced block show."""
+    import sumo_optim.base
+
+    monkeypatch.setattr(sumo_optim.base, "PROJECTION_CHUNK", 50)  # blocks of 1-2 rows or columns
+    factories = {
+        "sumo": lambda params, **options: sumo_optim.SUMO(params, lr=0.5, rank=8, update_freq=100, **options),
+        "galore": lambda params, **options: sumo_optim.GaLoreAdamW(
+            params, lr=0.2, rank=8, update_proj_gap=100, **options
+        ),
+    }
+    torch.manual_seed(0)
+    start = torch.randn(shape).bfloat16()
+    runs = []
+    for layerwise in (False, True):
+        weight = nn.Parameter(start.clone())
+        options = {"layerwise": True, "layerwise_accumulation_steps": 2} if layerwise else {}
+        runs.append((weight, factories[name]([{"params": [weight], "rank": 8}], **options)))
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(4):  # step 1 chooses the basis; steps 2-4 step inside it
+        target = torch.randn(shape, generator=generator).bfloat16()
+        for weight, optimizer in runs:
+            (weight * target).sum().backward()
+            (weight * 0).sum().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        (normal, _), (blocks, _) = runs
+        difference = (blocks.detach().float() - normal.detach().float()).abs()
+        ulp = normal.detach().float().abs().clamp_min(1e-3) * 2**-7
+        assert (difference <= ulp).all() and (difference == 0).float().mean() > 0.99
+    assert not torch.equal(runs[1][0].detach(), start)  # the steps moved the weights

@@ -343,21 +343,59 @@ class SubspaceOptimizer(Optimizer):
     def _update_from_projection(self, p: Tensor, group: dict[str, Any], index: int, projected: Tensor) -> None:
         """The step of matrix ``p`` from its accumulated projected gradient ``Σ project(G_i)``,
         checked for NaN/Inf like a projection in :meth:`step`. The rule never reads the full
-        gradient on such a step; the :class:`Matrix` gets a shape-only (meta) stand-in for it."""
+        gradient on such a step; the :class:`Matrix` gets a shape-only (meta) stand-in for it.
+        For bf16/fp16 weights it gets a shape-only stand-in for the weights too: its
+        back-projection is deferred and applied by :meth:`_back_project_in_blocks`."""
         work = [(p, group, index)]
         flags = torch.linalg.vector_norm(projected, float("inf")).isfinite().reshape(1)
         if not self._finite_flags(work, [([0], flags)])[0]:
             self.state[p]["skipped_steps"] = self.state[p].get("skipped_steps", 0) + 1
             return
-        weights = self._working_copy(p)
         shape = (p.shape[0], math.prod(p.shape[1:]))
         stand_in = torch.empty(shape, dtype=projected.dtype, device="meta")
         state = self._count_step(p, group, index)
+        in_blocks = p.dtype in (torch.bfloat16, torch.float16) and p.is_contiguous()
+        if in_blocks:  # no float32 copy of the weights: the rule's back-projection is deferred
+            weights = torch.empty((), dtype=projected.dtype, device=p.device).expand(shape)
+        else:
+            weights = self._working_copy(p)
         item = Matrix(weights.view(shape), stand_in, state, group, self._side(shape, group))
         item.projected = projected
         item.basis_ready = index in self._refreshed_early
+        item.deferred = [] if in_blocks else None
         self._step_matrices([item])
-        self._end_update(p, weights, group)
+        if in_blocks:
+            self._back_project_in_blocks(p, item.deferred, group)
+        else:
+            self._end_update(p, weights, group)
+
+    def _back_project_in_blocks(
+        self, p: Tensor, deferred: list[tuple[Tensor | None, str, Tensor, float, float]], group: dict[str, Any]
+    ) -> None:
+        """``W ← β W + α project_back(D)`` for each deferred ``(Q, side, D, β, α)`` in turn, on a
+        bf16/fp16 parameter a block of rows at a time (float32 work of :data:`PROJECTION_CHUNK`
+        values: row ``i`` of ``Q D`` or ``D Qᵀ`` reads row ``i`` of ``Q`` or ``D``), each block
+        rounded back as :meth:`_end_update` rounds the whole matrix."""
+        flat = p.view(p.shape[0], -1)
+        height = max(1, PROJECTION_CHUNK // flat.shape[1])
+        generator = None
+        if group["bf16_stochastic_rounding"] and p.dtype == torch.bfloat16:
+            state = self.state[p]
+            generator = refresh_generator(state["seed"], state["step"], p.device, stream=ROUNDING_STREAM)
+        for start in range(0, flat.shape[0], height):
+            rows = slice(start, start + height)
+            block = flat[rows].float()
+            for basis, side, direction, beta, alpha in deferred:
+                if side == "left":  # Q D
+                    block.addmm_(basis[rows], direction, beta=beta, alpha=alpha)
+                elif side == "right":  # D Qᵀ
+                    block.addmm_(direction[rows], basis.mT, beta=beta, alpha=alpha)
+                else:
+                    block.mul_(beta).add_(direction[rows], alpha=alpha)
+            if generator is not None:
+                stochastic_round_to_bf16(block, generator, out=flat[rows])
+            else:
+                flat[rows].copy_(block)
 
     def _refuse_unfinished_accumulation(self, action: str) -> None:
         """Raises ``RuntimeError`` when some parameter is inside a layer-wise accumulation."""

@@ -32,15 +32,18 @@ class Matrix:
     """One matrix of a step: 2-D working copies of weights and gradient, its state, group and
     side; ``projected`` holds ``project(G)`` once computed, ``update`` the rule's result;
     ``basis_ready`` says that this step's refresh was already made (layer-wise, from the first
-    micro-batch)."""
+    micro-batch). ``deferred``, when a list, receives :func:`project_back_`'s work as
+    ``(basis, side, D, β, α)`` instead of it being done on ``weights`` (the optimizer then applies
+    it to the parameter a block of rows at a time)."""
 
-    __slots__ = ("basis_ready", "grad", "group", "projected", "side", "state", "update", "weights")
+    __slots__ = ("basis_ready", "deferred", "grad", "group", "projected", "side", "state", "update", "weights")
 
     def __init__(self, weights: Tensor, grad: Tensor, state: dict[str, Any], group: dict[str, Any], side: str) -> None:
         self.weights, self.grad, self.state, self.group, self.side = weights, grad, state, group, side
         self.projected: Tensor | None = None
         self.update: Tensor | None = None
         self.basis_ready = False
+        self.deferred: list[tuple[Tensor | None, str, Tensor, float, float]] | None = None
 
 
 def stacks(items: list[Matrix], key: Callable[[Matrix], Hashable]) -> list[list[Matrix]]:
@@ -97,7 +100,12 @@ def project_checked(matrices: list[Matrix]) -> tuple[list[Tensor], list[tuple[li
 
 
 def project_back_(members: list[Matrix], directions: list[Tensor], beta: float, alpha: float) -> None:
-    """``W_i ← β W_i + α project_back(D_i)`` in place, for a stack sharing one side."""
+    """``W_i ← β W_i + α project_back(D_i)`` in place, for a stack sharing one side (recorded
+    in ``deferred`` instead, for matrices that have it)."""
+    if members[0].deferred is not None:
+        for x, direction in zip(members, directions):
+            x.deferred.append((x.state.get("basis"), x.side, direction, beta, alpha))
+        return
     side, weights = members[0].side, [x.weights for x in members]
     if side == "left":
         grouped_addmm_(weights, [x.state["basis"] for x in members], directions, beta, alpha)
