@@ -1,8 +1,11 @@
 """Peak GPU memory of a real training step of a LLaMA preset, broken down as in GaLore's Figure 1.
 
-For each preset and optimizer, a fresh process builds the model with bf16 weights (activation
-checkpointing on unless ``--no-activation-checkpointing``), trains ``--steps`` steps on random
-tokens (micro-batch ``--batch``, sequence ``--seq-len``, bf16 autocast) and measures the last:
+For each preset, micro-batch size and optimizer row (:data:`ROWS`: AdamW, GaLoreAdamW and SUMO,
+normal and layer-wise, and the 7B recipes: layer-wise accumulation over two micro-batches with
+refreshes from the first, GaLoreAdamW8bit / SUMO with 8-bit AdamW moments and bf16 Q and M), a
+fresh process builds the model with bf16 weights (activation checkpointing on unless
+``--no-activation-checkpointing``), trains ``--steps`` steps on random tokens (micro-batch
+``--batch``, a list measuring each size, sequence ``--seq-len``, bf16 autocast) and measures the last:
 
 * weights: the bytes of the parameters;
 * gradients: the bytes of the ``.grad`` tensors once backward is done, where all of them exist
@@ -15,6 +18,7 @@ a configuration that needs more fails with an out-of-memory error, reported as "
 Each configuration runs in its own process, so one OOM leaves the others clean.
 
     python benchmarks/memory.py --presets 1b,7b --cap-gib 16
+    python benchmarks/memory.py --presets 7b --optimizers sumo-recipe,galore8bit-recipe --batch 1,8,16,32 --cap-gib 24
     python benchmarks/memory.py --device cpu --presets test   # smoke mode: no peak, tensor sizes only
 
 Writes ``memory_<presets>.md`` / ``.json`` / ``.png`` (stacked bars) under benchmarks/results/
@@ -38,13 +42,22 @@ import torch
 RESULTS = Path(__file__).parent / "results"
 ROOT = Path(__file__).resolve().parents[1]
 
-# row name: (label, registry name of the optimizer, layer-wise)
-ROWS: dict[str, tuple[str, str, bool]] = {
-    "adamw": ("AdamW (torch, bf16 states)", "adamw", False),
-    "galore": ("GaLoreAdamW", "galore", False),
-    "galore-layerwise": ("GaLoreAdamW layer-wise", "galore", True),
-    "sumo": ("SUMO", "sumo", False),
-    "sumo-layerwise": ("SUMO layer-wise", "sumo", True),
+# The one-GPU 7B recipe's optimizer settings (README): layer-wise updates accumulated over two
+# micro-batches here, refresh bases from the first, 8-bit AdamW moments for the rest.
+RECIPE = {"layerwise": True, "layerwise_accumulation_steps": 2, "layerwise_refresh": "first"}
+# row name: (label, registry name of the optimizer, its options)
+ROWS: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "adamw": ("AdamW (torch, bf16 states)", "adamw", {}),
+    "galore": ("GaLoreAdamW", "galore", {}),
+    "galore-layerwise": ("GaLoreAdamW layer-wise", "galore", {"layerwise": True}),
+    "galore8bit-recipe": ("GaLoreAdamW8bit, 7B recipe", "galore8bit", RECIPE),
+    "sumo": ("SUMO", "sumo", {}),
+    "sumo-layerwise": ("SUMO layer-wise", "sumo", {"layerwise": True}),
+    "sumo-recipe": (
+        "SUMO, 7B recipe",
+        "sumo",
+        {**RECIPE, "adamw_state_bits": 8, "state_dtype": torch.bfloat16},
+    ),
 }
 PARTS = ("weights", "gradients", "state", "activations")
 
@@ -71,12 +84,13 @@ def measure(preset: str, row: str, options: dict[str, Any]) -> dict[str, Any]:
     if options["activation_checkpointing"]:
         enable_activation_checkpointing(model)
     model.train()
-    _, name, layerwise = ROWS[row]
+    _, name, settings = ROWS[row]
     if name == "adamw":
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     else:
         groups = sumo_optim.param_groups(model, rank=options["rank"])
-        optimizer = sumo_optim.create(name, groups, lr=1e-3, layerwise=layerwise)
+        optimizer = sumo_optim.create(name, groups, lr=1e-3, **settings)
+    micro_batches = settings.get("layerwise_accumulation_steps", 1)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda)
     result: dict[str, Any] = {}
     for _ in range(options["steps"]):
@@ -84,12 +98,13 @@ def measure(preset: str, row: str, options: dict[str, Any]) -> dict[str, Any]:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         began = time.perf_counter()
-        tokens = torch.randint(0, vocab, (batch, seq_len + 1), device=device)
-        with autocast:
-            logits = model(input_ids=tokens[:, :-1], use_cache=False).logits
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten())
-        del logits
-        loss.backward()
+        for _ in range(micro_batches):
+            tokens = torch.randint(0, vocab, (batch, seq_len + 1), device=device)
+            with autocast:
+                logits = model(input_ids=tokens[:, :-1], use_cache=False).logits
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten())
+            del logits
+            (loss / micro_batches).backward()
         gradients = tensor_bytes(p.grad for p in model.parameters())
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -143,17 +158,17 @@ def table(rows: list[dict[str, Any]], cap_gib: float | None) -> str:
         return "n/a" if value is None else f"{value / scale:.2f}"
 
     lines = [
-        f"| preset | optimizer | weights {unit} | gradients {unit} | optimizer state {unit} "
+        f"| preset | micro-batch | optimizer | weights {unit} | gradients {unit} | optimizer state {unit} "
         f"| activations & transients {unit} | peak {unit} | status |",
-        "|---|---|---:|---:|---:|---:|---:|---|",
+        "|---|---:|---|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         if r["status"] != "ok":
             status = f"over cap ({cap_gib:g} GiB)" if r["status"] == "over cap" else f"failed: {r['error']}"
-            lines.append(f"| {r['preset']} | {r['label']} | | | | | | {status} |")
+            lines.append(f"| {r['preset']} | {r['batch']} | {r['label']} | | | | | | {status} |")
             continue
         parts = " | ".join(size(r[part]) for part in PARTS)
-        lines.append(f"| {r['preset']} | {r['label']} | {parts} | {size(r['peak'])} | ok |")
+        lines.append(f"| {r['preset']} | {r['batch']} | {r['label']} | {parts} | {size(r['peak'])} | ok |")
     return "\n".join(lines)
 
 
@@ -164,7 +179,7 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     figure, axis = plt.subplots(figsize=(max(6, 1.3 * len(rows)), 4.5))
-    labels = [f"{r['preset']}\n{r['label']}" for r in rows]
+    labels = [f"{r['preset']} ×{r['batch']}\n{r['label']}" for r in rows]
     bottoms = [0.0] * len(rows)
     for part in PARTS:
         heights = [(r.get(part) or 0) / 2**30 for r in rows]
@@ -188,7 +203,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--optimizers", default=",".join(ROWS), help=f"rows, of: {', '.join(ROWS)}")
     parser.add_argument("--rank", type=int, default=128)
     parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--batch", type=int, default=1, help="sequences per micro-batch")
+    parser.add_argument(
+        "--batch", default="1", help="sequences per micro-batch; a list (1,16,32) measures each: the largest that fits"
+    )
     parser.add_argument("--vocab-size", type=int, default=32000)
     parser.add_argument("--steps", type=int, default=3, help="steps per configuration; the last is measured")
     parser.add_argument("--cap-gib", type=float, default=None, help="per-process GPU memory limit")
@@ -205,11 +222,16 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(names) - set(ROWS))
     if unknown:
         parser.error(f"unknown optimizer row(s) {', '.join(unknown)}; choose from {', '.join(ROWS)}")
+    try:
+        batches = [int(b) for b in args.batch.split(",")]
+    except ValueError:
+        parser.error(f"--batch takes integers separated by commas, got {args.batch!r}")
+    if not batches or min(batches) < 1:
+        parser.error(f"--batch sizes must be >= 1, got {args.batch!r}")
     options = {
         "device": args.device,
         "rank": args.rank,
         "seq_len": args.seq_len,
-        "batch": args.batch,
         "vocab_size": args.vocab_size,
         "steps": args.steps,
         "cap_gib": args.cap_gib,
@@ -217,10 +239,11 @@ def main(argv: list[str] | None = None) -> int:
     }
     rows = []
     for preset in presets:
-        for name in names:
-            result = run_isolated(preset, name, options)
-            rows.append({"preset": preset, "optimizer": name, "label": ROWS[name][0], **result})
-            print(f"{preset} {name}: {result['status']}", flush=True)
+        for batch in batches:
+            for name in names:
+                result = run_isolated(preset, name, {**options, "batch": batch})
+                rows.append({"preset": preset, "batch": batch, "optimizer": name, "label": ROWS[name][0], **result})
+                print(f"{preset} micro-batch {batch} {name}: {result['status']}", flush=True)
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") and torch.cuda.is_available() else "CPU"
     title = (
         f"peak memory of one training step: seq {args.seq_len}, micro-batch {args.batch}, bf16 weights, "
@@ -233,7 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     stem = args.out or RESULTS / f"memory_{'-'.join(presets)}"
     stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".md").write_text(markdown)
-    stem.with_suffix(".json").write_text(json.dumps({"config": options, "device": device, "rows": rows}, indent=2))
+    config = {**options, "batches": batches}
+    stem.with_suffix(".json").write_text(json.dumps({"config": config, "device": device, "rows": rows}, indent=2))
     plot(rows, stem.with_suffix(".png"), title)
     print(f"\n{markdown}\nwritten: {stem}.md, .json and .png")
     return 0

@@ -25,26 +25,35 @@ def test_memory_benchmark_cpu_smoke(tmp_path):
     small = ["--vocab-size", "512", "--seq-len", "32", "--rank", "8", "--steps", "2"]
     assert script.main(["--device", "cpu", "--presets", "test", "--out", str(out), *small]) == 0
     table = out.with_suffix(".md").read_text()
-    for label in ("AdamW (torch, bf16 states)", "GaLoreAdamW", "GaLoreAdamW layer-wise", "SUMO", "SUMO layer-wise"):
-        assert f"| test | {label} |" in table
+    for label in [row[0] for row in script.ROWS.values()]:
+        assert f"| test | 1 | {label} |" in table
     rows = {r["optimizer"]: r for r in json.loads(out.with_suffix(".json").read_text())["rows"]}
-    assert list(rows) == ["adamw", "galore", "galore-layerwise", "sumo", "sumo-layerwise"]
+    assert list(rows) == list(script.ROWS)
     for name, row in rows.items():
         assert row["status"] == "ok", row
         assert row["weights"] == 2 * row["parameters"]  # bf16 weights
         assert row["state"] > 0 and row["peak"] is None and row["activations"] is None  # no CUDA stats
-        assert (row["gradients"] == 0) == name.endswith("layerwise")  # freed in each hook
+        assert (row["gradients"] == 0) == ("layerwise" in name or "recipe" in name)  # freed in each hook
+    # the recipes' states are the smallest: 8-bit AdamW moments (and SUMO's bf16 Q and M)
+    assert rows["sumo-recipe"]["state"] < rows["sumo-layerwise"]["state"] / 2
+    assert rows["galore8bit-recipe"]["state"] < rows["galore-layerwise"]["state"] / 2
     # torch's AdamW keeps bf16 moments (2 bytes each, plus its step counters); the library float32
     assert rows["adamw"]["state"] < 2 * 2 * rows["adamw"]["parameters"] + 1024
     assert out.with_suffix(".png").stat().st_size > 5_000
+    sizes = tmp_path / "memory_sizes"  # a list of micro-batch sizes: one row each
+    only_recipe = ["--optimizers", "sumo-recipe", "--batch", "1,2", "--out", str(sizes)]
+    assert script.main(["--device", "cpu", "--presets", "test", *only_recipe, *small]) == 0
+    found = json.loads(sizes.with_suffix(".json").read_text())["rows"]
+    assert [(r["batch"], r["status"]) for r in found] == [(1, "ok"), (2, "ok")]
+    assert "| test | 2 | SUMO, 7B recipe |" in sizes.with_suffix(".md").read_text()
 
 
 def test_over_cap_and_failed_rows_are_reported_not_raised():
     script = load_script()
     rows = [
-        {"preset": "7b", "label": "AdamW", "status": "over cap", "error": "CUDA out of memory"},
-        {"preset": "7b", "label": "SUMO", "status": "failed", "error": "boom"},
-        {"preset": "7b", "label": "SUMO layer-wise", "status": "ok", "peak": 15 * 2**30}
+        {"preset": "7b", "batch": 1, "label": "AdamW", "status": "over cap", "error": "CUDA out of memory"},
+        {"preset": "7b", "batch": 1, "label": "SUMO", "status": "failed", "error": "boom"},
+        {"preset": "7b", "batch": 1, "label": "SUMO layer-wise", "status": "ok", "peak": 15 * 2**30}
         | dict.fromkeys(script.PARTS, 2**30),
     ]
     table = script.table(rows, cap_gib=16)
