@@ -50,7 +50,8 @@ ROWS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "adamw": ("AdamW (torch, bf16 states)", "adamw", {}),
     "galore": ("GaLoreAdamW", "galore", {}),
     "galore-layerwise": ("GaLoreAdamW layer-wise", "galore", {"layerwise": True}),
-    "galore8bit-recipe": ("GaLoreAdamW8bit, 7B recipe", "galore8bit", RECIPE),
+    # (randomized refresh: the exact SVD of LLaMA-7B's 224 matrices takes minutes per refresh)
+    "galore8bit-recipe": ("GaLoreAdamW8bit, 7B recipe", "galore8bit", {**RECIPE, "refresh": "randomized"}),
     "sumo": ("SUMO", "sumo", {}),
     "sumo-layerwise": ("SUMO layer-wise", "sumo", {"layerwise": True}),
     "sumo-recipe": (
