@@ -22,12 +22,14 @@ import statistics
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+
+from tqdm.auto import tqdm  # noqa: E402
 
 from sumo_train.data import prepare_tokens  # noqa: E402
 from sumo_train.report import plot_lr_sweep, plot_runs, read_metrics  # noqa: E402
@@ -58,7 +60,8 @@ def run_one(run_dir: Path, fields: dict[str, Any], task: str, deadline: float | 
     stopped = (deadline is not None and time.monotonic() > deadline) or (run_dir.parents[1] / "STOP").exists()
     if not summary_path.exists() and stopped:
         return {"run_dir": str(run_dir), "not_started": True, **fields}
-    if not summary_path.exists():
+    reused = summary_path.exists()
+    if not reused:
         command = [sys.executable, "-m", "sumo_train.cli", task, "--no-progress", "--run-dir", str(run_dir)]
         for name, value in fields.items():
             value = json.dumps(value) if isinstance(value, dict) else str(value)
@@ -68,7 +71,7 @@ def run_one(run_dir: Path, fields: dict[str, Any], task: str, deadline: float | 
             code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=_environment()).returncode
         if code != 0:
             return {"run_dir": str(run_dir), "failed": code, **fields}
-    return {"run_dir": str(run_dir), **fields, **json.loads(summary_path.read_text())}
+    return {"run_dir": str(run_dir), "reused": reused, **fields, **json.loads(summary_path.read_text())}
 
 
 def _environment() -> dict[str, str]:
@@ -297,14 +300,24 @@ def main(argv: list[str] | None = None) -> int:
     key = "val_accuracy" if higher_is_better else "val_loss"
 
     def execute(batch: list[tuple[str, str, dict[str, Any]]]) -> list[dict[str, Any]]:
-        with ThreadPoolExecutor(args.parallel) as pool:
-            jobs = [
+        """The runs of ``batch`` (``--parallel`` at a time), a progress bar and a line per run."""
+        with ThreadPoolExecutor(args.parallel) as pool, tqdm(total=len(batch), unit="run", disable=None) as bar:
+            jobs = {
                 pool.submit(
                     run_one, args.out / "runs" / run_dir_name(label, fields, args.seed), fields, args.task, deadline
-                )
+                ): label
                 for label, _, fields in batch
-            ]
-            return [{"label": label, **job.result()} for (label, _, _), job in zip(batch, jobs)]
+            }
+            for job in as_completed(jobs):
+                r = job.result()
+                name = Path(r["run_dir"]).name
+                if "failed" in r:
+                    bar.write(f"{name}: failed (exit status {r['failed']}), see its stdout.log")
+                elif "not_started" not in r:
+                    done_before = " (done before)" if r["reused"] else ""
+                    bar.write(f"{name}: {key} {r[key]:.4f}, {r['wall_s']:.0f} s{done_before}")
+                bar.update()
+            return [{"label": label, **job.result()} for job, label in jobs.items()]
 
     def mark(batch_results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for r in batch_results:  # failed or not started: no result to choose from yet
