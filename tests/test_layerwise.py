@@ -338,21 +338,27 @@ def test_projection_of_a_bf16_gradient_in_blocks_matches_float64(monkeypatch, sh
     torch.testing.assert_close(total.double(), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("refresh", ["sum", "first"])
 @pytest.mark.parametrize("name", ["sumo", "galore"])
 @pytest.mark.parametrize("shape", [(40, 24), (24, 40), (6, 9)])  # right basis, left basis, SUMO: full
-def test_bf16_weights_are_updated_in_row_blocks_like_the_whole_float32_copy(monkeypatch, name, shape):
+def test_bf16_weights_are_updated_in_blocks_like_the_whole_float32_copy(monkeypatch, name, shape, refresh):
     """Layer-wise accumulation on a bf16 matrix projects the gradient and back-projects the step a
-    block of rows or columns at a time (no float32 copy of the whole matrix): with the same summed
-    gradient (the second micro-batch's is zero), the weights after steps inside the basis equal
-    those of the normal step on the whole float32 working copy, to the last bf16 bit but for
-    rare one-ulp differences of float32 summation order. Large steps make any misplaced block show."""
+    block of rows or columns at a time (no float32 copy of the whole matrix), and with
+    ``layerwise_refresh="first"`` SUMO's randomized refresh reads the bf16 gradient in blocks too.
+    With the same summed gradient (the second micro-batch's is zero, so the first micro-batch's
+    basis is the sum's), the weights equal those of the normal step on the whole float32 working
+    copy, to the last bf16 bit but for rare one-ulp differences of float32 summation order.
+    Large steps make any misplaced block show; with "first", steps 1 and 3 refresh."""
     import sumo_optim.base
+    import sumo_optim.linalg
 
     monkeypatch.setattr(sumo_optim.base, "PROJECTION_CHUNK", 50)  # blocks of 1-2 rows or columns
+    monkeypatch.setattr(sumo_optim.linalg, "CONVERT_VALUES", 50)
+    every = 2 if refresh == "first" else 100
     factories = {
-        "sumo": lambda params, **options: sumo_optim.SUMO(params, lr=0.5, rank=8, update_freq=100, **options),
+        "sumo": lambda params, **options: sumo_optim.SUMO(params, lr=0.5, rank=8, update_freq=every, **options),
         "galore": lambda params, **options: sumo_optim.GaLoreAdamW(
-            params, lr=0.2, rank=8, update_proj_gap=100, **options
+            params, lr=0.2, rank=8, update_proj_gap=every, **options
         ),
     }
     torch.manual_seed(0)
@@ -360,10 +366,10 @@ def test_bf16_weights_are_updated_in_row_blocks_like_the_whole_float32_copy(monk
     runs = []
     for layerwise in (False, True):
         weight = nn.Parameter(start.clone())
-        options = {"layerwise": True, "layerwise_accumulation_steps": 2} if layerwise else {}
-        runs.append((weight, factories[name]([{"params": [weight], "rank": 8}], **options)))
+        options = {"layerwise": True, "layerwise_accumulation_steps": 2, "layerwise_refresh": refresh}
+        runs.append((weight, factories[name]([{"params": [weight], "rank": 8}], **(options if layerwise else {}))))
     generator = torch.Generator().manual_seed(1)
-    for _ in range(4):  # step 1 chooses the basis; steps 2-4 step inside it
+    for _ in range(4):
         target = torch.randn(shape, generator=generator).bfloat16()
         for weight, optimizer in runs:
             (weight * target).sum().backward()

@@ -221,6 +221,24 @@ def test_randomized_basis_of_a_stack_equals_one_matrix_at_a_time(side):
         assert basis.shape == (30 if side == "left" else 50, 5) and basis.is_contiguous()
 
 
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_randomized_basis_of_bf16_matrices_in_blocks_equals_their_float32_copies(monkeypatch, side):
+    """bf16 matrices are converted to float32 a block of columns at a time (here 1-2 columns or
+    rows): the same sketch, the same basis as for the float32 copies, to float32 rounding."""
+    monkeypatch.setattr(linalg, "CONVERT_VALUES", 50)
+    g = torch.Generator().manual_seed(int(torch.randint(0, 10**6, ())))
+    matrices = [matrix_with_spectrum(torch.logspace(0, -2, 30), 30, 50, generator=g).bfloat16() for _ in range(2)]
+
+    def generators():
+        return [torch.Generator().manual_seed(7 + i) for i in range(2)]
+
+    blocked = randomized_top_singular_vectors(matrices, 5, side, generators=generators())
+    whole = randomized_top_singular_vectors([x.float() for x in matrices], 5, side, generators=generators())
+    for basis, reference in zip(blocked, whole):
+        assert basis.dtype == torch.float32 and basis.shape == reference.shape
+        torch.testing.assert_close(basis, reference, rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("condition", [1e0, 1e3, 1e6, 1e8, 1e12, math.inf])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_cholesky_qr2_matches_float64_householder(condition, dtype):

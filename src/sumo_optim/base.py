@@ -285,15 +285,29 @@ class SubspaceOptimizer(Optimizer):
         now, from the first micro-batch's gradient ``G_1``, by the rule's own refresh
         (:meth:`_refresh_basis`), as it would run at the update (same step count, so the same
         random draws). The update then reads only ``Σ project(G_i)`` in the new basis and skips
-        its refresh; no full gradient outlives its micro-batch."""
-        grad = self._working_copy(p.grad).reshape(p.shape[0], -1)
+        its refresh; no full gradient outlives its micro-batch. A bf16/fp16 gradient stays as it
+        is where the rule's refresh converts it a block at a time (:meth:`_refreshes_in_blocks`),
+        else it is copied to float32 whole."""
+        raw = p.grad.reshape(p.shape[0], -1)
+        in_blocks = raw.dtype in (torch.bfloat16, torch.float16) and self._refreshes_in_blocks(group)
+        if in_blocks:  # a float32 stand-in with the gradient's shape and device, no data
+            grad = torch.empty((), dtype=torch.float32, device=raw.device).expand(raw.shape)
+        else:
+            grad = self._working_copy(raw)
         state = self._count_step(p, group, index)  # the refresh belongs to the coming update
         try:
             stand_in = torch.empty(grad.shape, dtype=grad.dtype, device="meta")
-            self._refresh_basis(Matrix(stand_in, grad, state, group, self._side(grad.shape, group)))
+            item = Matrix(stand_in, grad, state, group, self._side(grad.shape, group))
+            item.source = raw if in_blocks else None
+            self._refresh_basis(item)
         finally:
             state["step"] -= 1
         self._refreshed_early.add(index)
+
+    def _refreshes_in_blocks(self, group: dict[str, Any]) -> bool:
+        """Whether the group's refresh reads a bf16/fp16 gradient from ``Matrix.source``,
+        converting it a block at a time (no subclass does by default)."""
+        return False
 
     def _refresh_basis(self, item: Matrix) -> None:
         """The rule's refresh of one matrix whose step is counted (its state created if new)."""

@@ -45,6 +45,9 @@ NEWTON_SCHULZ_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 # :func:`orthogonalize_cholesky_unchecked`): a stack of a LLaMA-7B's 96 moments of 128×11008
 # would otherwise hold 1.1 GB per float64 copy.
 CHUNK_BYTES = 2**28
+# Values of a bf16/fp16 matrix converted to float32 at a time by the randomized range finder
+# (:func:`randomized_top_singular_vectors`): 16 MiB of float32 work.
+CONVERT_VALUES = 2**22
 
 
 def orthogonalize(matrix: Tensor, rtol: float | None = None) -> Tensor:
@@ -356,25 +359,28 @@ def randomized_top_singular_vectors(
     after each product; then Rayleigh–Ritz: the top-r eigenvectors of ``B Bᵀ`` (``B = Qᵀ A``,
     k×k, float64) rotate the sketch. The products of all matrices run as grouped products and
     the orthonormalizations and eigendecompositions as batches, so a stack costs a few dozen
-    launches instead of a few hundred.
+    launches instead of a few hundred. bf16/fp16 matrices are not copied to float32 whole: each
+    product converts them a block at a time (:func:`_products_in_blocks`), with the same float32
+    ``Ω`` and the same result as for their float32 copies up to summation order.
     """
     if side not in ("left", "right"):
         raise ValueError(f"side must be 'left' or 'right', got {side!r}")
-    a = [x if x.dtype == torch.float64 else x.float() for x in matrices]
+    low = matrices[0].dtype in (torch.bfloat16, torch.float16)  # kept as they are: float32 a block at a time
+    a = [x if x.dtype == torch.float64 or low else x.float() for x in matrices]
     if side == "right":
         a = [x.mT for x in a]
     m, n = a[0].shape
     rank = min(rank, m, n)
     sketch_size = min(rank + oversample, m, n)
-    device, dtype = a[0].device, a[0].dtype
+    device, dtype = a[0].device, torch.float32 if low else a[0].dtype
     generators = generators or [None] * len(a)
     omega = torch.stack([torch.randn(n, sketch_size, device=device, dtype=dtype, generator=g) for g in generators])
-    a_t = [x.mT for x in a]
-    q = _per_batch(_orthonormal_columns, _stacked_products(a, omega))
+    products = _products_in_blocks if low else _stacked_products
+    q = _per_batch(_orthonormal_columns, products(a, omega))
     for _ in range(power_iterations):
-        z = _per_batch(_orthonormal_columns, _stacked_products(a_t, q))
-        q = _per_batch(_orthonormal_columns, _stacked_products(a, z))
-    small = _stacked_products(list(q.mT.unbind()), a).to(torch.float64)
+        z = _per_batch(_orthonormal_columns, products([x.mT for x in a], q))
+        q = _per_batch(_orthonormal_columns, products(a, z))
+    small = products(list(q.mT.unbind()), a).to(torch.float64)
     eigenvectors = _per_batch(lambda x: torch.linalg.eigh(x)[1], small @ small.mT)
     bases = q @ eigenvectors[..., -rank:].flip(-1).to(q.dtype)
     if len(a) == 1:
@@ -533,6 +539,24 @@ def _orthonormal_columns(matrix: Tensor) -> Tensor:
 def _per_batch(function, stack: Tensor) -> Tensor:
     """``function`` of a stack; a stack of one goes through the unbatched routines."""
     return function(stack[0])[None] if stack.shape[0] == 1 else function(stack)
+
+
+def _products_in_blocks(lefts: Sequence[Tensor], rights: Tensor | Sequence[Tensor]) -> Tensor:
+    """:func:`_stacked_products` in float32 where one factor of each product is bf16/fp16 (an
+    m×n matrix, as it is or transposed): converted a block of :data:`CONVERT_VALUES` values at a
+    time along the dimension that the product keeps, or for ``A Ω`` along the summed one."""
+    rights = list(rights.unbind()) if isinstance(rights, Tensor) else list(rights)
+    out = torch.zeros(len(lefts), lefts[0].shape[0], rights[0].shape[1], device=lefts[0].device, dtype=torch.float32)
+    for result, left, right in zip(out.unbind(), lefts, rights):
+        if left.dtype in (torch.bfloat16, torch.float16):  # A X: blocks of A's columns, summed
+            width = max(1, CONVERT_VALUES // left.shape[0])
+            for j in range(0, left.shape[1], width):
+                result.addmm_(left[:, j : j + width].float(), right[j : j + width])
+        else:  # Qᵀ A: blocks of A's columns give blocks of the result's
+            width = max(1, CONVERT_VALUES // right.shape[0])
+            for j in range(0, right.shape[1], width):
+                torch.mm(left, right[:, j : j + width].float(), out=result[:, j : j + width])
+    return out
 
 
 def _stacked_products(lefts: Sequence[Tensor], rights: Tensor | Sequence[Tensor]) -> Tensor:

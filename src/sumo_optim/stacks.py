@@ -34,9 +34,22 @@ class Matrix:
     ``basis_ready`` says that this step's refresh was already made (layer-wise, from the first
     micro-batch). ``deferred``, when a list, receives :func:`project_back_`'s work as
     ``(basis, side, D, β, α)`` instead of it being done on ``weights`` (the optimizer then applies
-    it to the parameter a block of rows at a time)."""
+    it to the parameter a block of rows at a time). ``source``, when set, is the gradient as
+    stored (bf16/fp16) and ``grad`` a float32 stand-in of its shape without data: a refresh that
+    converts the gradient a block at a time reads it there."""
 
-    __slots__ = ("basis_ready", "deferred", "grad", "group", "projected", "side", "state", "update", "weights")
+    __slots__ = (
+        "basis_ready",
+        "deferred",
+        "grad",
+        "group",
+        "projected",
+        "side",
+        "source",
+        "state",
+        "update",
+        "weights",
+    )
 
     def __init__(self, weights: Tensor, grad: Tensor, state: dict[str, Any], group: dict[str, Any], side: str) -> None:
         self.weights, self.grad, self.state, self.group, self.side = weights, grad, state, group, side
@@ -44,6 +57,7 @@ class Matrix:
         self.update: Tensor | None = None
         self.basis_ready = False
         self.deferred: list[tuple[Tensor | None, str, Tensor, float, float]] | None = None
+        self.source: Tensor | None = None
 
 
 def stacks(items: list[Matrix], key: Callable[[Matrix], Hashable]) -> list[list[Matrix]]:

@@ -292,6 +292,9 @@ class SUMO(SubspaceOptimizer):
             for name, value in item.state.items():
                 state[name] = value.to(item.group["state_dtype"]) if name in STORED_STATES else value
 
+    def _refreshes_in_blocks(self, group: dict[str, Any]) -> bool:
+        return group["refresh"] == "randomized"  # (linalg.randomized_top_singular_vectors)
+
     def _refresh_basis(self, item: Matrix) -> None:
         stored = self._computing_copies([item])
         if self._init_state(item):
@@ -366,7 +369,7 @@ class SUMO(SubspaceOptimizer):
             group, side = members[0].group, members[0].side
             randomized = group["refresh"] == "randomized"
             bases = compute_bases(
-                [x.grad for x in members],
+                [x.grad if x.source is None else x.source for x in members],
                 group["rank"],
                 side,
                 method=group["refresh"],
