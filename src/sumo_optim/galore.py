@@ -175,6 +175,9 @@ class GaLoreAdamW(SubspaceOptimizer):
     def _basis_method(self, state: dict[str, Any], group: dict[str, Any]) -> str:
         return group["refresh"]
 
+    def _refreshes_in_blocks(self, group: dict[str, Any]) -> bool:
+        return group["refresh"] == "randomized"  # (GoLore's random bases: the source copied whole)
+
     def _checks_projection(self, p: Tensor, group: dict[str, Any]) -> bool:
         state = self.state.get(p, {})
         has_moments = "exp_avg" in state or "exp_avg_codes" in state
@@ -223,7 +226,12 @@ class GaLoreAdamW(SubspaceOptimizer):
         for members in stacks(matrices, key):
             group, side, method = members[0].group, members[0].side, methods[id(members[0])]
             generators = [self._generator(x.state, x.grad.device) if method != "svd" else None for x in members]
-            bases = compute_bases([x.grad for x in members], group["rank"], side, method=method, generators=generators)
+            # a bf16/fp16 ``source``: in blocks by the randomized range finder, else copied to float32
+            grads = [
+                x.grad if x.source is None else x.source if method == "randomized" else x.source.float()
+                for x in members
+            ]
+            bases = compute_bases(grads, group["rank"], side, method=method, generators=generators)
             for x, new_basis in zip(members, bases):
                 if "basis" not in x.state:
                     x.state["basis"] = new_basis
