@@ -315,9 +315,9 @@ def test_projection_of_a_bf16_gradient_in_blocks_matches_float64(monkeypatch, sh
     """Layer-wise accumulation projects a bf16 gradient a block of columns (left basis) or rows
     (right basis, full) at a time: ``Σ project(G_i)`` equals the float64 product of the bf16
     gradients, as the whole float32 copy would give."""
-    import sumo_optim.base
+    import sumo_optim.linalg
 
-    monkeypatch.setattr(sumo_optim.base, "PROJECTION_CHUNK", 50)  # blocks of 1-2 columns or rows
+    monkeypatch.setattr(sumo_optim.linalg, "CONVERT_VALUES", 50)  # blocks of 1-2 columns or rows
     torch.manual_seed(0)
     weight = nn.Parameter(torch.randn(shape).bfloat16())
     optimizer = sumo_optim.SUMO([{"params": [weight], "rank": 8}], lr=0.01)
@@ -351,11 +351,9 @@ def test_bf16_weights_are_updated_in_blocks_like_the_whole_float32_copy(monkeypa
     copy, to the last bf16 bit but for rare differences of float32 summation order (one ulp, or
     more where Adam's first steps, ``R/|R|``, flip the sign of an entry of R near zero). Large
     steps make any misplaced block show; with "first", steps 1 and 3 refresh."""
-    import sumo_optim.base
     import sumo_optim.linalg
 
-    monkeypatch.setattr(sumo_optim.base, "PROJECTION_CHUNK", 50)  # blocks of 1-2 rows or columns
-    monkeypatch.setattr(sumo_optim.linalg, "CONVERT_VALUES", 50)
+    monkeypatch.setattr(sumo_optim.linalg, "CONVERT_VALUES", 50)  # blocks of 1-2 rows or columns
     every = 2 if refresh == "first" else 100
     factories = {
         "sumo": lambda params, **options: sumo_optim.SUMO(params, lr=0.5, rank=8, update_freq=every, **options),

@@ -27,6 +27,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
+from . import linalg
 from .cuda_graph import GraphedCall, tensor_key
 from .dtensors import is_dtensor, local_tensor
 from .quantization import BLOCK_SIZE, dequantize_blockwise, quantize_blockwise
@@ -43,9 +44,6 @@ LAYERWISE_REFRESH = ("sum", "first")
 # Elements of one chunk of an elementwise (AdamW) step of a large parameter: a multiple of the
 # 8-bit block, 64 MiB of float32 (:meth:`SubspaceOptimizer._update_vector_in_chunks`).
 VECTOR_CHUNK = 2**24
-# Values of a bf16/fp16 gradient converted to float32 at a time when layer-wise accumulation
-# projects it (:meth:`SubspaceOptimizer._add_projection`): 16 MiB of float32 work.
-PROJECTION_CHUNK = 2**22
 
 # (parameter, its group, its index over all groups), for each parameter a step updates.
 Work = list[tuple[Tensor, dict[str, Any], int]]
@@ -324,7 +322,7 @@ class SubspaceOptimizer(Optimizer):
         is None), with ``G`` its gradient as the step's working copy would be (2-D, ≥ float32)
         and the basis in its dtype (a copy where it is stored in another).
 
-        A bf16/fp16 gradient is converted to float32 a block of :data:`PROJECTION_CHUNK` values
+        A bf16/fp16 gradient is converted to float32 a block of ``linalg.CONVERT_VALUES`` values
         at a time (whole columns of ``G`` for a left basis, whole rows for a right one): each
         entry of ``project(G)`` reads one column or row of ``G``, so the result is the product
         of the whole float32 copy, without that copy (172 MiB for a LLaMA-7B MLP matrix)."""
@@ -334,18 +332,17 @@ class SubspaceOptimizer(Optimizer):
         state = self.state[p]
         if "basis" in state and state["basis"].dtype != working:
             state = {"basis": state["basis"].to(working)}
-        side, fresh = self._side((m, n), group), total is None
+        side, beta = self._side((m, n), group), 0.0 if total is None else 1.0
         if total is None:
             rank = state["basis"].shape[1] if side != "full" else None
             total = raw.new_empty({"left": (rank, n), "right": (m, rank), "full": (m, n)}[side], dtype=working)
-        beta = 0.0 if fresh else 1.0
         if raw.dtype == working:
             blocks = [(slice(None), slice(None))]
         elif side == "left":  # R = Qᵀ G: column blocks of G give column blocks of R
-            width = max(1, PROJECTION_CHUNK // m)
+            width = max(1, linalg.CONVERT_VALUES // m)
             blocks = [(slice(None), slice(j, j + width)) for j in range(0, n, width)]
         else:  # R = G Q (or G): row blocks
-            height = max(1, PROJECTION_CHUNK // n)
+            height = max(1, linalg.CONVERT_VALUES // n)
             blocks = [(slice(i, i + height), slice(None)) for i in range(0, m, height)]
         for rows, columns in blocks:
             grad = self._working_copy(raw[rows, columns])
@@ -387,11 +384,11 @@ class SubspaceOptimizer(Optimizer):
         self, p: Tensor, deferred: list[tuple[Tensor | None, str, Tensor, float, float]], group: dict[str, Any]
     ) -> None:
         """``W ← β W + α project_back(D)`` for each deferred ``(Q, side, D, β, α)`` in turn, on a
-        bf16/fp16 parameter a block of rows at a time (float32 work of :data:`PROJECTION_CHUNK`
+        bf16/fp16 parameter a block of rows at a time (float32 work of ``linalg.CONVERT_VALUES``
         values: row ``i`` of ``Q D`` or ``D Qᵀ`` reads row ``i`` of ``Q`` or ``D``), each block
         rounded back as :meth:`_end_update` rounds the whole matrix."""
         flat = p.view(p.shape[0], -1)
-        height = max(1, PROJECTION_CHUNK // flat.shape[1])
+        height = max(1, linalg.CONVERT_VALUES // flat.shape[1])
         generator = None
         if group["bf16_stochastic_rounding"] and p.dtype == torch.bfloat16:
             state = self.state[p]

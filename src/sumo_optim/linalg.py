@@ -45,8 +45,9 @@ NEWTON_SCHULZ_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 # :func:`orthogonalize_cholesky_unchecked`): a stack of a LLaMA-7B's 96 moments of 128×11008
 # would otherwise hold 1.1 GB per float64 copy.
 CHUNK_BYTES = 2**28
-# Values of a bf16/fp16 matrix converted to float32 at a time by the randomized range finder
-# (:func:`randomized_top_singular_vectors`): 16 MiB of float32 work.
+# Values of a bf16/fp16 matrix converted to float32 at a time (16 MiB of float32 work): by the
+# randomized range finder (:func:`randomized_top_singular_vectors`) and by layer-wise
+# accumulation's projections and back-projections (:class:`~sumo_optim.base.SubspaceOptimizer`).
 CONVERT_VALUES = 2**22
 
 
