@@ -115,6 +115,11 @@ def last_periodic(run_dir: str, key: str) -> float | None:
     return values[-1] if values else None
 
 
+def finished(run: dict[str, Any]) -> bool:
+    """Whether a run has its summary: neither failed nor left unstarted (:func:`run_one`)."""
+    return "failed" not in run and "not_started" not in run
+
+
 def run_dir_name(label: str, fields: dict[str, Any], base_seed: int) -> str:
     """``LABEL-lrLR``, with ``-seedS`` for a run of another seed than the sweep's."""
     seed = "" if fields["seed"] == base_seed else f"-seed{fields['seed']}"
@@ -137,7 +142,7 @@ def edge_points(results: list[dict[str, Any]], key: str, higher_is_better: bool,
     points = []
     for label in dict.fromkeys(r["label"] for r in results):
         runs = [r for r in results if r["label"] == label and r["seed"] == seed]
-        if len(runs) < 2 or any("summary_missing" in r for r in runs):
+        if len(runs) < 2 or not all(map(finished, runs)):
             continue
         lrs = sorted(r["lr"] for r in runs)
         best = best_runs(runs, key, higher_is_better, seed)[label]["lr"]
@@ -154,12 +159,10 @@ def seed_points(
     """(label, lr, seed) for each of ``seeds`` at each label's best lr, once its sweep has
     finished (every run of seed ``seed`` done) with the best inside the lrs tried."""
     points = []
-    for label, best in best_runs(
-        [r for r in results if "summary_missing" not in r], key, higher_is_better, seed
-    ).items():
+    for label, best in best_runs([r for r in results if finished(r)], key, higher_is_better, seed).items():
         if edge_points([r for r in results if r["label"] == label], key, higher_is_better, seed):
             continue
-        if any(r["label"] == label and r["seed"] == seed and "summary_missing" in r for r in results):
+        if any(r["label"] == label and r["seed"] == seed and not finished(r) for r in results):
             continue
         points += [(label, best["lr"], extra) for extra in seeds if extra != seed]
     return points
@@ -319,15 +322,9 @@ def main(argv: list[str] | None = None) -> int:
                 bar.update()
             return [{"label": label, **job.result()} for job, label in jobs.items()]
 
-    def mark(batch_results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        for r in batch_results:  # failed or not started: no result to choose from yet
-            if "failed" in r or "not_started" in r:
-                r["summary_missing"] = True
-        return batch_results
-
     fields_of = {label: fields for label, _, fields in runs}
     names = {label: name for label, name, _ in runs}
-    results = mark(execute(runs))
+    results = execute(runs)
     for _ in range(4 if args.extend_edges else 0):  # a winning edge: one more point past it, again if it wins
         points = edge_points(results, key, higher_is_better, args.seed)
         tried = {(r["label"], r["lr"]) for r in results}
@@ -336,11 +333,11 @@ def main(argv: list[str] | None = None) -> int:
         ]
         if not batch:
             break
-        results += mark(execute(batch))
+        results += execute(batch)
     if args.seeds:
         points = seed_points(results, key, higher_is_better, args.seed, [int(x) for x in args.seeds.split(",")])
-        results += mark(
-            execute([(label, names[label], {**fields_of[label], "lr": lr, "seed": seed}) for label, lr, seed in points])
+        results += execute(
+            [(label, names[label], {**fields_of[label], "lr": lr, "seed": seed}) for label, lr, seed in points]
         )
     failed = [r for r in results if "failed" in r]
     for r in failed:
@@ -348,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     waiting = [r for r in results if "not_started" in r]
     if waiting:
         print(f"{len(waiting)} run(s) not started (deadline); run the same command again to continue", file=sys.stderr)
-    done = [r for r in results if "summary_missing" not in r]
+    done = [r for r in results if finished(r)]
     if not done:
         return 1
     best = best_runs(done, key, higher_is_better, args.seed)

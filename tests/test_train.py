@@ -297,9 +297,7 @@ def test_paper_comparison_extends_winning_edges_and_reruns_best_lrs_with_other_s
     spec.loader.exec_module(script)
 
     def run(label, lr, loss, seed=0, missing=False):
-        return {"label": label, "lr": lr, "seed": seed, "val_loss": loss} | (
-            {"summary_missing": True} if missing else {}
-        )
+        return {"label": label, "lr": lr, "seed": seed, "val_loss": loss} | ({"not_started": True} if missing else {})
 
     results = [
         *(run("low", lr, loss) for lr, loss in ((0.01, 2.0), (0.02, 2.1), (0.04, 2.2))),  # best at the bottom
