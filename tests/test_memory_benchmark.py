@@ -58,3 +58,17 @@ def test_over_cap_and_failed_rows_are_reported_not_raised():
     ]
     table = script.table(rows, cap_gib=16)
     assert "over cap (16 GiB)" in table and "failed: boom" in table and "| 15.00 | ok |" in table
+
+
+def test_layerwise_transients_cpu_smoke(tmp_path):
+    """benchmarks/layerwise_transients.py on a small matrix: the three peaks, in MiB."""
+    if not Path("/proc/self/clear_refs").exists():
+        pytest.skip("needs Linux's /proc/self/clear_refs")
+    spec = importlib.util.spec_from_file_location("transients", ROOT / "benchmarks" / "layerwise_transients.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "transients.json"
+    assert script.main(["--rows", "64", "--cols", "160", "--out", str(out)]) == 0
+    record = json.loads(out.read_text())
+    assert record["shape"] == [64, 160] and list(record["peak_mib"]) == list(script.STEPS)
+    assert all(peak >= 0 for peak in record["peak_mib"].values())

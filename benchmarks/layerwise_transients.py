@@ -1,0 +1,109 @@
+"""Peak memory that one layer-wise SUMO step adds on top of backward, for one bf16 matrix (CPU).
+
+One LLaMA-7B MLP matrix (4096 × 11008, bf16; ``--rows``/``--cols``) trained by SUMO in layer-wise mode over two
+micro-batches (``layerwise_refresh="first"``, bf16 Q and M, stochastic rounding, rank 128,
+refresh every 2 steps). After two warm-up steps, the process's peak resident memory (Linux
+``VmHWM``, reset through ``/proc/self/clear_refs``) is measured over step 3, a refresh, and
+step 4, a step inside the basis, and over the same two backward passes without the optimizer,
+which is the part backward itself needs (its bf16 gradient).
+
+    python benchmarks/layerwise_transients.py                    # this checkout's src/
+    python benchmarks/layerwise_transients.py --src /old/src     # another checkout, to compare
+
+Each measurement runs in a fresh process. glibc's allocator keeps freed large blocks unless
+``MALLOC_MMAP_THRESHOLD_`` is fixed, so the script sets it for its workers. Writes
+``benchmarks/results/layerwise_transients.json`` (or ``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = ("refresh step", "step inside the basis", "backward alone")
+
+
+def _status_kib(key: str) -> int:
+    with open("/proc/self/status") as status:
+        return int(next(line for line in status if line.startswith(key)).split()[1])
+
+
+def worker(src: str, which: str, rows: int, cols: int) -> float:
+    """MiB by which the peak resident memory exceeds the memory before the measured step."""
+    sys.path.insert(0, src)
+    import torch
+
+    import sumo_optim
+
+    torch.manual_seed(0)
+    weight = torch.nn.Parameter(torch.randn(rows, cols).bfloat16())
+    target = torch.randn(rows, cols).bfloat16()
+    optimizer = sumo_optim.SUMO(
+        [{"params": [weight], "rank": 128}],
+        lr=0.01,
+        update_freq=2,
+        layerwise=True,
+        layerwise_accumulation_steps=2,
+        layerwise_refresh="first",
+        state_dtype=torch.bfloat16,
+        bf16_stochastic_rounding=True,
+    )
+
+    def step() -> None:
+        for _ in range(2):
+            (weight * target).sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    step(), step()  # steps 1 (the first refresh) and 2
+    if which == STEPS[1]:
+        step()  # step 3 refreshes; step 4 is measured
+    if which == STEPS[2]:
+        optimizer.remove_hooks()
+    with open("/proc/self/clear_refs", "w") as clear:
+        clear.write("5")  # resets VmHWM to the current resident size
+    before = _status_kib("VmRSS:")
+    if which == STEPS[2]:
+        for _ in range(2):
+            (weight * target).sum().backward()
+            weight.grad = None
+    else:
+        step()
+    return (_status_kib("VmHWM:") - before) / 1024
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--src", default=str(ROOT / "src"), help="the src/ folder whose sumo_optim is measured")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "layerwise_transients.json")
+    parser.add_argument("--rows", type=int, default=4096)
+    parser.add_argument("--cols", type=int, default=11008)
+    parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(*args.worker, args.rows, args.cols)))
+        return 0
+    if not Path("/proc/self/clear_refs").exists():
+        parser.error("needs Linux's /proc/self/clear_refs to reset the peak resident memory")
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+    peaks = {}
+    for which in STEPS:
+        command = [sys.executable, __file__, "--worker", args.src, which, "--rows", str(args.rows)]
+        command += ["--cols", str(args.cols)]
+        done = subprocess.run(command, capture_output=True, text=True, env=env, check=True)
+        peaks[which] = json.loads(done.stdout.strip().splitlines()[-1])
+        print(f"{which}: peak +{peaks[which]:.0f} MiB", flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    record = {"src": args.src, "shape": [args.rows, args.cols], "peak_mib": peaks}
+    args.out.write_text(json.dumps(record, indent=2))
+    print(f"written: {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
