@@ -67,14 +67,16 @@ def tiny(corpus, cache, run_dir, **overrides):
     return load_config(None, values)
 
 
-@pytest.mark.parametrize("optimizer", ["sumo", "sumo_paper", "galore", "golore", "mofasgd", "adamw", "muon"])
+@pytest.mark.parametrize(
+    "optimizer", ["sumo", "sumo_paper", "galore", "galore8bit", "golore", "mofasgd", "adamw", "muon"]
+)
 def test_each_optimizer_lowers_the_loss_and_writes_a_run(corpus, cache, tmp_path, optimizer):
     config = tiny(
         corpus,
         cache,
         tmp_path / optimizer,
         optimizer=optimizer,
-        lr=3e-3 if optimizer in ("adamw", "galore", "golore") else None,
+        lr=3e-3 if optimizer in ("adamw", "galore", "galore8bit", "golore") else None,
     )
     summary = train(config, progress=False)
     assert summary["val_loss"] < math.log(512) - 0.3  # random init starts at ln(vocab) ≈ 6.24
