@@ -71,13 +71,12 @@ def measure(preset: str, row: str, options: dict[str, Any]) -> dict[str, Any]:
     """One configuration in this process: the byte counts of the last of ``steps`` steps."""
     import sumo_optim
     from sumo_train.models import build_llama
-    from sumo_train.train import enable_activation_checkpointing
+    from sumo_train.train import cap_memory, enable_activation_checkpointing
 
     device = torch.device(options["device"])
     cuda = device.type == "cuda"
     if cuda and options["cap_gib"]:
-        total = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, options["cap_gib"] * 2**30 / total), device)
+        cap_memory(device, options["cap_gib"])
     torch.manual_seed(0)
     vocab, seq_len, batch = options["vocab_size"], options["seq_len"], options["batch"]
     with torch.device(device):

@@ -20,7 +20,7 @@ from sumo_train.checkpoint import CheckpointError, latest_checkpoint
 from sumo_train.cli import main as cli
 from sumo_train.config import load_config
 from sumo_train.models import build_llama
-from sumo_train.train import build_optimizers, train
+from sumo_train.train import build_optimizers, cap_memory, train
 
 PLAYS = ("hamlet_gut.txt", "macbeth_gut.txt", "othello_gut.txt", "julius_caesar_gut.txt")
 
@@ -561,6 +561,19 @@ def test_gpu_memory_cap_needs_cuda(corpus, cache, tmp_path):
     with pytest.raises(ValueError, match=r"gpu_memory_cap_gib=16.*CUDA"):
         train(config, progress=False)
     assert load_config(None, {"gpu_memory_cap_gib": "15.5"}).gpu_memory_cap_gib == 15.5
+
+
+def test_gpu_memory_cap_of_a_device_without_index(monkeypatch):
+    """``cuda`` (no index, as benchmarks/memory.py passes it) caps the current device: CUDA's
+    ``set_per_process_memory_fraction`` refuses a device without an index."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: type("P", (), {"total_memory": 64 * 2**30}))
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda *args: calls.append(args))
+    cap_memory(torch.device("cuda"), 16)
+    assert calls == [(0.25, torch.device("cuda", 3))]
+    with pytest.raises(ValueError, match="exceeds the GPU's 64.0 GiB"):
+        cap_memory(torch.device("cuda", 0), 65)
 
 
 def test_boolean_fields_parse_from_the_command_line_and_files(tmp_path):
