@@ -572,7 +572,7 @@ def test_gpu_memory_cap_of_a_device_without_index(monkeypatch):
     monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda *args: calls.append(args))
     cap_memory(torch.device("cuda"), 16)
     assert calls == [(0.25, torch.device("cuda", 3))]
-    with pytest.raises(ValueError, match="exceeds the GPU's 64.0 GiB"):
+    with pytest.raises(ValueError, match=r"exceeds the GPU's 64\.0 GiB"):
         cap_memory(torch.device("cuda", 0), 65)
 
 
