@@ -11,8 +11,16 @@ CHUNK = 512  # two 8-bit blocks; the test parameter has 2.5 chunks and a partial
 
 
 def run(name, chunk, dtype, monkeypatch, **options):
-    """Three steps on a 1300-value AdamW parameter and a matrix; returns the weights and state."""
+    """Three steps on a 1300-value AdamW parameter and a matrix; returns the weights, the state
+    and how many steps went chunk by chunk."""
     monkeypatch.setattr(base, "VECTOR_CHUNK", chunk)
+    chunked_steps = []
+    in_chunks = base.SubspaceOptimizer._update_vector_in_chunks
+    monkeypatch.setattr(
+        base.SubspaceOptimizer,
+        "_update_vector_in_chunks",
+        lambda self, *args: chunked_steps.append(1) or in_chunks(self, *args),
+    )
     g = torch.Generator().manual_seed(7)
     vector = torch.nn.Parameter(torch.randn(130, 10, generator=g).to(dtype))
     matrix = torch.nn.Parameter(torch.randn(12, 9, generator=g).to(dtype))
@@ -22,15 +30,23 @@ def run(name, chunk, dtype, monkeypatch, **options):
         vector.grad = torch.randn(vector.shape, generator=g).to(dtype)
         matrix.grad = torch.randn(matrix.shape, generator=g).to(dtype)
         optimizer.step()
-    return vector.detach().clone(), optimizer.state[vector]
+    return vector.detach().clone(), optimizer.state[vector], len(chunked_steps)
 
 
-@pytest.mark.parametrize("name", ["sumo", "galore", "mofasgd"])
+CASES = [  # (optimizer, options, steps taken chunk by chunk)
+    *[(name, {"adamw_state_bits": bits}, 3) for name in ("sumo", "galore", "mofasgd") for bits in (32, 8)],
+    ("galore8bit", {"min_8bit_size": 256}, 3),  # every chunk (the last: 276 values) is 8-bit
+    ("galore8bit", {"min_8bit_size": 300}, 0),  # the last chunk would not be: stepped whole
+    ("galore8bit", {"min_8bit_size": 2000}, 0),  # none is: float32 moments, stepped whole
+]
+
+
+@pytest.mark.parametrize(("name", "options", "chunked_steps"), CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("bits", [32, 8])
-def test_chunked_vector_steps_equal_the_whole_step(name, dtype, bits, monkeypatch):
-    whole, whole_state = run(name, 2**24, dtype, monkeypatch, adamw_state_bits=bits)
-    chunked, chunked_state = run(name, CHUNK, dtype, monkeypatch, adamw_state_bits=bits)
+def test_chunked_vector_steps_equal_the_whole_step(name, options, chunked_steps, dtype, monkeypatch):
+    whole, whole_state, _ = run(name, 2**24, dtype, monkeypatch, **options)
+    chunked, chunked_state, steps = run(name, CHUNK, dtype, monkeypatch, **options)
+    assert steps == chunked_steps
     assert torch.equal(chunked, whole)
     assert chunked_state.keys() == whole_state.keys()
     for key, value in whole_state.items():
@@ -42,9 +58,9 @@ def test_chunked_vector_steps_equal_the_whole_step(name, dtype, bits, monkeypatc
 
 
 def test_chunked_stochastic_rounding_is_deterministic_and_moves_weights(monkeypatch):
-    first, _ = run("sumo", CHUNK, torch.bfloat16, monkeypatch, bf16_stochastic_rounding=True)
-    again, _ = run("sumo", CHUNK, torch.bfloat16, monkeypatch, bf16_stochastic_rounding=True)
-    nearest, _ = run("sumo", CHUNK, torch.bfloat16, monkeypatch)
+    first, _, _ = run("sumo", CHUNK, torch.bfloat16, monkeypatch, bf16_stochastic_rounding=True)
+    again, _, _ = run("sumo", CHUNK, torch.bfloat16, monkeypatch, bf16_stochastic_rounding=True)
+    nearest, _, _ = run("sumo", CHUNK, torch.bfloat16, monkeypatch)
     assert torch.equal(first, again)
     assert not torch.equal(first, nearest)
     # three roundings apart at most: a few bf16 ulps (2⁻⁷ relative) of each value

@@ -27,6 +27,7 @@ from typing import Any
 
 from torch import Tensor
 
+from . import base
 from .galore import GaLoreAdamW, galore_adam_update
 from .quantization import BLOCK_SIZE
 from .stacks import Matrix
@@ -61,7 +62,13 @@ class GaLoreAdamW8bit(GaLoreAdamW):
     Like ``adamw_state_bits=8``, it refuses FSDP2 (DTensor) parameters outside any subspace.
     """
 
-    vector_step_is_elementwise = False  # whether moments are 8-bit depends on the whole size
+    def _steps_in_chunks(self, p: Tensor, group: dict[str, Any]) -> bool:
+        """Chunked as in the other optimizers (LLaMA-7B's embeddings and head: a 512 MiB float32
+        moment each, otherwise) only where every chunk, the last included, has at least
+        ``min_8bit_size`` values: whether moments are 8-bit is decided per tensor stepped, and
+        then each chunk decides as the whole parameter would."""
+        last = p.numel() % base.VECTOR_CHUNK or base.VECTOR_CHUNK
+        return min(base.VECTOR_CHUNK, last) >= group["min_8bit_size"] and super()._steps_in_chunks(p, group)
 
     def __init__(
         self,
