@@ -75,7 +75,8 @@ def worker(src: str, which: str, rows: int, cols: int, optimizer_name: str, adam
             weight.grad = None
     else:
         step()
-    return (_status_kib("VmHWM:") - before) / 1024
+    # the kernel syncs its per-thread RSS counters lazily: a step that adds nothing may read a few pages below 0
+    return max(0, _status_kib("VmHWM:") - before) / 1024
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -344,7 +344,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"failed ({r['failed']}): {r['run_dir']}, see its stdout.log", file=sys.stderr)
     waiting = [r for r in results if "not_started" in r]
     if waiting:
-        print(f"{len(waiting)} run(s) not started (deadline); run the same command again to continue", file=sys.stderr)
+        then = "without --report-only to run them" if args.report_only else "again to continue"
+        print(f"{len(waiting)} run(s) not started; run the same command {then}", file=sys.stderr)
     done = [r for r in results if finished(r)]
     if not done:
         return 1

@@ -71,4 +71,4 @@ def test_layerwise_transients_cpu_smoke(tmp_path):
     assert script.main(["--rows", "64", "--cols", "160", "--out", str(out)]) == 0
     record = json.loads(out.read_text())
     assert record["shape"] == [64, 160] and list(record["peak_mib"]) == list(script.STEPS)
-    assert all(peak >= 0 for peak in record["peak_mib"].values())
+    assert all(isinstance(peak, float) for peak in record["peak_mib"].values())  # clamped at 0: see worker()
