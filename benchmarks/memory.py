@@ -1,6 +1,7 @@
 """Peak GPU memory of a real training step of a LLaMA preset, broken down as in GaLore's Figure 1.
 
-For each preset, micro-batch size and optimizer row (:data:`ROWS`: AdamW, GaLoreAdamW and SUMO,
+For each preset, micro-batch size and optimizer row (:data:`ROWS`: AdamW (torch's, and the
+library's with 8-bit moments), GaLoreAdamW and SUMO,
 normal and layer-wise, and the 7B recipes: layer-wise accumulation over two micro-batches with
 refreshes from the first, GaLoreAdamW8bit / SUMO with 8-bit AdamW moments and bf16 Q and M), a
 fresh process builds the model with bf16 weights (activation checkpointing on unless
@@ -45,9 +46,11 @@ ROOT = Path(__file__).resolve().parents[1]
 # The one-GPU 7B recipe's optimizer settings (README): layer-wise updates accumulated over two
 # micro-batches here, refresh bases from the first, 8-bit AdamW moments for the rest.
 RECIPE = {"layerwise": True, "layerwise_accumulation_steps": 2, "layerwise_refresh": "first"}
-# row name: (label, registry name of the optimizer, its options)
+# row name: (label, registry name of the optimizer, its options); "adamw" is torch's AdamW, and
+# "adamw8bit" puts every parameter in SUMO's AdamW part (its AdamW, exactly torch's, with moments in 8 bits)
 ROWS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "adamw": ("AdamW (torch, bf16 states)", "adamw", {}),
+    "adamw8bit": ("AdamW, 8-bit moments", "sumo", {"adamw_state_bits": 8}),
     "galore": ("GaLoreAdamW", "galore", {}),
     "galore-layerwise": ("GaLoreAdamW layer-wise", "galore", {"layerwise": True}),
     # (randomized refresh: the exact SVD of LLaMA-7B's 224 matrices takes minutes per refresh)
@@ -89,6 +92,8 @@ def measure(preset: str, row: str, options: dict[str, Any]) -> dict[str, Any]:
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     else:
         groups = sumo_optim.param_groups(model, rank=options["rank"])
+        if row == "adamw8bit":
+            groups = [{"params": list(model.parameters()), "subspace": False}]
         optimizer = sumo_optim.create(name, groups, lr=1e-3, **settings)
     micro_batches = settings.get("layerwise_accumulation_steps", 1)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda)

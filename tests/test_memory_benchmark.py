@@ -39,6 +39,9 @@ def test_memory_benchmark_cpu_smoke(tmp_path):
     assert rows["galore8bit-recipe"]["state"] < rows["galore-layerwise"]["state"] / 2
     # torch's AdamW keeps bf16 moments (2 bytes each, plus its step counters); the library float32
     assert rows["adamw"]["state"] < 2 * 2 * rows["adamw"]["parameters"] + 1024
+    # 8-bit AdamW: a byte per moment and value, and a float32 absmax per 256 values of each
+    parameters = rows["adamw8bit"]["parameters"]
+    assert 2 * parameters < rows["adamw8bit"]["state"] < 2 * parameters * (1 + 4 / 256) + 64 * 1024
     assert out.with_suffix(".png").stat().st_size > 5_000
     sizes = tmp_path / "memory_sizes"  # a list of micro-batch sizes: one row each
     only_recipe = ["--optimizers", "sumo-recipe", "--batch", "1,2", "--out", str(sizes)]

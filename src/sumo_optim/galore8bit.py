@@ -62,14 +62,6 @@ class GaLoreAdamW8bit(GaLoreAdamW):
     Like ``adamw_state_bits=8``, it refuses FSDP2 (DTensor) parameters outside any subspace.
     """
 
-    def _steps_in_chunks(self, p: Tensor, group: dict[str, Any]) -> bool:
-        """Chunked as in the other optimizers (LLaMA-7B's embeddings and head: a 512 MiB float32
-        moment each, otherwise) only where every chunk, the last included, has at least
-        ``min_8bit_size`` values: whether moments are 8-bit is decided per tensor stepped, and
-        then each chunk decides as the whole parameter would."""
-        last = p.numel() % base.VECTOR_CHUNK or base.VECTOR_CHUNK
-        return min(base.VECTOR_CHUNK, last) >= group["min_8bit_size"] and super()._steps_in_chunks(p, group)
-
     def __init__(
         self,
         params: Any,
@@ -171,6 +163,14 @@ class GaLoreAdamW8bit(GaLoreAdamW):
             if exp_avg.numel() >= x.group["min_8bit_size"]:
                 self._quantize_moments(x.state)
         return directions
+
+    def _steps_in_chunks(self, p: Tensor, group: dict[str, Any]) -> bool:
+        """Chunked as in the other optimizers (LLaMA-7B's embeddings and head: a 512 MiB float32
+        moment each, otherwise) only where every chunk, the last included, has at least
+        ``min_8bit_size`` values: whether moments are 8-bit is decided per tensor stepped, and
+        then each chunk decides as the whole parameter would."""
+        last = p.numel() % base.VECTOR_CHUNK or base.VECTOR_CHUNK
+        return min(base.VECTOR_CHUNK, last) >= group["min_8bit_size"] and super()._steps_in_chunks(p, group)
 
     def _vector_step(self, weights: Tensor, grad: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
         moments = self._vector_moments(state, grad, group)
