@@ -510,11 +510,23 @@ def test_the_7b_memory_recipes_train(corpus, cache, tmp_path, optimizer):
     optimizer.remove_hooks()
 
 
-def test_compile_with_layerwise(corpus, cache, tmp_path):
+SEVEN_B_RECIPE = dict(  # README's 7B command, with torch.compile on top
+    grad_accum=2,
+    activation_checkpointing=True,
+    dtype="bfloat16",
+    layerwise_refresh="first",
+    adamw_state_bits=8,
+    state_dtype="bfloat16",
+    stochastic_rounding=True,
+)
+
+
+@pytest.mark.parametrize("recipe", [{}, SEVEN_B_RECIPE], ids=["layerwise", "7b-recipe"])
+def test_compile_with_layerwise(corpus, cache, tmp_path, recipe):
     """torch.compile on the CPU (inductor needs a C++ compiler): the compiled run equals the eager one."""
     if shutil.which("cc") is None and shutil.which("gcc") is None:
         pytest.skip("torch.compile's CPU backend needs a C++ compiler")
-    common = dict(steps=3, log_every=1, eval_every=100, grad_clip=0.0, layerwise=True)
+    common = dict(steps=3, log_every=1, eval_every=100, grad_clip=0.0, layerwise=True, **recipe)
     runs = [tiny(corpus, cache, tmp_path / str(on), compile=on, **common) for on in (False, True)]
     for config in runs:
         train(config, progress=False)
