@@ -91,9 +91,10 @@ def measure(preset: str, row: str, options: dict[str, Any]) -> dict[str, Any]:
     if name == "adamw":
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     else:
-        groups = sumo_optim.param_groups(model, rank=options["rank"])
         if row == "adamw8bit":
             groups = [{"params": list(model.parameters()), "subspace": False}]
+        else:
+            groups = sumo_optim.param_groups(model, rank=options["rank"])
         optimizer = sumo_optim.create(name, groups, lr=1e-3, **settings)
     micro_batches = settings.get("layerwise_accumulation_steps", 1)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda)
