@@ -475,6 +475,17 @@ def test_layerwise_with_activation_checkpointing_and_bfloat16_trains(corpus, cac
     assert summary["val_loss"] < math.log(512) - 0.3
 
 
+# The memory options of the README's one-GPU 7B command, at CPU size
+SEVEN_B_MEMORY = dict(
+    layerwise=True,
+    layerwise_refresh="first",
+    adamw_state_bits=8,
+    grad_clip=0,
+    activation_checkpointing=True,
+    dtype="bfloat16",
+)
+
+
 @pytest.mark.parametrize("optimizer", ["sumo", "galore8bit"])
 def test_the_7b_memory_recipes_train(corpus, cache, tmp_path, optimizer):
     """Every memory option of the one-GPU 7B runs together, at CPU size: bf16 weights, layer-wise
@@ -487,14 +498,9 @@ def test_the_7b_memory_recipes_train(corpus, cache, tmp_path, optimizer):
         cache,
         tmp_path / optimizer,
         optimizer=optimizer,
-        layerwise=True,
         grad_accum=4,
-        layerwise_refresh="first",
-        adamw_state_bits=8,
-        grad_clip=0,
-        activation_checkpointing=True,
-        dtype="bfloat16",
         update_freq=10,
+        **SEVEN_B_MEMORY,
         **options[optimizer],
     )
     summary = train(config, progress=False)
@@ -510,15 +516,7 @@ def test_the_7b_memory_recipes_train(corpus, cache, tmp_path, optimizer):
     optimizer.remove_hooks()
 
 
-SEVEN_B_RECIPE = dict(  # README's 7B command, with torch.compile on top
-    grad_accum=2,
-    activation_checkpointing=True,
-    dtype="bfloat16",
-    layerwise_refresh="first",
-    adamw_state_bits=8,
-    state_dtype="bfloat16",
-    stochastic_rounding=True,
-)
+SEVEN_B_RECIPE = {**SEVEN_B_MEMORY, "grad_accum": 2, "state_dtype": "bfloat16", "stochastic_rounding": True}
 
 
 @pytest.mark.parametrize("recipe", [{}, SEVEN_B_RECIPE], ids=["layerwise", "7b-recipe"])
@@ -526,7 +524,7 @@ def test_compile_with_layerwise(corpus, cache, tmp_path, recipe):
     """torch.compile on the CPU (inductor needs a C++ compiler): the compiled run equals the eager one."""
     if shutil.which("cc") is None and shutil.which("gcc") is None:
         pytest.skip("torch.compile's CPU backend needs a C++ compiler")
-    common = dict(steps=3, log_every=1, eval_every=100, grad_clip=0.0, layerwise=True, **recipe)
+    common = {"steps": 3, "log_every": 1, "eval_every": 100, "grad_clip": 0.0, "layerwise": True, **recipe}
     runs = [tiny(corpus, cache, tmp_path / str(on), compile=on, **common) for on in (False, True)]
     for config in runs:
         train(config, progress=False)
