@@ -249,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
             for name in names:
                 result = run_isolated(preset, name, {**options, "batch": batch})
                 rows.append({"preset": preset, "batch": batch, "optimizer": name, "label": ROWS[name][0], **result})
-                print(f"{preset} micro-batch {batch} {name}: {result['status']}", flush=True)
+                peak = f", peak {result['peak'] / 2**30:.2f} GiB" if result.get("peak") else ""
+                print(f"{preset} micro-batch {batch} {name}: {result['status']}{peak}", flush=True)
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") and torch.cuda.is_available() else "CPU"
     title = (
         f"peak memory of one training step: seq {args.seq_len}, micro-batch {args.batch}, bf16 weights, "
@@ -262,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     stem = args.out or RESULTS / f"memory_{'-'.join(presets)}"
     stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".md").write_text(markdown)
-    config = {**options, "batches": batches}
+    config = {**options, "batches": batches, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
     stem.with_suffix(".json").write_text(json.dumps({"config": config, "device": device, "rows": rows}, indent=2))
     plot(rows, stem.with_suffix(".png"), title)
     print(f"\n{markdown}\nwritten: {stem}.md, .json and .png")
