@@ -22,8 +22,9 @@ Each configuration runs in its own process, so one OOM leaves the others clean.
     python benchmarks/memory.py --presets 7b --optimizers sumo-recipe,galore8bit-recipe --batch 1,8,16,32 --cap-gib 24
     python benchmarks/memory.py --device cpu --presets test   # smoke mode: no peak, tensor sizes only
 
-Writes ``memory_<presets>.md`` / ``.json`` / ``.png`` (stacked bars) under benchmarks/results/
-(or ``--out STEM``). torch's AdamW keeps its moments in the parameters' dtype (bf16 here); the
+Writes ``memory_<presets>.md`` / ``.json`` (after every row, so a sweep stopped by a time limit
+keeps what it measured) and ``.png`` (stacked bars, at the end) under benchmarks/results/ (or
+``--out STEM``). torch's AdamW keeps its moments in the parameters' dtype (bf16 here); the
 library's optimizers keep float32 states for bf16 weights.
 """
 
@@ -203,6 +204,16 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     plt.close(figure)
 
 
+def save(stem: Path, title: str, rows: list[dict[str, Any]], meta: dict[str, Any], cap_gib: float | None) -> str:
+    """Writes the table (``stem.md``) and the rows with ``meta`` (``stem.json``); returns the table."""
+    markdown = f"{title}\n\n{table(rows, cap_gib)}\n"
+    if meta["device"] == "CPU":
+        markdown += "\nCPU smoke mode: no CUDA memory statistics, so activations and peak are n/a.\n"
+    stem.with_suffix(".md").write_text(markdown)
+    stem.with_suffix(".json").write_text(json.dumps({**meta, "rows": rows}, indent=2))
+    return markdown
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--presets", default="1b,7b")
@@ -225,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     presets = [p.strip() for p in args.presets.split(",") if p.strip()]
     names = [n.strip() for n in args.optimizers.split(",") if n.strip()]
+    if not names:
+        parser.error(f"--optimizers names no row; choose from {', '.join(ROWS)}")
     unknown = sorted(set(names) - set(ROWS))
     if unknown:
         parser.error(f"unknown optimizer row(s) {', '.join(unknown)}; choose from {', '.join(ROWS)}")
@@ -243,7 +256,16 @@ def main(argv: list[str] | None = None) -> int:
         "cap_gib": args.cap_gib,
         "activation_checkpointing": not args.no_activation_checkpointing,
     }
-    rows = []
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") and torch.cuda.is_available() else "CPU"
+    title = (
+        f"peak memory of one training step: seq {args.seq_len}, micro-batch {args.batch}, bf16 weights, "
+        f"rank {args.rank}, activation checkpointing {'off' if args.no_activation_checkpointing else 'on'}, {device}"
+        + (f", cap {args.cap_gib:g} GiB" if args.cap_gib else "")
+    )
+    config = {**options, "batches": batches, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
+    stem = args.out or RESULTS / f"memory_{'-'.join(presets)}"
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    rows: list[dict[str, Any]] = []
     for preset in presets:
         for batch in batches:
             for name in names:
@@ -251,20 +273,8 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append({"preset": preset, "batch": batch, "optimizer": name, "label": ROWS[name][0], **result})
                 peak = f", peak {result['peak'] / 2**30:.2f} GiB" if result.get("peak") else ""
                 print(f"{preset} micro-batch {batch} {name}: {result['status']}{peak}", flush=True)
-    device = torch.cuda.get_device_name() if args.device.startswith("cuda") and torch.cuda.is_available() else "CPU"
-    title = (
-        f"peak memory of one training step: seq {args.seq_len}, micro-batch {args.batch}, bf16 weights, "
-        f"rank {args.rank}, activation checkpointing {'off' if args.no_activation_checkpointing else 'on'}, {device}"
-        + (f", cap {args.cap_gib:g} GiB" if args.cap_gib else "")
-    )
-    markdown = f"{title}\n\n{table(rows, args.cap_gib)}\n"
-    if args.device == "cpu":
-        markdown += "\nCPU smoke mode: no CUDA memory statistics, so activations and peak are n/a.\n"
-    stem = args.out or RESULTS / f"memory_{'-'.join(presets)}"
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".md").write_text(markdown)
-    config = {**options, "batches": batches, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
-    stem.with_suffix(".json").write_text(json.dumps({"config": config, "device": device, "rows": rows}, indent=2))
+                # after every row, so a sweep stopped by a time limit keeps what it measured
+                markdown = save(stem, title, rows, {"config": config, "device": device}, args.cap_gib)
     plot(rows, stem.with_suffix(".png"), title)
     print(f"\n{markdown}\nwritten: {stem}.md, .json and .png")
     return 0

@@ -63,6 +63,29 @@ def test_over_cap_and_failed_rows_are_reported_not_raised():
     assert "over cap (16 GiB)" in table and "failed: boom" in table and "| 15.00 | ok |" in table
 
 
+def test_a_stopped_sweep_keeps_the_rows_it_measured(tmp_path, monkeypatch):
+    """A time limit stops a sweep (here after two rows); its table and JSON hold those rows."""
+    script = load_script()
+    done = []
+
+    def measured_then_stopped(preset, row, options):
+        if len(done) == 2:
+            raise KeyboardInterrupt  # what `timeout --signal=INT` delivers
+        done.append(row)
+        return {"status": "ok", "peak": (len(done) + 14) * 2**30} | dict.fromkeys(script.PARTS, 2**30)
+
+    monkeypatch.setattr(script, "run_isolated", measured_then_stopped)
+    out = tmp_path / "stopped"
+    with pytest.raises(KeyboardInterrupt):
+        script.main(
+            ["--device", "cpu", "--optimizers", "sumo-recipe,galore8bit-recipe", "--batch", "1,8", "--out", str(out)]
+        )
+    saved = json.loads(out.with_suffix(".json").read_text())
+    assert [(r["batch"], r["optimizer"]) for r in saved["rows"]] == [(1, "sumo-recipe"), (1, "galore8bit-recipe")]
+    assert saved["config"]["batches"] == [1, 8] and saved["config"]["date"]
+    assert "| 16.00 | ok |" in out.with_suffix(".md").read_text()
+
+
 def test_layerwise_transients_cpu_smoke(tmp_path):
     """benchmarks/layerwise_transients.py on a small matrix: the three peaks, in MiB."""
     if not Path("/proc/self/clear_refs").exists():
