@@ -239,6 +239,17 @@ def test_randomized_basis_of_bf16_matrices_in_blocks_equals_their_float32_copies
         torch.testing.assert_close(basis, reference, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize(("length", "values_per_index"), [(7, 10), (50, 3), (1, 1000), (13, 50), (5, 51)])
+def test_convert_blocks_cover_the_range_in_order_within_the_budget(monkeypatch, length, values_per_index):
+    monkeypatch.setattr(linalg, "CONVERT_VALUES", 50)
+    blocks = linalg.convert_blocks(length, values_per_index)
+    covered = [i for block in blocks for i in range(length)[block]]
+    assert covered == list(range(length))  # every index once, in order
+    for block in blocks:  # at least one index; within the budget wherever one index fits in it
+        width = len(range(length)[block])
+        assert width >= 1 and (width * values_per_index <= 50 or width == 1)
+
+
 @pytest.mark.parametrize("condition", [1e0, 1e3, 1e6, 1e8, 1e12, math.inf])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_cholesky_qr2_matches_float64_householder(condition, dtype):

@@ -336,14 +336,13 @@ class SubspaceOptimizer(Optimizer):
         if total is None:
             rank = state["basis"].shape[1] if side != "full" else None
             total = raw.new_empty({"left": (rank, n), "right": (m, rank), "full": (m, n)}[side], dtype=working)
+        everything = slice(None)
         if raw.dtype == working:
-            blocks = [(slice(None), slice(None))]
+            blocks = [(everything, everything)]
         elif side == "left":  # R = Qᵀ G: column blocks of G give column blocks of R
-            width = max(1, linalg.CONVERT_VALUES // m)
-            blocks = [(slice(None), slice(j, j + width)) for j in range(0, n, width)]
+            blocks = [(everything, columns) for columns in linalg.convert_blocks(n, m)]
         else:  # R = G Q (or G): row blocks
-            height = max(1, linalg.CONVERT_VALUES // n)
-            blocks = [(slice(i, i + height), slice(None)) for i in range(0, m, height)]
+            blocks = [(rows, everything) for rows in linalg.convert_blocks(m, n)]
         for rows, columns in blocks:
             grad = self._working_copy(raw[rows, columns])
             item = Matrix(p, grad, state, group, side)
@@ -388,13 +387,11 @@ class SubspaceOptimizer(Optimizer):
         values: row ``i`` of ``Q D`` or ``D Qᵀ`` reads row ``i`` of ``Q`` or ``D``), each block
         rounded back as :meth:`_end_update` rounds the whole matrix."""
         flat = p.view(p.shape[0], -1)
-        height = max(1, linalg.CONVERT_VALUES // flat.shape[1])
         generator = None
         if group["bf16_stochastic_rounding"] and p.dtype == torch.bfloat16:
             state = self.state[p]
             generator = refresh_generator(state["seed"], state["step"], p.device, stream=ROUNDING_STREAM)
-        for start in range(0, flat.shape[0], height):
-            rows = slice(start, start + height)
+        for rows in linalg.convert_blocks(*flat.shape):
             block = flat[rows].float()
             for basis, side, direction, beta, alpha in deferred:
                 if side == "left":  # Q D

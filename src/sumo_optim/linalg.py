@@ -51,6 +51,14 @@ CHUNK_BYTES = 2**28
 CONVERT_VALUES = 2**22
 
 
+def convert_blocks(length: int, values_per_index: int) -> list[slice]:
+    """Slices of ``range(length)`` in order, each at least one index wide and, where
+    ``values_per_index`` allows, covering at most :data:`CONVERT_VALUES` values: the blocks of
+    rows (or columns) of a bf16/fp16 matrix that are converted to float32 one at a time."""
+    width = max(1, CONVERT_VALUES // values_per_index)
+    return [slice(start, start + width) for start in range(0, length, width)]
+
+
 def orthogonalize(matrix: Tensor, rtol: float | None = None) -> Tensor:
     """Exact polar factor ``U Vᵀ`` of ``matrix = U Σ Vᵀ``, computed by a float64 thin SVD.
 
@@ -550,13 +558,11 @@ def _products_in_blocks(lefts: Sequence[Tensor], rights: Tensor | Sequence[Tenso
     out = torch.zeros(len(lefts), lefts[0].shape[0], rights[0].shape[1], device=lefts[0].device, dtype=torch.float32)
     for result, left, right in zip(out.unbind(), lefts, rights):
         if left.dtype in (torch.bfloat16, torch.float16):  # A X: blocks of A's columns, summed
-            width = max(1, CONVERT_VALUES // left.shape[0])
-            for j in range(0, left.shape[1], width):
-                result.addmm_(left[:, j : j + width].float(), right[j : j + width])
+            for block in convert_blocks(left.shape[1], left.shape[0]):
+                result.addmm_(left[:, block].float(), right[block])
         else:  # Qᵀ A: blocks of A's columns give blocks of the result's
-            width = max(1, CONVERT_VALUES // right.shape[0])
-            for j in range(0, right.shape[1], width):
-                torch.mm(left, right[:, j : j + width].float(), out=result[:, j : j + width])
+            for block in convert_blocks(right.shape[1], right.shape[0]):
+                torch.mm(left, right[:, block].float(), out=result[:, block])
     return out
 
 
