@@ -67,6 +67,19 @@ def tiny(corpus, cache, run_dir, **overrides):
     return load_config(None, values)
 
 
+# The memory options of the README's one-GPU 7B command, at CPU size;
+# SEVEN_B_RECIPE adds the README command's accumulation, bf16 Q and M and stochastic rounding
+SEVEN_B_MEMORY = dict(
+    layerwise=True,
+    layerwise_refresh="first",
+    adamw_state_bits=8,
+    grad_clip=0,
+    activation_checkpointing=True,
+    dtype="bfloat16",
+)
+SEVEN_B_RECIPE = {**SEVEN_B_MEMORY, "grad_accum": 2, "state_dtype": "bfloat16", "stochastic_rounding": True}
+
+
 @pytest.mark.parametrize(
     "optimizer", ["sumo", "sumo_paper", "galore", "galore8bit", "golore", "mofasgd", "adamw", "muon"]
 )
@@ -94,10 +107,23 @@ def test_each_optimizer_lowers_the_loss_and_writes_a_run(corpus, cache, tmp_path
     assert summary["optimizer_state_bytes"] > 0
 
 
-def test_resume_equals_uninterrupted(corpus, cache, tmp_path):
-    straight = tiny(corpus, cache, tmp_path / "straight", checkpoint_every=10)
+@pytest.mark.parametrize(
+    "recipe",
+    [
+        {},
+        {"optimizer": "sumo", **SEVEN_B_RECIPE},
+        {"optimizer": "galore8bit", **SEVEN_B_RECIPE, "state_dtype": "float32"},
+    ],
+    ids=["default", "sumo-7b-recipe", "galore8bit-7b-recipe"],
+)
+def test_resume_equals_uninterrupted(corpus, cache, tmp_path, recipe):
+    """Resumed from step 10 of 30, the run ends bit-equal to the uninterrupted one; with the 7B
+    recipes too (layer-wise accumulation, 8-bit and bf16 states, stochastic rounding), with
+    refreshes (every 7 steps) before and after the checkpoint."""
+    recipe = {**recipe, "update_freq": 7} if recipe else recipe
+    straight = tiny(corpus, cache, tmp_path / "straight", checkpoint_every=10, **recipe)
     train(straight, progress=False)
-    interrupted = tiny(corpus, cache, tmp_path / "interrupted", checkpoint_every=10)
+    interrupted = tiny(corpus, cache, tmp_path / "interrupted", checkpoint_every=10, **recipe)
     train(interrupted, progress=False)
     run = Path(interrupted.run_dir)
     for later in ("step-0000020", "step-0000030"):  # as if the run had died after step 10
@@ -475,17 +501,6 @@ def test_layerwise_with_activation_checkpointing_and_bfloat16_trains(corpus, cac
     assert summary["val_loss"] < math.log(512) - 0.3
 
 
-# The memory options of the README's one-GPU 7B command, at CPU size
-SEVEN_B_MEMORY = dict(
-    layerwise=True,
-    layerwise_refresh="first",
-    adamw_state_bits=8,
-    grad_clip=0,
-    activation_checkpointing=True,
-    dtype="bfloat16",
-)
-
-
 @pytest.mark.parametrize("optimizer", ["sumo", "galore8bit"])
 def test_the_7b_memory_recipes_train(corpus, cache, tmp_path, optimizer):
     """Every memory option of the one-GPU 7B runs together, at CPU size: bf16 weights, layer-wise
@@ -514,9 +529,6 @@ def test_the_7b_memory_recipes_train(corpus, cache, tmp_path, optimizer):
     else:
         assert isinstance(optimizer, sumo_optim.SUMO) and group["state_dtype"] == torch.bfloat16
     optimizer.remove_hooks()
-
-
-SEVEN_B_RECIPE = {**SEVEN_B_MEMORY, "grad_accum": 2, "state_dtype": "bfloat16", "stochastic_rounding": True}
 
 
 @pytest.mark.parametrize("recipe", [{}, SEVEN_B_RECIPE], ids=["layerwise", "7b-recipe"])
