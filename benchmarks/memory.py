@@ -185,20 +185,22 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(max(6, 1.3 * len(rows)), 4.5))
-    labels = [f"{r['preset']} ×{r['batch']}\n{r['label']}" for r in rows]
-    bottoms = [0.0] * len(rows)
+    # horizontal bars, first row on top: long labels stay readable for any number of rows
+    figure, axis = plt.subplots(figsize=(9, 1.2 + 0.4 * len(rows)))
+    labels = [f"{r['preset']} ×{r['batch']}  {r['label']}" for r in rows]
+    positions = range(len(rows) - 1, -1, -1)
+    lefts = [0.0] * len(rows)
     for part in PARTS:
-        heights = [(r.get(part) or 0) / 2**30 for r in rows]
-        axis.bar(labels, heights, bottom=bottoms, label=part)
-        bottoms = [b + h for b, h in zip(bottoms, heights)]
-    for x, r in enumerate(rows):
-        if r["status"] != "ok":
-            axis.text(x, 0, r["status"], ha="center", va="bottom", rotation=90)
-    axis.set_ylabel("GiB")
-    axis.set_title(title, fontsize=9)
-    axis.legend()
-    axis.tick_params(axis="x", labelsize=7)
+        widths = [(r.get(part) or 0) / 2**30 for r in rows]
+        axis.barh(positions, widths, left=lefts, label="activations & transients" if part == "activations" else part)
+        lefts = [left + width for left, width in zip(lefts, widths)]
+    for y, r in zip(positions, rows):
+        note = r["status"] if r["status"] != "ok" else f"{(r.get('peak') or 0) / 2**30:.1f}"
+        axis.text(lefts[len(rows) - 1 - y], y, f" {note}", va="center", fontsize=7)
+    axis.set_yticks(list(positions), labels, fontsize=7)
+    axis.set_xlabel("GiB")
+    axis.set_title(title, fontsize=8)
+    axis.legend(fontsize=7, loc="lower right")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)

@@ -44,6 +44,11 @@ LAYERWISE_REFRESH = ("sum", "first")
 # Elements of one chunk of an elementwise (AdamW) step of a large parameter: a multiple of the
 # 8-bit block, 64 MiB of float32 (:meth:`SubspaceOptimizer._update_vector_in_chunks`).
 VECTOR_CHUNK = 2**24
+# Bytes of float32 working copies (weights and gradient of bf16/fp16 matrices) that one step
+# holds at once when it steps matrices together: the matrices go through in pieces of about
+# this size (:meth:`SubspaceOptimizer._pieces`), not all at once (4× their bf16 bytes: 50 GiB
+# at LLaMA-7B).
+MATRIX_PIECE_BYTES = 2**30
 
 # (parameter, its group, its index over all groups), for each parameter a step updates.
 Work = list[tuple[Tensor, dict[str, Any], int]]
@@ -112,8 +117,9 @@ class SubspaceOptimizer(Optimizer):
 
     Subclasses define :meth:`_matrix_step` (and may extend :meth:`_validate_group` and
     :meth:`_expected_state_shapes`), or, with ``steps_matrices_together = True``,
-    :meth:`_step_matrices`, which then gets every matrix of a step at once (to work on stacks
-    of equal shapes). Every group carries ``lr``, ``weight_decay``, ``subspace``,
+    :meth:`_step_matrices`, which then gets the matrices of a step together (to work on stacks
+    of equal shapes): all of them, or, for bf16/fp16 matrices (float32 working copies), pieces of
+    about :data:`MATRIX_PIECE_BYTES` of copies (:meth:`_pieces`). Every group carries ``lr``, ``weight_decay``, ``subspace``,
     ``adamw_betas``, ``adamw_eps``, ``nonfinite``, ``seed``, ``bf16_stochastic_rounding`` and
     ``adamw_state_bits``.
 
@@ -614,6 +620,36 @@ class SubspaceOptimizer(Optimizer):
         work = self._parameters_with_grad()
         self._check_gradients(work)
         sharding = self._step_sharding()  # owner-sharded DDP, FSDP2 or HSDP
+        pieces = self._pieces(work, sharding)
+        if len(pieces) > 1 and any(group["nonfinite"] == "raise" for _, group, _ in work):
+            # every gradient first, so that a NaN in a later piece raises before any weight changes
+            self._finite_flags(work, self._queue_finite_check(work, range(len(work))))
+        for piece in pieces:
+            self._step_checked(piece, sharding)
+        return loss
+
+    def _pieces(self, work: Work, sharding: StepSharding | None) -> list[Work]:
+        """``work`` in consecutive pieces whose matrices' float32 working copies (weights and
+        gradient of a bf16/fp16 matrix, :meth:`_prepare_matrices`) take at most
+        :data:`MATRIX_PIECE_BYTES` (or one matrix), stepped one after the other. One piece when
+        matrices step one at a time anyway, under sharding, or with ``cuda_graph=True`` (its
+        graph needs every working copy at the same address on every step)."""
+        if not self.steps_matrices_together or sharding is not None or self.cuda_graph is not None:
+            return [work]
+        pieces: list[Work] = [[]]
+        size = 0
+        for p, group, index in work:
+            copies = 2 * 4 * p.numel() if p.element_size() < 4 and self._uses_matrix_rule(p, group) else 0
+            if copies and size and size + copies > MATRIX_PIECE_BYTES:
+                pieces.append([])
+                size = 0
+            pieces[-1].append((p, group, index))
+            size += copies
+        return pieces
+
+    def _step_checked(self, work: Work, sharding: StepSharding | None) -> None:
+        """The step of :meth:`step` for parameters whose gradients passed :meth:`_check_gradients`:
+        NaN/Inf checks (a parameter with one skips its step) and the updates."""
         together = self.steps_matrices_together and sharding is None
         is_matrix = [self._uses_matrix_rule(p, group) for p, group, _ in work]
         # On a step where no matrix refreshes its basis, the matrices' projected gradients
@@ -643,7 +679,6 @@ class SubspaceOptimizer(Optimizer):
             self._update_parameters(ready, prepared)
         else:
             self._update_parameters(ready)
-        return loss
 
     def _prepare_matrices(self, work: list[tuple[Tensor, dict[str, Any], int]]) -> list[tuple[Tensor, Tensor, Matrix]]:
         """(parameter, its working copy, its :class:`Matrix`) for the parameters of ``work`` that

@@ -1,0 +1,156 @@
+"""Bf16/fp16 matrices are stepped in pieces of about ``base.MATRIX_PIECE_BYTES`` of float32
+working copies (``SubspaceOptimizer._pieces``): equal bit for bit to stepping all matrices at
+once, a NaN in a later piece still changes no weight, and the step's peak memory falls."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import sumo_optim
+from sumo_optim import base
+
+ROOT = Path(__file__).resolve().parents[1]
+PIECES = base.SubspaceOptimizer._pieces
+SHAPES = [(16, 12), (12, 16), (16, 12), (20, 8), (16, 12)]  # two stacks of equal shapes, both sides
+
+
+def count_pieces(monkeypatch):
+    """A list that gets each step's number of pieces."""
+    counts = []
+
+    def counted(self, *args):
+        result = PIECES(self, *args)
+        counts.append(len(result))
+        return result
+
+    monkeypatch.setattr(base.SubspaceOptimizer, "_pieces", counted)
+    return counts
+
+
+def run(name, piece_bytes, dtype, monkeypatch, steps=4, **options):
+    """``steps`` steps (refreshes at 1 and 3 with ``EVERY_2``) on five matrices and a vector; returns the weights,
+    the states and the pieces of each step."""
+    monkeypatch.setattr(base, "MATRIX_PIECE_BYTES", piece_bytes)
+    counts = count_pieces(monkeypatch)
+    g = torch.Generator().manual_seed(3)
+    matrices = [torch.nn.Parameter(torch.randn(shape, generator=g).to(dtype)) for shape in SHAPES]
+    vector = torch.nn.Parameter(torch.randn(10, generator=g).to(dtype))
+    groups = [
+        {"params": matrices[:3], "rank": 4},
+        {"params": [vector], "subspace": False},
+        {"params": matrices[3:], "rank": 3},
+    ]
+    optimizer = sumo_optim.create(name, groups, lr=0.01, weight_decay=0.1, **options)
+    for _ in range(steps):
+        for p in [*matrices, vector]:
+            p.grad = torch.randn(p.shape, generator=g).to(dtype)
+        optimizer.step()
+    return [p.detach().clone() for p in [*matrices, vector]], optimizer, counts
+
+
+def assert_states_equal(first, second):
+    for a, b in zip(first.state.values(), second.state.values(), strict=True):
+        assert a.keys() == b.keys()
+        for key, value in a.items():
+            if torch.is_tensor(value):
+                assert torch.equal(value, b[key]), key
+            else:
+                assert value == b[key], key
+
+
+EVERY_2 = {"update_freq": 2}
+BYTES_PER_MATRIX = 2 * 4 * 16 * 12  # float32 weights and gradient of the largest matrix
+
+
+@pytest.mark.parametrize(
+    ("name", "options", "pieces"),
+    [
+        ("sumo", EVERY_2, 3),
+        (
+            "sumo",
+            {**EVERY_2, "adamw_state_bits": 8, "state_dtype": torch.bfloat16, "bf16_stochastic_rounding": True},
+            3,
+        ),
+        ("sumo_paper", EVERY_2, 3),
+        ("galore", EVERY_2, 3),
+        ("galore8bit", {"update_proj_gap": 2, "refresh": "randomized"}, 3),
+        ("golore", {**EVERY_2, "total_steps": 4}, 3),
+        ("mofasgd", {}, 1),  # steps its matrices one at a time anyway
+    ],
+)
+def test_pieces_equal_the_whole_step(name, options, pieces, monkeypatch):
+    whole, whole_optimizer, whole_counts = run(name, 2**30, torch.bfloat16, monkeypatch, **options)
+    pieced, pieced_optimizer, pieced_counts = run(name, 2 * BYTES_PER_MATRIX, torch.bfloat16, monkeypatch, **options)
+    assert whole_counts == [1] * 4
+    assert pieced_counts == [pieces] * 4  # two matrices a piece: 2 + 2 + 1
+    for a, b in zip(whole, pieced, strict=True):
+        assert torch.equal(a, b)
+    assert_states_equal(whole_optimizer, pieced_optimizer)
+
+
+def test_float32_matrices_and_cuda_graphs_take_one_piece(monkeypatch):
+    _, _, counts = run("sumo", 1, torch.float32, monkeypatch, steps=1, **EVERY_2)
+    assert counts == [1]  # no working copies to bound
+    _, _, counts = run("sumo", 1, torch.bfloat16, monkeypatch, steps=1, **EVERY_2)
+    assert counts == [len(SHAPES)]  # one matrix a piece at least; the vector goes along
+    _, _, counts = run("sumo", 1, torch.bfloat16, monkeypatch, steps=1, cuda_graph=True, **EVERY_2)
+    assert counts == [1]  # (a graph needs every working copy at a fixed address)
+
+
+def test_nan_in_a_later_piece_changes_no_weight(monkeypatch):
+    _, optimizer, _ = run("sumo", BYTES_PER_MATRIX, torch.bfloat16, monkeypatch, steps=2, **EVERY_2)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    before = [p.detach().clone() for p in params]
+    steps_before = [optimizer.state[p]["step"] for p in params]
+    for p in params:
+        p.grad = torch.ones_like(p)
+    params[-1].grad[0, 0] = float("nan")  # the last matrix, in the last piece
+    with pytest.raises(ValueError, match="non-finite gradient"):
+        optimizer.step()
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
+    assert [optimizer.state[p]["step"] for p in params] == steps_before
+
+
+MEASURE = """
+import json, sys, torch, sumo_optim
+from sumo_optim import base
+base.MATRIX_PIECE_BYTES = int(sys.argv[1])
+def hwm_kib():
+    with open("/proc/self/status") as status:
+        return int(next(line for line in status if line.startswith("VmHWM")).split()[1])
+torch.manual_seed(0)
+params = [torch.nn.Parameter(torch.randn(1024, 1024).bfloat16()) for _ in range(16)]
+optimizer = sumo_optim.SUMO(params, lr=0.01, rank=8, update_freq=100)
+for step in range(3):
+    for p in params:
+        p.grad = torch.randn_like(p)
+    if step == 2:
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")
+        before = hwm_kib()
+    optimizer.step()
+print(json.dumps((hwm_kib() - before) / 1024))
+"""
+
+
+def step_peak_mib(piece_bytes: int) -> float:
+    """MiB by which a step of 16 bf16 1024×1024 matrices raises the peak resident memory."""
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "src"), env.get("PYTHONPATH")]))
+    done = subprocess.run([sys.executable, "-c", MEASURE, str(piece_bytes)], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_pieces_bound_the_step_memory():
+    if not Path("/proc/self/clear_refs").exists():
+        pytest.skip("needs Linux's /proc/self/clear_refs")
+    # all at once: float32 weights and gradient of 16 matrices, 128 MiB; in pieces of 16 MiB: 2 matrices
+    whole, pieced = step_peak_mib(2**30), step_peak_mib(2**24)
+    assert whole > 100
+    assert pieced < 40, (whole, pieced)
