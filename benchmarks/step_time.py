@@ -17,7 +17,9 @@ on CPU; ``--gradients power`` gives the gradients a decaying spectrum (the itera
 iteration count depends on it; i.i.d. Gaussian gradients are its worst case). Optimizer names
 (``galore``: exact SVD refresh, ``galore-iterative``, ``galore-randomized``; ``mofasgd``,
 ``mofasgd-warm``: its warm-started core solver) take ``-graph``
-(``cuda_graph=True``) and then ``-tf32`` (TF32 matmuls allowed while timing) suffixes. Writes
+(``cuda_graph=True``) and then ``-tf32`` (TF32 matmuls allowed while timing) suffixes.
+``--dtype bfloat16`` steps bf16 weights; with ``--matrix-piece-bytes`` it measures what stepping
+their float32 working copies in pieces costs (``sumo_optim.base.MATRIX_PIECE_BYTES``). Writes
 JSON and a markdown table under benchmarks/results/.
 """
 
@@ -183,15 +185,19 @@ def power_law_gradient(shape: tuple[int, int], device: torch.device, generator: 
     return (u * (spectrum * 1e-3 * (m * n) ** 0.5 / spectrum.norm())) @ v.T
 
 
-def run_one(name, shapes, rank, gap, device, steps, warmup, gradients="gaussian"):
+def run_one(name, shapes, rank, gap, device, steps, warmup, gradients="gaussian", dtype=torch.float32):
     """One optimizer's row; ``gradients``: "gaussian" (i.i.d., a flat spectrum) or "power"
-    (:func:`power_law_gradient`, one per shape; what the iterative refresh's cost depends on)."""
+    (:func:`power_law_gradient`, one per shape; what the iterative refresh's cost depends on);
+    weights and gradients in ``dtype``."""
     generator = torch.Generator(device=device).manual_seed(0)
-    params = [torch.randn(s, device=device, generator=generator).div_(s[1] ** 0.5).requires_grad_() for s in shapes]
+    params = [
+        torch.randn(s, device=device, generator=generator).div_(s[1] ** 0.5).to(dtype).requires_grad_() for s in shapes
+    ]
     power = {s: power_law_gradient(s, device, generator) for s in set(shapes)} if gradients == "power" else {}
     for p in params:
         shape = tuple(p.shape)
-        p.grad = power[shape].clone() if power else torch.randn(shape, device=device, generator=generator) * 1e-3
+        grad = power[shape].clone() if power else torch.randn(shape, device=device, generator=generator) * 1e-3
+        p.grad = grad.to(dtype)
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
@@ -252,7 +258,7 @@ def profile_step(name, shapes, rank, gap, device) -> None:
     print(profiler.key_averages().table(sort_by=sort, row_limit=25))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="60m,130m,350m,1b,7b")
     parser.add_argument("--ranks", default="128")
@@ -271,9 +277,20 @@ def main() -> None:
         default="gaussian",
         help="random gradients: i.i.d. Gaussian, or a power-law spectrum (σ_i ∝ i^-0.8) per shape",
     )
-    parser.add_argument("--out", default=None, help="file stem under benchmarks/results/")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="weights and gradients")
+    parser.add_argument(
+        "--matrix-piece-bytes",
+        type=float,
+        default=None,
+        help="sumo_optim.base.MATRIX_PIECE_BYTES: float32 working copies of bf16 matrices per piece of a step "
+        "(default 2**30; 1e15: all at once)",
+    )
+    parser.add_argument("--out", default=None, help="file stem under benchmarks/results/, or a path")
     parser.add_argument("--profile", default=None, help="print a torch.profiler table of this optimizer's step")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.matrix_piece_bytes is not None:
+        sumo_optim.base.MATRIX_PIECE_BYTES = int(args.matrix_piece_bytes)
+    dtype = getattr(torch, args.dtype)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     models = ["tiny"] if args.smoke else args.models.split(",")
     ranks = [8] if args.smoke else [int(r) for r in args.ranks.split(",")]
@@ -304,7 +321,9 @@ def main() -> None:
             for name in names:
                 with contextlib.suppress(torch.cuda.OutOfMemoryError):
                     t0 = time.perf_counter()
-                    row = run_one(name, shapes, rank, args.update_freq, device, args.steps, args.warmup, args.gradients)
+                    row = run_one(
+                        name, shapes, rank, args.update_freq, device, args.steps, args.warmup, args.gradients, dtype
+                    )
                     row.update(model=model, rank=rank, layers_timed=len(shapes) // 7, scale_to_full=scale)
                     rows.append(row)
                     print(
@@ -328,10 +347,15 @@ def main() -> None:
         "update_freq": args.update_freq,
         "steps": args.steps,
         "gradients": args.gradients,
+        "dtype": args.dtype,
+        "matrix_piece_bytes": sumo_optim.base.MATRIX_PIECE_BYTES,
     }
     lines = [
         f"Optimizer step on LLaMA weight matrices ({device_name}, torch {torch.__version__}, {meta['date']}; "
-        f"K = {args.update_freq}; 7B timed on {args.layers_7b} blocks and scaled to 32; {args.gradients} gradients)",
+        f"K = {args.update_freq}; 7B timed on {args.layers_7b} blocks and scaled to 32; {args.gradients} gradients; "
+        f"{args.dtype} weights"
+        + (f", pieces of {args.matrix_piece_bytes:g} bytes" if args.matrix_piece_bytes else "")
+        + ")",
         "",
         "| model | r | optimizer | step ms | amortized ms | × AdamW | state MiB | peak extra MiB | held MiB "
         "| UVᵀ error |",
@@ -357,11 +381,11 @@ def main() -> None:
         )
     table = "\n".join(lines)
     print("\n" + table)
-    stem = args.out or f"step_time_{'smoke' if args.smoke else device.type}"
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    (RESULTS / f"{stem}.md").write_text(table + "\n")
-    print(f"\nwritten: benchmarks/results/{stem}.json and .md")
+    stem = RESULTS / (args.out or f"step_time_{'smoke' if args.smoke else device.type}")
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_name(f"{stem.name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    stem.with_name(f"{stem.name}.md").write_text(table + "\n")
+    print(f"\nwritten: {stem}.json and .md")
 
 
 if __name__ == "__main__":

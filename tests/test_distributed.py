@@ -107,14 +107,14 @@ def assert_close(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]
 FOUR_RANK_OPTIMIZERS = ("sumo", "galore", "golore", "mofasgd")
 
 
-def fsdp_model(world: int, replicate: int = 1, hsdp: bool = False) -> nn.Module:
-    """The MLP under FSDP2 on ``world`` ranks, or HSDP (``replicate > 1`` or ``hsdp``: a 2-D
-    mesh) with ``replicate`` replicas of ``world // replicate`` shards."""
+def fsdp_model(world: int, replicate: int = 1, hsdp: bool = False, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The MLP (in ``dtype``) under FSDP2 on ``world`` ranks, or HSDP (``replicate > 1`` or
+    ``hsdp``: a 2-D mesh) with ``replicate`` replicas of ``world // replicate`` shards."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     torch.manual_seed(0)
-    model = MLP()
+    model = MLP().to(dtype)
     if replicate > 1 or hsdp:
         mesh = init_device_mesh("cpu", (replicate, world // replicate), mesh_dim_names=("replicate", "shard"))
     else:
@@ -251,6 +251,52 @@ def resume_scenario(rank: int, world: int, directory: Path) -> None:
             assert_close(full_parameters(model), expected, f"{checkpoint} resumed on {world} rank(s), rank {rank}")
 
 
+def pieces_scenario(rank: int, world: int, directory: Path) -> None:
+    """Owner-sharded DDP and FSDP2 step their bf16 matrices in pieces (``MATRIX_PIECE_BYTES``
+    of one matrix's float32 copies): equal bit for bit to all of a rank's matrices at once."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from sumo_optim import base
+
+    pieces, default = base.SubspaceOptimizer._pieces, base.MATRIX_PIECE_BYTES
+    counts: list[int] = []
+
+    def counted(optimizer, work):
+        result = pieces(optimizer, work)
+        counts.append(len(result))
+        return result
+
+    def run(name: str, mode: str, piece_bytes: int) -> dict[str, torch.Tensor]:
+        base.MATRIX_PIECE_BYTES = piece_bytes
+        if mode == "fsdp":
+            model = fsdp_model(world, dtype=torch.bfloat16)
+        else:
+            torch.manual_seed(0)
+            model = DistributedDataParallel(MLP().to(torch.bfloat16))
+        optimizer = build(name, model)
+        if mode == "ddp":
+            sumo_dist.shard_matrices(optimizer)
+        for step in range(4):
+            inputs, targets = (t.chunk(world)[rank].to(torch.bfloat16) for t in batch(step))
+            nn.functional.mse_loss(model(inputs), targets).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return full_parameters(model.module if mode == "ddp" else model)
+
+    with mock.patch.object(base.SubspaceOptimizer, "_pieces", counted):
+        for name in ("sumo", "galore"):
+            for mode in ("ddp", "fsdp"):
+                whole = run(name, mode, default)
+                counts.clear()
+                pieced = run(name, mode, 1)
+                most = torch.tensor(max(counts))
+                dist.all_reduce(most, op=dist.ReduceOp.MAX)  # (a rank that owns one matrix has one piece)
+                assert most.item() > 1, f"{name} {mode}: no step went in pieces"
+                for key, value in whole.items():
+                    assert torch.equal(pieced[key], value), f"{name} {mode} rank {rank} {key}"
+    base.MATRIX_PIECE_BYTES = default
+
+
 def layerwise_scenario(rank: int, world: int, directory: Path) -> None:
     """Layer-wise mode updates on each rank's local gradient, before DDP's all-reduce: refused
     when built under the group, and by its hook if it was built before the group existed."""
@@ -324,6 +370,10 @@ def test_fsdp2_hsdp_and_checkpoint_resume_across_world_sizes_and_meshes(tmp_path
     spawn("four_rank_scenario", 4, tmp_path)
     spawn("resume_scenario", 2, tmp_path)
     spawn("resume_scenario", 1, tmp_path)
+
+
+def test_sharded_steps_of_bf16_matrices_in_pieces_equal_the_whole(tmp_path):
+    spawn("pieces_scenario", 2, tmp_path)
 
 
 def test_layerwise_mode_is_refused_on_two_ranks(tmp_path):

@@ -154,3 +154,21 @@ def test_pieces_bound_the_step_memory():
     whole, pieced = step_peak_mib(2**30), step_peak_mib(2**24)
     assert whole > 100
     assert pieced < 40, (whole, pieced)
+
+
+def test_step_time_benchmark_times_bf16_weights_in_pieces(tmp_path, monkeypatch):
+    """benchmarks/step_time.py's A/B of the pieces, at CPU size: ``--dtype bfloat16`` and
+    ``--matrix-piece-bytes`` reach the optimizers and the record."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("step_time", ROOT / "benchmarks" / "step_time.py")
+    step_time = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(step_time)
+    monkeypatch.setattr(base, "MATRIX_PIECE_BYTES", base.MATRIX_PIECE_BYTES)  # restored after the test
+    counts = count_pieces(monkeypatch)
+    options = ["--smoke", "--dtype", "bfloat16", "--matrix-piece-bytes", "1", "--optimizers", "sumo,galore"]
+    step_time.main([*options, "--steps", "2", "--warmup", "1", "--out", str(tmp_path / "ab")])
+    record = json.loads((tmp_path / "ab.json").read_text())
+    assert record["meta"]["dtype"] == "bfloat16" and record["meta"]["matrix_piece_bytes"] == 1
+    assert [row["optimizer"] for row in record["rows"]] == ["sumo", "galore"]
+    assert min(counts) > 1  # every step of the tiny model's matrices went one matrix a piece

@@ -119,9 +119,9 @@ class SubspaceOptimizer(Optimizer):
     :meth:`_expected_state_shapes`), or, with ``steps_matrices_together = True``,
     :meth:`_step_matrices`, which then gets the matrices of a step together (to work on stacks
     of equal shapes): all of them, or, for bf16/fp16 matrices (float32 working copies), pieces of
-    about :data:`MATRIX_PIECE_BYTES` of copies (:meth:`_pieces`). Every group carries ``lr``, ``weight_decay``, ``subspace``,
-    ``adamw_betas``, ``adamw_eps``, ``nonfinite``, ``seed``, ``bf16_stochastic_rounding`` and
-    ``adamw_state_bits``.
+    about :data:`MATRIX_PIECE_BYTES` of copies (:meth:`_pieces`). Every group carries ``lr``,
+    ``weight_decay``, ``subspace``, ``adamw_betas``, ``adamw_eps``, ``nonfinite``, ``seed``,
+    ``bf16_stochastic_rounding`` and ``adamw_state_bits``.
 
     With ``cuda_graph=True``, such a subclass can run the part of its step that only queues
     kernels through :meth:`_graphed`: on CUDA it is captured as one CUDA graph
@@ -620,7 +620,9 @@ class SubspaceOptimizer(Optimizer):
         work = self._parameters_with_grad()
         self._check_gradients(work)
         sharding = self._step_sharding()  # owner-sharded DDP, FSDP2 or HSDP
-        pieces = self._pieces(work, sharding)
+        # (sharded steps agree on the finite flags of all their work at once; they step their own
+        # matrices in pieces in :meth:`_update_parameters`)
+        pieces = self._pieces(work) if sharding is None else [work]
         if len(pieces) > 1 and any(group["nonfinite"] == "raise" for _, group, _ in work):
             # every gradient first, so that a NaN in a later piece raises before any weight changes
             self._finite_flags(work, self._queue_finite_check(work, range(len(work))))
@@ -628,13 +630,13 @@ class SubspaceOptimizer(Optimizer):
             self._step_checked(piece, sharding)
         return loss
 
-    def _pieces(self, work: Work, sharding: StepSharding | None) -> list[Work]:
+    def _pieces(self, work: Work) -> list[Work]:
         """``work`` in consecutive pieces whose matrices' float32 working copies (weights and
         gradient of a bf16/fp16 matrix, :meth:`_prepare_matrices`) take at most
         :data:`MATRIX_PIECE_BYTES` (or one matrix), stepped one after the other. One piece when
-        matrices step one at a time anyway, under sharding, or with ``cuda_graph=True`` (its
-        graph needs every working copy at the same address on every step)."""
-        if not self.steps_matrices_together or sharding is not None or self.cuda_graph is not None:
+        matrices step one at a time anyway or with ``cuda_graph=True`` (its graph needs every
+        working copy at the same address on every step)."""
+        if not self.steps_matrices_together or self.cuda_graph is not None:
             return [work]
         pieces: list[Work] = [[]]
         size = 0
@@ -702,13 +704,15 @@ class SubspaceOptimizer(Optimizer):
         """Updates parameters whose gradients have been checked: one at a time, or, with
         ``steps_matrices_together``, the matrices together in :meth:`_step_matrices` (their
         working copies then exist at once; ``prepared`` by :meth:`_prepare_matrices` for
-        exactly ``work``, or made here) and the rest one at a time."""
+        exactly ``work``, or made here, piece by piece: :meth:`_pieces`) and the rest one at a time."""
         if not self.steps_matrices_together:
             for p, group, index in work:
                 self._update_parameter(p, group, index)
             return
         if prepared is None:
-            prepared = self._prepare_matrices(work)
+            for piece in self._pieces(work):
+                self._update_parameters(piece, self._prepare_matrices(piece))
+            return
         items = iter(item for _, _, item in prepared)
         for p, group, index in work:
             if self._uses_matrix_rule(p, group):
