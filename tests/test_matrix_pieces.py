@@ -116,6 +116,24 @@ def test_nan_in_a_later_piece_changes_no_weight(monkeypatch):
     assert [optimizer.state[p]["step"] for p in params] == steps_before
 
 
+def test_nan_in_a_later_piece_with_skip_skips_that_matrix_as_the_whole_step_does(monkeypatch):
+    def nan_step(piece_bytes):
+        _, optimizer, _ = run("sumo", piece_bytes, torch.bfloat16, monkeypatch, steps=2, nonfinite="skip", **EVERY_2)
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        for p in params:
+            p.grad = torch.full_like(p, 0.5)
+        params[-1].grad[0, 0] = float("nan")  # the last matrix, in the last piece
+        optimizer.step()
+        return [p.detach().clone() for p in params], optimizer
+
+    whole, whole_optimizer = nan_step(2**30)
+    pieced, pieced_optimizer = nan_step(BYTES_PER_MATRIX)
+    assert all(torch.equal(a, b) for a, b in zip(whole, pieced, strict=True))
+    assert_states_equal(whole_optimizer, pieced_optimizer)
+    last = pieced_optimizer.param_groups[-1]["params"][-1]
+    assert pieced_optimizer.state[last]["skipped_steps"] == 1 and pieced_optimizer.state[last]["step"] == 2
+
+
 MEASURE = """
 import json, sys, torch, sumo_optim
 from sumo_optim import base
