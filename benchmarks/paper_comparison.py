@@ -10,8 +10,10 @@ models leave it mostly idle); a run whose ``summary.json`` exists is not run aga
 can be continued across sessions. ``--extend-edges`` adds one grid step past a best lr at an edge
 of its finished sweep (again while the new point wins); ``--seeds 1`` reruns each finished
 sweep's best lr (inside its grid) with seed 1 (``LABEL-lrLR-seed1``), after the sweeps. Writes
-``results.md``/``results.json``, the best runs' loss curves (``loss_curves.png``) and the final
-metric against lr (``lr_sweep.png``) under ``--out``.
+``results.md``/``results.json``, the best runs' loss curves (``loss_curves.png``), the final
+metric against lr (``lr_sweep.png``) and, step by step, each best run's validation metric minus the
+reference's (GaLore's; AdamW's in fine-tuning), other seeds dashed (``gap_to_reference.png``),
+under ``--out``.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from tqdm.auto import tqdm  # noqa: E402
 
 from sumo_train.data import prepare_tokens  # noqa: E402
-from sumo_train.report import plot_lr_sweep, plot_runs, read_metrics  # noqa: E402
+from sumo_train.report import plot_gap, plot_lr_sweep, plot_runs, read_metrics  # noqa: E402
 
 # Three learning rates per optimizer around each method's published setting.
 PRETRAIN_GRID = {
@@ -419,6 +421,22 @@ def main(argv: list[str] | None = None) -> int:
         label: [(r["lr"], r[key]) for r in done if r["label"] == label and r["seed"] == args.seed] for label in labels
     }
     sweep_plot = plot_lr_sweep(sweep, args.out / "lr_sweep.png", title=title, metric=key.replace("_", " "))
+    plots = [plot, sweep_plot]
+    if reference:  # each best run (and its other seeds, dashed) against the reference's best, step by step
+        gap_runs = [(label, Path(best[label]["run_dir"]), False) for label in labels]
+        gap_runs += [
+            (f"{label}, seed {o['seed']}", Path(o["run_dir"]), True) for label in labels for o in others[label]
+        ]
+        plots.append(
+            plot_gap(
+                gap_runs,
+                Path(reference["run_dir"]),
+                args.out / "gap_to_reference.png",
+                key=key,
+                reference_label=f"{reference_label} (lr {reference['lr']:g})",
+                title=title + " (best lr of each)",
+            )
+        )
     all_runs = "\n".join(f"| {r['label']} | {r['lr']:g} | {r['seed']} | {r[key]:.4f} |" for r in done)
     (args.out / "results.md").write_text(
         f"{title}\n\n{table}\n\nEvery run of the sweep:\n\n| optimizer | lr | seed | {key} |\n"
@@ -427,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "results.json").write_text(
         json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "runs": results}, indent=2)
     )
-    print(f"{title}\n\n{table}\n\nplots: {plot}, {sweep_plot}\ntable: {args.out / 'results.md'}")
+    print(f"{title}\n\n{table}\n\nplots: {', '.join(map(str, plots))}\ntable: {args.out / 'results.md'}")
     return 1 if failed else 0
 
 

@@ -312,6 +312,7 @@ def test_paper_comparison_smoke_runs_end_to_end(corpus, cache, tmp_path):
     config = json.loads(next((out / "runs").glob("sumo_rms-*/config.json")).read_text())
     assert config["optimizer_options"] == {"adjust_lr_fn": "match_rms_adamw"}
     assert (out / "loss_curves.png").stat().st_size > 10_000
+    assert (out / "gap_to_reference.png").stat().st_size > 10_000
     finetune = out / "finetune"
     assert script.main(["finetune", "--ranks", "4", *common[:-1], str(finetune)]) == 0
     assert "| sumo r=4 |" in (finetune / "results.md").read_text()
@@ -611,3 +612,23 @@ def test_boolean_fields_parse_from_the_command_line_and_files(tmp_path):
     json_file.write_text('{"compile": 1}')
     with pytest.raises(ValueError, match="compile must be true or false"):
         load_config(str(json_file))
+
+
+def test_gap_points_subtract_the_reference_at_shared_periodic_steps(tmp_path):
+    """report.gap_points: the run's validation loss minus the reference's where both evaluated,
+    without the final whole-split evaluation."""
+    from sumo_train.report import gap_points
+
+    def run(name, values, final):
+        path = tmp_path / name
+        path.mkdir()
+        lines = [{"step": step, "loss": 9.0} for step in (10, 20)]
+        lines += [{"step": step, "val_loss": value} for step, value in values.items()]
+        lines.append({"step": 100, "val_loss": final, "final": True})
+        (path / "metrics.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+        return path
+
+    reference = run("reference", {25: 4.0, 50: 3.5, 75: 3.25}, 3.0)
+    other = run("other", {25: 4.5, 50: 3.25, 100: 2.5}, 2.0)
+    assert gap_points(other, reference) == [(25, 0.5), (50, -0.25)]
+    assert gap_points(reference, reference) == [(25, 0.0), (50, 0.0), (75, 0.0)]

@@ -55,6 +55,56 @@ def plot_runs(run_dirs: list[Path], out: Path, title: str = "", labels: list[str
     return out
 
 
+def gap_points(run_dir: Path, reference: Path, key: str = "val_loss") -> list[tuple[int, float]]:
+    """(step, the run's ``key`` − the reference's) at every step both evaluated periodically; the
+    final whole-split evaluation is left out (other windows than the periodic ones)."""
+
+    def periodic(path: Path) -> dict[int, float]:
+        return {m["step"]: m[key] for m in read_metrics(path) if key in m and not m.get("final")}
+
+    baseline = periodic(reference)
+    return sorted((step, value - baseline[step]) for step, value in periodic(run_dir).items() if step in baseline)
+
+
+def plot_gap(
+    runs: list[tuple[str, Path, bool]],
+    reference: Path,
+    out: Path,
+    key: str = "val_loss",
+    reference_label: str = "the reference",
+    title: str = "",
+) -> Path:
+    """:func:`gap_points` of each (label, run directory, dashed) of ``runs`` against ``reference``,
+    one line each (dashed: another seed, in its optimizer's colour): on a loss, below zero is
+    ahead of the reference."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7.5, 4.2))
+    colors: dict[str, str] = {}
+    for label, run_dir, dashed in runs:
+        points = gap_points(run_dir, reference, key)
+        if not points:
+            continue
+        name = label.split(",")[0]  # a seed's line takes its optimizer's colour
+        line = axis.plot(*zip(*points), linestyle="--" if dashed else "-", color=colors.get(name), label=label)[0]
+        colors.setdefault(name, line.get_color())
+    axis.axhline(0.0, color="black", linewidth=0.8)
+    axis.set_xlabel("step")
+    axis.set_ylabel(f"{key.replace('_', ' ')} − {reference_label}'s")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    if title:
+        axis.set_title(title, fontsize=10)
+    figure.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out, dpi=120)
+    plt.close(figure)
+    return out
+
+
 def plot_lr_sweep(
     points: dict[str, list[tuple[float, float]]], out: Path, title: str = "", metric: str = "val loss"
 ) -> Path:
