@@ -306,11 +306,14 @@ def test_paper_comparison_smoke_runs_end_to_end(corpus, cache, tmp_path):
     spec.loader.exec_module(script)
     out = tmp_path / "study"
     common = ["--smoke", "--parallel", "2", "--cache-dir", str(cache), "--out", str(out)]
-    assert script.main(["pretrain", "--optimizers", "galore,sumo_rms", "--corpus", str(corpus), *common]) == 0
+    optimizers = "galore,sumo_rms,galore_transport"
+    assert script.main(["pretrain", "--optimizers", optimizers, "--corpus", str(corpus), *common]) == 0
     table = (out / "results.md").read_text()
     assert "| galore |" in table and "| sumo_rms |" in table and "steps to galore's last validation" in table
     config = json.loads(next((out / "runs").glob("sumo_rms-*/config.json")).read_text())
     assert config["optimizer_options"] == {"adjust_lr_fn": "match_rms_adamw"}
+    config = json.loads(next((out / "runs").glob("galore_transport-*/config.json")).read_text())
+    assert config["optimizer"] == "galore" and config["optimizer_options"] == {"transport_moments": True}
     assert (out / "loss_curves.png").stat().st_size > 10_000
     assert (out / "gap_to_reference.png").stat().st_size > 10_000
     finetune = out / "finetune"
