@@ -14,6 +14,17 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def save_figure(figure: Any, out: Path) -> Path:
+    """Writes a matplotlib figure to ``out`` (a PNG at 120 dpi, its folder made) and closes it."""
+    import matplotlib.pyplot as plt
+
+    figure.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out, dpi=120)
+    plt.close(figure)
+    return out
+
+
 def plot_runs(run_dirs: list[Path], out: Path, title: str = "", labels: list[str] | None = None) -> Path:
     """Training loss (left) and validation loss (right) against step, one line per run
     (labelled by ``labels`` or the run's optimizer); a star marks the final evaluation on the
@@ -48,11 +59,7 @@ def plot_runs(run_dirs: list[Path], out: Path, title: str = "", labels: list[str
         axis.legend()
     if title:
         figure.suptitle(title)
-    figure.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(out, dpi=120)
-    plt.close(figure)
-    return out
+    return save_figure(figure, out)
 
 
 def gap_points(run_dir: Path, reference: Path, key: str = "val_loss") -> list[tuple[int, float]]:
@@ -98,11 +105,7 @@ def plot_gap(
     axis.legend(fontsize=8)
     if title:
         axis.set_title(title, fontsize=10)
-    figure.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(out, dpi=120)
-    plt.close(figure)
-    return out
+    return save_figure(figure, out)
 
 
 def plot_lr_sweep(
@@ -125,11 +128,7 @@ def plot_lr_sweep(
     axis.legend(fontsize=8)
     if title:
         axis.set_title(title, fontsize=10)
-    figure.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(out, dpi=120)
-    plt.close(figure)
-    return out
+    return save_figure(figure, out)
 
 
 def comparison_table(summaries: list[dict[str, Any]]) -> str:
