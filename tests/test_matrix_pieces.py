@@ -93,6 +93,14 @@ def test_pieces_equal_the_whole_step(name, options, pieces, monkeypatch):
     assert_states_equal(whole_optimizer, pieced_optimizer)
 
 
+def test_pieces_put_equal_shapes_together_and_other_parameters_first(monkeypatch):
+    _, optimizer, _ = run("sumo", 2 * BYTES_PER_MATRIX, torch.bfloat16, monkeypatch, steps=1, **EVERY_2)
+    pieces = PIECES(optimizer, optimizer._parameters_with_grad())
+    shapes = [[tuple(p.shape) for p, _, _ in piece] for piece in pieces]
+    # (a piece holds two matrices' copies; the three 16×12 matrices fill one and start another)
+    assert shapes == [[(10,), (12, 16), (16, 12)], [(16, 12), (16, 12)], [(20, 8)]]
+
+
 def test_float32_matrices_and_cuda_graphs_take_one_piece(monkeypatch):
     _, _, counts = run("sumo", 1, torch.float32, monkeypatch, steps=1, **EVERY_2)
     assert counts == [1]  # no working copies to bound

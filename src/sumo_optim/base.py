@@ -631,18 +631,23 @@ class SubspaceOptimizer(Optimizer):
         return loss
 
     def _pieces(self, work: Work) -> list[Work]:
-        """``work`` in consecutive pieces whose matrices' float32 working copies (weights and
-        gradient of a bf16/fp16 matrix, :meth:`_prepare_matrices`) take at most
-        :data:`MATRIX_PIECE_BYTES` (or one matrix), stepped one after the other. One piece when
-        matrices step one at a time anyway or with ``cuda_graph=True`` (its graph needs every
-        working copy at the same address on every step)."""
+        """``work`` in pieces whose matrices' float32 working copies (weights and gradient of a
+        bf16/fp16 matrix, :meth:`_prepare_matrices`) take at most :data:`MATRIX_PIECE_BYTES` (or
+        one matrix), stepped one after the other: those matrices ordered by shape, so that a
+        piece's stacks of equal shapes stay large, the other parameters in the first piece. One
+        piece when matrices step one at a time anyway or with ``cuda_graph=True`` (its graph
+        needs every working copy at the same address on every step)."""
         if not self.steps_matrices_together or self.cuda_graph is not None:
             return [work]
-        pieces: list[Work] = [[]]
+        copied = [(p, g, i) for p, g, i in work if p.element_size() < 4 and self._uses_matrix_rule(p, g)]
+        if not copied:
+            return [work]
+        in_copied = {id(p) for p, _, _ in copied}
+        pieces: list[Work] = [[entry for entry in work if id(entry[0]) not in in_copied]]
         size = 0
-        for p, group, index in work:
-            copies = 2 * 4 * p.numel() if p.element_size() < 4 and self._uses_matrix_rule(p, group) else 0
-            if copies and size and size + copies > MATRIX_PIECE_BYTES:
+        for p, group, index in sorted(copied, key=lambda entry: (tuple(entry[0].shape), str(entry[0].dtype))):
+            copies = 2 * 4 * p.numel()
+            if size and size + copies > MATRIX_PIECE_BYTES:
                 pieces.append([])
                 size = 0
             pieces[-1].append((p, group, index))
