@@ -426,9 +426,9 @@ def main(argv: list[str] | None = None) -> int:
     sweep_plot = plot_lr_sweep(sweep, args.out / "lr_sweep.png", title=title, metric=key.replace("_", " "))
     plots = [plot, sweep_plot]
     if reference:  # each best run (and its other seeds, dashed) against the reference's best, step by step
-        gap_runs = [(label, Path(best[label]["run_dir"]), False) for label in labels]
+        gap_runs = [(label, Path(best[label]["run_dir"]), label) for label in labels]
         gap_runs += [
-            (f"{label}, seed {o['seed']}", Path(o["run_dir"]), True) for label in labels for o in others[label]
+            (f"{label}, seed {o['seed']}", Path(o["run_dir"]), label) for label in labels for o in others[label]
         ]
         plots.append(
             plot_gap(

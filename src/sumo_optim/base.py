@@ -639,11 +639,14 @@ class SubspaceOptimizer(Optimizer):
         needs every working copy at the same address on every step)."""
         if not self.steps_matrices_together or self.cuda_graph is not None:
             return [work]
-        copied = [(p, g, i) for p, g, i in work if p.element_size() < 4 and self._uses_matrix_rule(p, g)]
+        rest: Work = []
+        copied: Work = []
+        for p, group, index in work:
+            needs_copies = p.element_size() < 4 and self._uses_matrix_rule(p, group)
+            (copied if needs_copies else rest).append((p, group, index))
         if not copied:
             return [work]
-        in_copied = {id(p) for p, _, _ in copied}
-        pieces: list[Work] = [[entry for entry in work if id(entry[0]) not in in_copied]]
+        pieces = [rest]
         size = 0
         for p, group, index in sorted(copied, key=lambda entry: (tuple(entry[0].shape), str(entry[0].dtype))):
             copies = 2 * 4 * p.numel()

@@ -74,16 +74,16 @@ def gap_points(run_dir: Path, reference: Path, key: str = "val_loss") -> list[tu
 
 
 def plot_gap(
-    runs: list[tuple[str, Path, bool]],
+    runs: list[tuple[str, Path, str]],
     reference: Path,
     out: Path,
     key: str = "val_loss",
     reference_label: str = "the reference",
     title: str = "",
 ) -> Path:
-    """:func:`gap_points` of each (label, run directory, dashed) of ``runs`` against ``reference``,
-    one line each (dashed: another seed, in its optimizer's colour): on a loss, below zero is
-    ahead of the reference."""
+    """:func:`gap_points` of each (label, run directory, optimizer label) of ``runs`` against
+    ``reference``, one line each in its optimizer's colour, dashed where the label is not the
+    optimizer's own (another seed): on a loss, below zero is ahead of the reference."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -91,13 +91,13 @@ def plot_gap(
 
     figure, axis = plt.subplots(figsize=(7.5, 4.2))
     colors: dict[str, str] = {}
-    for label, run_dir, dashed in runs:
+    for label, run_dir, optimizer in runs:
         points = gap_points(run_dir, reference, key)
         if not points:
             continue
-        name = label.split(",")[0]  # a seed's line takes its optimizer's colour
-        line = axis.plot(*zip(*points), linestyle="--" if dashed else "-", color=colors.get(name), label=label)[0]
-        colors.setdefault(name, line.get_color())
+        style = "-" if label == optimizer else "--"
+        line = axis.plot(*zip(*points), linestyle=style, color=colors.get(optimizer), label=label)[0]
+        colors.setdefault(optimizer, line.get_color())
     axis.axhline(0.0, color="black", linewidth=0.8)
     axis.set_xlabel("step")
     axis.set_ylabel(f"{key.replace('_', ' ')} − {reference_label}'s")
