@@ -18,8 +18,8 @@ iteration count depends on it; i.i.d. Gaussian gradients are its worst case). Op
 (``galore``: exact SVD refresh, ``galore-iterative``, ``galore-randomized``; ``mofasgd``,
 ``mofasgd-warm``: its warm-started core solver) take ``-graph``
 (``cuda_graph=True``) and then ``-tf32`` (TF32 matmuls allowed while timing) suffixes.
-``--dtype bfloat16`` steps bf16 weights; with ``--matrix-piece-bytes`` it measures what stepping
-their float32 working copies in pieces costs (``sumo_optim.base.MATRIX_PIECE_BYTES``). Writes
+``--dtype bfloat16`` steps bf16 weights; with ``--matrix-piece-bytes`` (the optimizers'
+``matrix_piece_bytes``) it measures what stepping their float32 working copies in pieces costs. Writes
 JSON and a markdown table under benchmarks/results/.
 """
 
@@ -60,6 +60,10 @@ def matrix_shapes(model: str, layers: int | None = None) -> list[tuple[int, int]
     return block * (layers or total)
 
 
+# ``matrix_piece_bytes`` of ours that step matrices together (``--matrix-piece-bytes``)
+PIECE_BYTES: int | None = sumo_optim.base.MATRIX_PIECE_BYTES
+
+
 def build(name: str, params: list[torch.Tensor], rank: int, gap: int):
     """The optimizer a benchmark name stands for; a "-tf32" suffix only changes how it is timed,
     "-graph" (before it) turns on ``cuda_graph`` (SUMO, GaLore, GoLore)."""
@@ -76,20 +80,17 @@ def build(name: str, params: list[torch.Tensor], rank: int, gap: int):
         galore = galore_torch_adamw()
         group = {"params": params, "rank": rank, "update_proj_gap": gap, "scale": 0.25, "proj_type": "std"}
         return galore([group], lr=1e-2)
+    ours = {"cuda_graph": graph, "matrix_piece_bytes": PIECE_BYTES}
     if name == "sumo":
-        return sumo_optim.SUMO(params, lr=0.02, rank=rank, update_freq=gap, cuda_graph=graph)
+        return sumo_optim.SUMO(params, lr=0.02, rank=rank, update_freq=gap, **ours)
     if name == "sumo-svd":
-        return sumo_optim.SUMO(params, lr=0.02, rank=rank, update_freq=gap, orthogonalization="svd", cuda_graph=graph)
+        return sumo_optim.SUMO(params, lr=0.02, rank=rank, update_freq=gap, orthogonalization="svd", **ours)
     if name in ("mofasgd", "mofasgd-warm"):
         return sumo_optim.MoFaSGD(params, lr=0.02, rank=rank, core_solver="warm" if name.endswith("warm") else "eigh")
     if name == "golore":
-        return sumo_optim.GoLore(
-            params, total_steps=10**6, lr=1e-2, rank=rank, update_proj_gap=gap, scale=0.25, cuda_graph=graph
-        )
+        return sumo_optim.GoLore(params, total_steps=10**6, lr=1e-2, rank=rank, update_proj_gap=gap, scale=0.25, **ours)
     refresh = next((r for r in ("randomized", "iterative") if name.endswith(r)), "svd")
-    return sumo_optim.GaLoreAdamW(
-        params, lr=1e-2, rank=rank, update_proj_gap=gap, scale=0.25, refresh=refresh, cuda_graph=graph
-    )
+    return sumo_optim.GaLoreAdamW(params, lr=1e-2, rank=rank, update_proj_gap=gap, scale=0.25, refresh=refresh, **ours)
 
 
 def force_refresh_next(optimizer: torch.optim.Optimizer, gap: int) -> None:
@@ -280,16 +281,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="weights and gradients")
     parser.add_argument(
         "--matrix-piece-bytes",
-        type=float,
-        default=None,
-        help="sumo_optim.base.MATRIX_PIECE_BYTES: float32 working copies of bf16 matrices per piece of a step "
-        "(default 2**30; 1e15: all at once)",
+        type=lambda text: None if text.lower() == "none" else int(float(text)),
+        default=sumo_optim.base.MATRIX_PIECE_BYTES,
+        help="the optimizers' matrix_piece_bytes: float32 working copies of bf16 matrices per piece of a step "
+        "(default 2**30; none: all at once)",
     )
     parser.add_argument("--out", default=None, help="file stem under benchmarks/results/, or a path")
     parser.add_argument("--profile", default=None, help="print a torch.profiler table of this optimizer's step")
     args = parser.parse_args(argv)
-    if args.matrix_piece_bytes is not None:
-        sumo_optim.base.MATRIX_PIECE_BYTES = int(args.matrix_piece_bytes)
+    global PIECE_BYTES
+    PIECE_BYTES = args.matrix_piece_bytes
     dtype = getattr(torch, args.dtype)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     models = ["tiny"] if args.smoke else args.models.split(",")
@@ -348,14 +349,13 @@ def main(argv: list[str] | None = None) -> None:
         "steps": args.steps,
         "gradients": args.gradients,
         "dtype": args.dtype,
-        "matrix_piece_bytes": sumo_optim.base.MATRIX_PIECE_BYTES,
+        "matrix_piece_bytes": PIECE_BYTES,
     }
+    pieces = f", working copies in pieces of {PIECE_BYTES} bytes" if PIECE_BYTES else ", working copies all at once"
     lines = [
         f"Optimizer step on LLaMA weight matrices ({device_name}, torch {torch.__version__}, {meta['date']}; "
         f"K = {args.update_freq}; 7B timed on {args.layers_7b} blocks and scaled to 32; {args.gradients} gradients; "
-        f"{args.dtype} weights"
-        + (f", pieces of {args.matrix_piece_bytes:g} bytes" if args.matrix_piece_bytes else "")
-        + ")",
+        f"{args.dtype} weights" + (pieces if args.dtype != "float32" else "") + ")",
         "",
         "| model | r | optimizer | step ms | amortized ms | × AdamW | state MiB | peak extra MiB | held MiB "
         "| UVᵀ error |",

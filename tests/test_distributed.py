@@ -18,6 +18,7 @@ import os
 import socket
 import sys
 from pathlib import Path
+from typing import Any
 from unittest import mock
 
 import pytest
@@ -67,9 +68,9 @@ def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(BATCH, 8, generator=generator), torch.randn(BATCH, 5, generator=generator)
 
 
-def build(name: str, model: nn.Module) -> sumo_optim.SubspaceOptimizer:
+def build(name: str, model: nn.Module, **extra: Any) -> sumo_optim.SubspaceOptimizer:
     algorithm, options = OPTIMIZERS[name]
-    return sumo_optim.create(algorithm, sumo_optim.param_groups(model), **options)
+    return sumo_optim.create(algorithm, sumo_optim.param_groups(model), **options, **extra)
 
 
 def train(model: nn.Module, optimizer: torch.optim.Optimizer, steps: range, rank: int = 0, world: int = 1) -> None:
@@ -252,13 +253,13 @@ def resume_scenario(rank: int, world: int, directory: Path) -> None:
 
 
 def pieces_scenario(rank: int, world: int, directory: Path) -> None:
-    """Owner-sharded DDP and FSDP2 step their bf16 matrices in pieces (``MATRIX_PIECE_BYTES``
+    """Owner-sharded DDP and FSDP2 step their bf16 matrices in pieces (``matrix_piece_bytes``
     of one matrix's float32 copies): equal bit for bit to all of a rank's matrices at once."""
     from torch.nn.parallel import DistributedDataParallel
 
     from sumo_optim import base
 
-    pieces, default = base.SubspaceOptimizer._pieces, base.MATRIX_PIECE_BYTES
+    pieces = base.SubspaceOptimizer._pieces
     counts: list[int] = []
 
     def counted(optimizer, work):
@@ -266,14 +267,13 @@ def pieces_scenario(rank: int, world: int, directory: Path) -> None:
         counts.append(len(result))
         return result
 
-    def run(name: str, mode: str, piece_bytes: int) -> dict[str, torch.Tensor]:
-        base.MATRIX_PIECE_BYTES = piece_bytes
+    def run(name: str, mode: str, piece_bytes: int | None) -> dict[str, torch.Tensor]:
         if mode == "fsdp":
             model = fsdp_model(world, dtype=torch.bfloat16)
         else:
             torch.manual_seed(0)
             model = DistributedDataParallel(MLP().to(torch.bfloat16))
-        optimizer = build(name, model)
+        optimizer = build(name, model, matrix_piece_bytes=piece_bytes)
         if mode == "ddp":
             sumo_dist.shard_matrices(optimizer)
         for step in range(4):
@@ -286,7 +286,7 @@ def pieces_scenario(rank: int, world: int, directory: Path) -> None:
     with mock.patch.object(base.SubspaceOptimizer, "_pieces", counted):
         for name in ("sumo", "galore"):
             for mode in ("ddp", "fsdp"):
-                whole = run(name, mode, default)
+                whole = run(name, mode, None)
                 counts.clear()
                 pieced = run(name, mode, 1)
                 most = torch.tensor(max(counts))
@@ -294,7 +294,6 @@ def pieces_scenario(rank: int, world: int, directory: Path) -> None:
                 assert most.item() > 1, f"{name} {mode}: no step went in pieces"
                 for key, value in whole.items():
                     assert torch.equal(pieced[key], value), f"{name} {mode} rank {rank} {key}"
-    base.MATRIX_PIECE_BYTES = default
 
 
 def layerwise_scenario(rank: int, world: int, directory: Path) -> None:

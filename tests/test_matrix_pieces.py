@@ -1,6 +1,7 @@
-"""Bf16/fp16 matrices are stepped in pieces of about ``base.MATRIX_PIECE_BYTES`` of float32
-working copies (``SubspaceOptimizer._pieces``): equal bit for bit to stepping all matrices at
-once, a NaN in a later piece still changes no weight, and the step's peak memory falls."""
+"""Bf16/fp16 matrices are stepped in pieces of about ``matrix_piece_bytes`` of float32 working
+copies (``SubspaceOptimizer._pieces``): equal bit for bit to stepping all matrices at once, a NaN
+in a later piece still changes no weight, the finite check still waits once a step, and the
+step's peak memory falls."""
 
 import json
 import os
@@ -35,7 +36,8 @@ def count_pieces(monkeypatch):
 def run(name, piece_bytes, dtype, monkeypatch, steps=4, **options):
     """``steps`` steps (refreshes at 1 and 3 with ``EVERY_2``) on five matrices and a vector; returns the weights,
     the states and the pieces of each step."""
-    monkeypatch.setattr(base, "MATRIX_PIECE_BYTES", piece_bytes)
+    if name != "mofasgd":  # (it steps its matrices one at a time: no pieces to set)
+        options = {"matrix_piece_bytes": piece_bytes, **options}
     counts = count_pieces(monkeypatch)
     g = torch.Generator().manual_seed(3)
     matrices = [torch.nn.Parameter(torch.randn(shape, generator=g).to(dtype)) for shape in SHAPES]
@@ -110,6 +112,35 @@ def test_float32_matrices_and_cuda_graphs_take_one_piece(monkeypatch):
     assert counts == [1]  # (a graph needs every working copy at a fixed address)
 
 
+def test_matrix_piece_bytes_none_steps_all_matrices_at_once(monkeypatch):
+    _, _, counts = run("sumo", None, torch.bfloat16, monkeypatch, steps=1, **EVERY_2)
+    assert counts == [1]
+
+
+@pytest.mark.parametrize("value", [0, -1, 1.5, True, "1GiB"])
+@pytest.mark.parametrize("name", ["sumo", "galore", "galore8bit", "golore"])
+def test_matrix_piece_bytes_must_be_a_positive_int_or_none(name, value):
+    options = {"total_steps": 4} if name == "golore" else {}
+    with pytest.raises(ValueError, match="matrix_piece_bytes must be an int >= 1 or None"):
+        sumo_optim.create(name, [torch.nn.Parameter(torch.zeros(4, 4))], matrix_piece_bytes=value, **options)
+
+
+@pytest.mark.parametrize("nonfinite", ["raise", "skip"])
+def test_a_pieced_step_waits_for_the_finite_check_once(nonfinite, monkeypatch):
+    """The flags of every piece come from one host synchronization before the first piece."""
+    calls = []
+    finite_flags = base.SubspaceOptimizer._finite_flags
+
+    def counted(self, *args, **kwargs):
+        calls.append(len(args[0]))
+        return finite_flags(self, *args, **kwargs)
+
+    monkeypatch.setattr(base.SubspaceOptimizer, "_finite_flags", counted)
+    _, _, counts = run("sumo", BYTES_PER_MATRIX, torch.bfloat16, monkeypatch, nonfinite=nonfinite, **EVERY_2)
+    assert counts == [len(SHAPES)] * 4
+    assert calls == [len(SHAPES) + 1] * 4  # once a step, for all five matrices and the vector
+
+
 def test_nan_in_a_later_piece_changes_no_weight(monkeypatch):
     _, optimizer, _ = run("sumo", BYTES_PER_MATRIX, torch.bfloat16, monkeypatch, steps=2, **EVERY_2)
     params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -144,14 +175,12 @@ def test_nan_in_a_later_piece_with_skip_skips_that_matrix_as_the_whole_step_does
 
 MEASURE = """
 import json, sys, torch, sumo_optim
-from sumo_optim import base
-base.MATRIX_PIECE_BYTES = int(sys.argv[1])
 def hwm_kib():
     with open("/proc/self/status") as status:
         return int(next(line for line in status if line.startswith("VmHWM")).split()[1])
 torch.manual_seed(0)
 params = [torch.nn.Parameter(torch.randn(1024, 1024).bfloat16()) for _ in range(16)]
-optimizer = sumo_optim.SUMO(params, lr=0.01, rank=8, update_freq=100)
+optimizer = sumo_optim.SUMO(params, lr=0.01, rank=8, update_freq=100, matrix_piece_bytes=int(sys.argv[1]))
 for step in range(3):
     for p in params:
         p.grad = torch.randn_like(p)
@@ -190,7 +219,7 @@ def test_step_time_benchmark_times_bf16_weights_in_pieces(tmp_path, monkeypatch)
     spec = importlib.util.spec_from_file_location("step_time", ROOT / "benchmarks" / "step_time.py")
     step_time = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(step_time)
-    monkeypatch.setattr(base, "MATRIX_PIECE_BYTES", base.MATRIX_PIECE_BYTES)  # restored after the test
+    monkeypatch.setattr(step_time, "PIECE_BYTES", step_time.PIECE_BYTES)  # restored after the test
     counts = count_pieces(monkeypatch)
     options = ["--smoke", "--dtype", "bfloat16", "--matrix-piece-bytes", "1", "--optimizers", "sumo,galore"]
     step_time.main([*options, "--steps", "2", "--warmup", "1", "--out", str(tmp_path / "ab")])

@@ -44,10 +44,10 @@ LAYERWISE_REFRESH = ("sum", "first")
 # Elements of one chunk of an elementwise (AdamW) step of a large parameter: a multiple of the
 # 8-bit block, 64 MiB of float32 (:meth:`SubspaceOptimizer._update_vector_in_chunks`).
 VECTOR_CHUNK = 2**24
-# Bytes of float32 working copies (weights and gradient of bf16/fp16 matrices) that one step
-# holds at once when it steps matrices together: the matrices go through in pieces of about
-# this size (:meth:`SubspaceOptimizer._pieces`), not all at once (4× their bf16 bytes: 50 GiB
-# at LLaMA-7B).
+# Default bytes of float32 working copies (weights and gradient of bf16/fp16 matrices) that one
+# step holds at once when it steps matrices together (``matrix_piece_bytes``): the matrices go
+# through in pieces of about this size (:meth:`SubspaceOptimizer._pieces`), not all at once (4×
+# their bf16 bytes: 50 GiB at LLaMA-7B).
 MATRIX_PIECE_BYTES = 2**30
 
 # (parameter, its group, its index over all groups), for each parameter a step updates.
@@ -119,7 +119,8 @@ class SubspaceOptimizer(Optimizer):
     :meth:`_expected_state_shapes`), or, with ``steps_matrices_together = True``,
     :meth:`_step_matrices`, which then gets the matrices of a step together (to work on stacks
     of equal shapes): all of them, or, for bf16/fp16 matrices (float32 working copies), pieces of
-    about :data:`MATRIX_PIECE_BYTES` of copies (:meth:`_pieces`). Every group carries ``lr``,
+    about ``matrix_piece_bytes`` of copies (:meth:`_pieces`; default :data:`MATRIX_PIECE_BYTES`,
+    ``None``: all at once). Every group carries ``lr``,
     ``weight_decay``, ``subspace``, ``adamw_betas``, ``adamw_eps``, ``nonfinite``, ``seed``,
     ``bf16_stochastic_rounding`` and ``adamw_state_bits``.
 
@@ -156,7 +157,12 @@ class SubspaceOptimizer(Optimizer):
         cuda_graph: bool = False,
         layerwise_accumulation_steps: int = 1,
         layerwise_refresh: str = "sum",
+        matrix_piece_bytes: int | None = MATRIX_PIECE_BYTES,
     ) -> None:
+        piece = matrix_piece_bytes
+        if piece is not None and (not isinstance(piece, int) or isinstance(piece, bool) or piece < 1):
+            raise ValueError(f"matrix_piece_bytes must be an int >= 1 or None (all at once), got {piece!r}")
+        self.matrix_piece_bytes = piece
         steps = layerwise_accumulation_steps
         if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
             raise ValueError(f"layerwise_accumulation_steps must be an int >= 1, got {steps!r}")
@@ -623,21 +629,25 @@ class SubspaceOptimizer(Optimizer):
         # (sharded steps agree on the finite flags of all their work at once; they step their own
         # matrices in pieces in :meth:`_update_parameters`)
         pieces = self._pieces(work) if sharding is None else [work]
-        if len(pieces) > 1 and any(group["nonfinite"] == "raise" for _, group, _ in work):
-            # every gradient first, so that a NaN in a later piece raises before any weight changes
-            self._finite_flags(work, self._queue_finite_check(work, range(len(work))))
+        finite = None
+        if len(pieces) > 1:
+            # Every gradient checked first, with one host synchronization for the whole step
+            # rather than one per piece: a NaN in a later piece raises before any weight changes.
+            flags = self._finite_flags(work, self._queue_finite_check(work, range(len(work))))
+            finite = {id(p): ok for (p, _, _), ok in zip(work, flags)}
         for piece in pieces:
-            self._step_checked(piece, sharding)
+            self._step_checked(piece, sharding, finite)
         return loss
 
     def _pieces(self, work: Work) -> list[Work]:
         """``work`` in pieces whose matrices' float32 working copies (weights and gradient of a
-        bf16/fp16 matrix, :meth:`_prepare_matrices`) take at most :data:`MATRIX_PIECE_BYTES` (or
+        bf16/fp16 matrix, :meth:`_prepare_matrices`) take at most ``matrix_piece_bytes`` (or
         one matrix), stepped one after the other: those matrices ordered by shape, so that a
         piece's stacks of equal shapes stay large, the other parameters in the first piece. One
-        piece when matrices step one at a time anyway or with ``cuda_graph=True`` (its graph
-        needs every working copy at the same address on every step)."""
-        if not self.steps_matrices_together or self.cuda_graph is not None:
+        piece when matrices step one at a time anyway, with ``matrix_piece_bytes=None``, or with
+        ``cuda_graph=True`` (its graph needs every working copy at the same address on every step)."""
+        limit = self.matrix_piece_bytes
+        if not self.steps_matrices_together or self.cuda_graph is not None or limit is None:
             return [work]
         rest: Work = []
         copied: Work = []
@@ -650,34 +660,41 @@ class SubspaceOptimizer(Optimizer):
         size = 0
         for p, group, index in sorted(copied, key=lambda entry: (tuple(entry[0].shape), str(entry[0].dtype))):
             copies = 2 * 4 * p.numel()
-            if size and size + copies > MATRIX_PIECE_BYTES:
+            if size and size + copies > limit:
                 pieces.append([])
                 size = 0
             pieces[-1].append((p, group, index))
             size += copies
         return pieces
 
-    def _step_checked(self, work: Work, sharding: StepSharding | None) -> None:
+    def _step_checked(self, work: Work, sharding: StepSharding | None, finite: dict[int, bool] | None = None) -> None:
         """The step of :meth:`step` for parameters whose gradients passed :meth:`_check_gradients`:
-        NaN/Inf checks (a parameter with one skips its step) and the updates."""
+        NaN/Inf checks (a parameter with one skips its step; ``finite``: already checked, by
+        parameter id) and the updates."""
         together = self.steps_matrices_together and sharding is None
         is_matrix = [self._uses_matrix_rule(p, group) for p, group, _ in work]
         # On a step where no matrix refreshes its basis, the matrices' projected gradients
         # (r×n, computed first anyway) are checked instead of the gradients (m×n): a NaN or Inf
         # in G reaches project(G) (:func:`~sumo_optim.stacks.project_checked`).
         early = (
-            together
+            finite is None
+            and together
             and any(is_matrix)
             and all(self._checks_projection(p, group) for (p, group, _), matrix in zip(work, is_matrix) if matrix)
         )
         # Working copies first: they take the same addresses on steps of either kind (a CUDA graph
         # of the step stays valid across them).
         prepared = self._prepare_matrices(work) if together else None
-        pending = self._queue_finite_check(work, [i for i, matrix in enumerate(is_matrix) if not (early and matrix)])
-        if early:
-            pending.extend(self._queue_projection_check(work, prepared))
+        if finite is None:
+            positions = [i for i, matrix in enumerate(is_matrix) if not (early and matrix)]
+            pending = self._queue_finite_check(work, positions)
+            if early:
+                pending.extend(self._queue_projection_check(work, prepared))
+            flags = self._finite_flags(work, pending, sharding)
+        else:
+            flags = [finite[id(p)] for p, _, _ in work]
         ready = []
-        for (p, group, index), ok in zip(work, self._finite_flags(work, pending, sharding)):
+        for (p, group, index), ok in zip(work, flags):
             if ok:
                 ready.append((p, group, index))
             else:

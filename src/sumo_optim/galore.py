@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import SubspaceOptimizer, _is_number
+from .base import MATRIX_PIECE_BYTES, SubspaceOptimizer, _is_number
 from .stacks import Matrix, project_back_, projection_key, stacks
 from .subspace import BASIS_METHODS, choose_side, compute_bases, is_refresh_step, transport
 
@@ -96,6 +96,7 @@ class GaLoreAdamW(SubspaceOptimizer):
         bf16_stochastic_rounding: as in :class:`~sumo_optim.SUMO`.
         adamw_state_bits: as in :class:`~sumo_optim.SUMO`, for the Adam moments of parameters
             outside any subspace (the subspace moments stay float32).
+        matrix_piece_bytes: as in :class:`~sumo_optim.SUMO`.
     """
 
     steps_matrices_together = True
@@ -124,6 +125,7 @@ class GaLoreAdamW(SubspaceOptimizer):
         adamw_state_bits: int = 32,
         layerwise_accumulation_steps: int = 1,
         layerwise_refresh: str = "sum",
+        matrix_piece_bytes: int | None = MATRIX_PIECE_BYTES,
         **extra: Any,
     ) -> None:
         defaults = dict(
@@ -151,6 +153,7 @@ class GaLoreAdamW(SubspaceOptimizer):
             cuda_graph=cuda_graph,
             layerwise_accumulation_steps=layerwise_accumulation_steps,
             layerwise_refresh=layerwise_refresh,
+            matrix_piece_bytes=matrix_piece_bytes,
         )
 
     def _validate_group(self, group: dict[str, Any]) -> None:

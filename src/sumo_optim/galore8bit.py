@@ -55,7 +55,8 @@ class GaLoreAdamW8bit(GaLoreAdamW):
         block_wise: only ``True`` (bitsandbytes' tensor-wise quantization is not implemented).
         is_paged: only ``False`` (no paged CUDA memory).
         rank, update_proj_gap, scale, proj_type, refresh, nonfinite, seed, layerwise,
-            bf16_stochastic_rounding, layerwise_accumulation_steps, layerwise_refresh: as in
+            bf16_stochastic_rounding, layerwise_accumulation_steps, layerwise_refresh,
+            matrix_piece_bytes: as in
             :class:`~sumo_optim.GaLoreAdamW` (no
             ``transport_moments`` or ``cuda_graph``: the states are re-coded every step).
 
@@ -88,6 +89,7 @@ class GaLoreAdamW8bit(GaLoreAdamW):
         bf16_stochastic_rounding: bool = False,
         layerwise_accumulation_steps: int = 1,
         layerwise_refresh: str = "sum",
+        matrix_piece_bytes: int | None = base.MATRIX_PIECE_BYTES,
     ) -> None:
         refused = {
             "amsgrad": (amsgrad, False),
@@ -116,6 +118,7 @@ class GaLoreAdamW8bit(GaLoreAdamW):
             bf16_stochastic_rounding=bf16_stochastic_rounding,
             layerwise_accumulation_steps=layerwise_accumulation_steps,
             layerwise_refresh=layerwise_refresh,
+            matrix_piece_bytes=matrix_piece_bytes,
             adamw_state_bits=8,
             min_8bit_size=min_8bit_size,
         )
