@@ -22,8 +22,8 @@ Each configuration runs in its own process, so one OOM leaves the others clean.
     python benchmarks/memory.py --presets 7b --optimizers sumo-recipe,galore8bit-recipe --batch 1,8,16,32 --cap-gib 24
     python benchmarks/memory.py --device cpu --presets test   # smoke mode: no peak, tensor sizes only
 
-Writes ``memory_<presets>.md`` / ``.json`` (after every row, so a sweep stopped by a time limit
-keeps what it measured) and ``.png`` (stacked bars, at the end) under benchmarks/results/ (or
+Writes ``memory_<presets>.md`` / ``.json`` and ``.png`` (stacked bars) after every row, so a
+sweep stopped by a time limit keeps what it measured, under benchmarks/results/ (or
 ``--out STEM``). torch's AdamW keeps its moments in the parameters' dtype (bf16 here); the
 library's optimizers keep float32 states for bf16 weights.
 """
@@ -52,9 +52,11 @@ RECIPE = {"layerwise": True, "layerwise_accumulation_steps": 2, "layerwise_refre
 ROWS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "adamw": ("AdamW (torch, bf16 states)", "adamw", {}),
     "adamw8bit": ("AdamW, 8-bit moments", "sumo", {"adamw_state_bits": 8}),
-    "galore": ("GaLoreAdamW", "galore", {}),
-    "galore-layerwise": ("GaLoreAdamW layer-wise", "galore", {"layerwise": True}),
-    # (randomized refresh: the exact SVD of LLaMA-7B's 224 matrices takes minutes per refresh)
+    # GaLore's rows refresh with the randomized range finder: the exact SVD of LLaMA-7B's 224
+    # matrices takes minutes, and the measured (last) step is not a refresh step, so the method
+    # changes only how long the first step takes, not the bytes measured
+    "galore": ("GaLoreAdamW", "galore", {"refresh": "randomized"}),
+    "galore-layerwise": ("GaLoreAdamW layer-wise", "galore", {"layerwise": True, "refresh": "randomized"}),
     "galore8bit-recipe": ("GaLoreAdamW8bit, 7B recipe", "galore8bit", {**RECIPE, "refresh": "randomized"}),
     "sumo": ("SUMO", "sumo", {}),
     "sumo-layerwise": ("SUMO layer-wise", "sumo", {"layerwise": True}),
@@ -277,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{preset} micro-batch {batch} {name}: {result['status']}{peak}", flush=True)
                 # after every row, so a sweep stopped by a time limit keeps what it measured
                 markdown = save(stem, title, rows, {"config": config, "device": device}, args.cap_gib)
-    plot(rows, stem.with_suffix(".png"), title)
+                plot(rows, stem.with_suffix(".png"), title)
     print(f"\n{markdown}\nwritten: {stem}.md, .json and .png")
     return 0
 

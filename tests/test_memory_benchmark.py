@@ -98,3 +98,26 @@ def test_layerwise_transients_cpu_smoke(tmp_path):
     record = json.loads(out.read_text())
     assert record["shape"] == [64, 160] and list(record["peak_mib"]) == list(script.STEPS)
     assert all(isinstance(peak, float) for peak in record["peak_mib"].values())  # clamped at 0: see worker()
+
+
+def test_a_stopped_sweep_keeps_its_rows_table_and_plot(tmp_path, monkeypatch):
+    """Each row is written (table, JSON, plot) as it finishes: a sweep stopped by a time limit
+    keeps what it measured."""
+    script = load_script()
+    measured = {"status": "ok", "weights": 2**30, "gradients": 2**30, "state": 2**29, "activations": 2**28}
+    calls = []
+
+    def one_row_then_stopped(preset, row, options):
+        calls.append(row)
+        if len(calls) > 1:
+            raise KeyboardInterrupt  # the call's time limit
+        return {**measured, "peak": sum(measured[part] for part in script.PARTS)}
+
+    monkeypatch.setattr(script, "run_isolated", one_row_then_stopped)
+    out = tmp_path / "memory_stopped"
+    with pytest.raises(KeyboardInterrupt):
+        script.main(["--presets", "7b", "--optimizers", "sumo,galore", "--out", str(out)])
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert [r["optimizer"] for r in rows] == ["sumo"]
+    assert "| 7b | 1 | SUMO | 1.00 | 1.00 | 0.50 | 0.25 | 2.75 | ok |" in out.with_suffix(".md").read_text()
+    assert out.with_suffix(".png").stat().st_size > 0
