@@ -64,6 +64,11 @@ def matrix_shapes(model: str, layers: int | None = None) -> list[tuple[int, int]
 PIECE_BYTES: int | None = sumo_optim.base.MATRIX_PIECE_BYTES
 
 
+def piece_bytes(text: str) -> int | None:
+    """``--matrix-piece-bytes``: a byte count (``1e9`` allowed) or ``none``."""
+    return None if text.lower() == "none" else int(float(text))
+
+
 def build(name: str, params: list[torch.Tensor], rank: int, gap: int):
     """The optimizer a benchmark name stands for; a "-tf32" suffix only changes how it is timed,
     "-graph" (before it) turns on ``cuda_graph`` (SUMO, GaLore, GoLore)."""
@@ -281,7 +286,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="weights and gradients")
     parser.add_argument(
         "--matrix-piece-bytes",
-        type=lambda text: None if text.lower() == "none" else int(float(text)),
+        type=piece_bytes,
         default=sumo_optim.base.MATRIX_PIECE_BYTES,
         help="the optimizers' matrix_piece_bytes: float32 working copies of bf16 matrices per piece of a step "
         "(default 2**30; none: all at once)",
