@@ -635,3 +635,14 @@ def test_gap_points_subtract_the_reference_at_shared_periodic_steps(tmp_path):
     other = run("other", {25: 4.5, 50: 3.25, 100: 2.5}, 2.0)
     assert gap_points(other, reference) == [(25, 0.5), (50, -0.25)]
     assert gap_points(reference, reference) == [(25, 0.0), (50, 0.0), (75, 0.0)]
+
+
+@pytest.mark.parametrize("optimizer", ["sumo", "galore"])
+def test_matrix_piece_bytes_from_the_command_line(optimizer):
+    """README: ``--optimizer-options '{"matrix_piece_bytes": null}'`` makes the copies all at once."""
+    overrides = {"optimizer": optimizer, "optimizer_options": '{"matrix_piece_bytes": null}'}
+    config = load_config(None, overrides)
+    built = build_optimizers(config, build_llama("test", 512, 32, torch.bfloat16))[0]
+    assert built.matrix_piece_bytes is None
+    default = build_optimizers(load_config(None, {"optimizer": optimizer}), build_llama("test", 512, 32))[0]
+    assert default.matrix_piece_bytes == sumo_optim.base.MATRIX_PIECE_BYTES
