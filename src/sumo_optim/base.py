@@ -112,6 +112,10 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def _is_positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
 class SubspaceOptimizer(Optimizer):
     """Base class: a low-rank rule for matrices, AdamW for the rest, in one optimizer.
 
@@ -159,12 +163,13 @@ class SubspaceOptimizer(Optimizer):
         layerwise_refresh: str = "sum",
         matrix_piece_bytes: int | None = MATRIX_PIECE_BYTES,
     ) -> None:
-        piece = matrix_piece_bytes
-        if piece is not None and (not isinstance(piece, int) or isinstance(piece, bool) or piece < 1):
-            raise ValueError(f"matrix_piece_bytes must be an int >= 1 or None (all at once), got {piece!r}")
-        self.matrix_piece_bytes = piece
+        if matrix_piece_bytes is not None and not _is_positive_int(matrix_piece_bytes):
+            raise ValueError(
+                f"matrix_piece_bytes must be an int >= 1 or None (all at once), got {matrix_piece_bytes!r}"
+            )
+        self.matrix_piece_bytes = matrix_piece_bytes
         steps = layerwise_accumulation_steps
-        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        if not _is_positive_int(steps):
             raise ValueError(f"layerwise_accumulation_steps must be an int >= 1, got {steps!r}")
         if steps > 1 and not layerwise:
             raise ValueError(
@@ -509,9 +514,8 @@ class SubspaceOptimizer(Optimizer):
 
     @staticmethod
     def _check_positive_int(group: dict[str, Any], name: str) -> None:
-        value = group[name]
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if not _is_positive_int(group[name]):
+            raise ValueError(f"{name} must be an int >= 1, got {group[name]!r}")
 
     # ----------------------------------------------------------------------- step
     def _uses_matrix_rule(self, param: Tensor, group: dict[str, Any]) -> bool:
