@@ -10,9 +10,12 @@ and the largest difference of their ``R`` (relative to its largest entry).
 (σ_i ∝ i^−α): the exact SVD (timed on two matrices, scaled to the stack), ``"iterative"``
 (:func:`sumo_optim.linalg.iterative_top_singular_vectors`, whole stack) and ``"randomized"``;
 iterations, fallbacks, and the largest distance of a basis vector to the float64 SVD's (up to
-sign; two matrices per stack).
+sign; two matrices per stack); and the same iterative method with its check at every iteration
+from the second (as before 2026-12-04).
 
-    python benchmarks/fastpath_ab.py qr,refresh [--model 1b] [--rank 128] [--alpha 0.8]
+``eigh``: the float64 ``eigh`` of 32 k×k matrices per linear-algebra backend (cuSOLVER, MAGMA).
+
+    python benchmarks/fastpath_ab.py qr,refresh,eigh [--model 1b] [--rank 128] [--alpha 0.8]
 """
 
 from __future__ import annotations
@@ -173,7 +176,8 @@ def column_error(basis: torch.Tensor, exact: torch.Tensor) -> float:
 
 def refresh_ab(shapes, rank: int, alpha: float, device: torch.device) -> None:
     print(f"power-law gradients, σ_i ∝ i^-{alpha}; ms per stack (exact SVD: 2 matrices timed, scaled)")
-    print(f"{'stack':<16} {'svd ms':>10} {'iterative ms':>13} {'randomized ms':>14}  iterations  fallbacks", end="")
+    print(f"{'stack':<16} {'svd ms':>10} {'iterative ms':>13} {'checks 2,3,.. ms':>16} {'randomized ms':>14}", end="")
+    print("  iterations  fallbacks", end="")
     print("  vector error: iterative / randomized / fp32 svd")
     for (m, n), count in Counter(shapes).items():
         count = min(count, REFRESH_CHUNK)
@@ -182,6 +186,12 @@ def refresh_ab(shapes, rank: int, alpha: float, device: torch.device) -> None:
         svd_ms = timed_ms(lambda grads=grads: [torch.linalg.svd(g, full_matrices=False) for g in grads[:2]], repeats=1)
         iterative_ms = timed_ms(
             lambda grads=grads, side=side: iterative_top_singular_vectors(grads, rank, side), repeats=3
+        )
+        every_ms = timed_ms(  # Rayleigh–Ritz and the check at every iteration from the second (before 2026-12-04)
+            lambda grads=grads, side=side: iterative_top_singular_vectors(
+                grads, rank, side, min_iterations=2, check_every=1
+            ),
+            repeats=3,
         )
         randomized_ms = timed_ms(
             lambda grads=grads, side=side: randomized_top_singular_vectors(grads, rank, side), repeats=3
@@ -196,10 +206,29 @@ def refresh_ab(shapes, rank: int, alpha: float, device: torch.device) -> None:
             for j, basis in enumerate((result.bases[i], randomized[i], fp32)):
                 errors[j] = max(errors[j], column_error(basis, exact))
         print(
-            f"{f'{count}×{m}×{n}':<16} {svd_ms * count / 2:10.1f} {iterative_ms:13.1f} {randomized_ms:14.1f}  "
+            f"{f'{count}×{m}×{n}':<16} {svd_ms * count / 2:10.1f} {iterative_ms:13.1f} {every_ms:16.1f} "
+            f"{randomized_ms:14.1f}  "
             f"{result.iterations:10d}  {int(result.fell_back.sum()):9d}  "
             f"{errors[0]:.1e} / {errors[1]:.1e} / {errors[2]:.1e}"
         )
+
+
+def eigh_probe(rank: int, device: torch.device) -> None:
+    """float64 ``eigh`` of a batch of 32 SPD k×k matrices (the iterative refresh's Rayleigh–Ritz,
+    k = 2r; MoFaSGD's cores, 2r and r + 16) by each linear-algebra backend, and in float32."""
+    print("eigh of 32 SPD k×k matrices, ms (batch)")
+    backends = ("cusolver", "magma") if device.type == "cuda" else ("default",)
+    for k in (2 * rank, rank + 16):
+        x = torch.randn(32, k, k, device=device, dtype=torch.float64)
+        spd = x @ x.mT + torch.eye(k, device=device, dtype=torch.float64)
+        for backend in backends:
+            if device.type == "cuda":
+                torch.backends.cuda.preferred_linalg_library(backend)
+            for dtype in (torch.float64, torch.float32):
+                ms = timed_ms(lambda dtype=dtype: torch.linalg.eigh(spd.to(dtype)))  # noqa: B023
+                print(f"  k = {k:4d}  {backend:<9} {dtype!s:<14} {ms:9.2f}")
+    if device.type == "cuda":
+        torch.backends.cuda.preferred_linalg_library("default")
 
 
 def main() -> None:
@@ -220,6 +249,8 @@ def main() -> None:
         qr_ab(shapes, rank, device)
     if "refresh" in args.probes:
         refresh_ab(shapes, rank, args.alpha, device)
+    if "eigh" in args.probes:
+        eigh_probe(rank, device)
 
 
 if __name__ == "__main__":

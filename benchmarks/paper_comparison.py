@@ -54,9 +54,11 @@ VARIANTS = {
     "muon_rms": ("muon", {"adjust_lr_fn": "match_rms_adamw"}),
     # an ablation: GaLore with SUMO's transport of the first moment into each new basis
     "galore_transport": ("galore", {"transport_moments": True}),
+    # GaLore's refresh by certified subspace iteration instead of galore-torch's full SVD
+    "galore_iterative": ("galore", {"refresh": "iterative"}),
 }
 PRETRAIN_GRID["muon_rms"] = (2e-3, 4e-3, 8e-3)
-PRETRAIN_GRID["galore_transport"] = PRETRAIN_GRID["galore"]
+PRETRAIN_GRID["galore_transport"] = PRETRAIN_GRID["galore_iterative"] = PRETRAIN_GRID["galore"]
 FINETUNE_GRID = {"adamw": (2e-5, 5e-5, 1e-4), "galore": (1e-4, 3e-4, 1e-3), "sumo": (1e-3, 3e-3, 1e-2)}
 
 

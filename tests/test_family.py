@@ -319,6 +319,25 @@ def test_warm_core_solver_matches_the_eigh_one_matrix_at_a_time():
     )
 
 
+def test_warm_core_solver_checks_float32_cores_to_float32_accuracy():
+    """Float32 cores (MoFaSGD's factors in float32) are certified at the float32 residual bound,
+    so a warm start that float64's bound would reject after 4 iterations passes, and its triplets
+    equal float64's within float32 accuracy."""
+    g = torch.Generator().manual_seed(int(torch.randint(0, 10**6, ())))
+    count, rank = 4, 24
+    top = torch.linspace(1, 0.5, rank, dtype=torch.float64)
+    rest = torch.linspace(0.15, 0.05, rank, dtype=torch.float64)  # σ_{r+17} / σ_r ≈ 0.15: slow for float64
+    cores = torch.diag(torch.cat([top, rest])) + 1e-3 * torch.randn(count, 2 * rank, 2 * rank, generator=g).double()
+    assert warm_top_singular_triplets(cores, rank)[3].any()  # float64: not yet at its bound
+    left, values, right, fell_back = warm_top_singular_triplets(cores.float(), rank)
+    assert not fell_back.any() and left.dtype == torch.float32
+    exact_left, exact_values, exact_right = top_singular_triplets(cores.float().double(), rank)
+    torch.testing.assert_close(values.double(), exact_values, rtol=0, atol=1e-5)
+    momentum = (left * values.unsqueeze(-2) @ right.mT).double()
+    expected = exact_left * exact_values.unsqueeze(-2) @ exact_right.mT
+    torch.testing.assert_close(momentum, expected, rtol=0, atol=1e-5)
+
+
 def test_mofasgd_warm_core_solver_trains_as_the_eigh_one():
     # r = 20: the warm solver's Rayleigh–Ritz space (36) is smaller than the 40×40 core
     g = torch.Generator().manual_seed(3)

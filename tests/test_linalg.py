@@ -337,6 +337,29 @@ def test_iterative_top_singular_vectors_match_float64_svd(side):
         assert (largest > 0).all()
 
 
+def test_iterative_top_singular_vectors_check_schedule(monkeypatch):
+    """Rayleigh–Ritz (one ``eigh`` per check) runs at ``min_iterations`` and every ``check_every``
+    after; the iterations between only orthonormalize, which leaves the span as Rayleigh–Ritz
+    would: the certified vectors agree with those of a check at every iteration."""
+    g = torch.Generator().manual_seed(int(torch.randint(0, 10**6, ())))
+    matrices = [
+        matrix_with_spectrum(spectrum_of("power", 50, rank=10, generator=g), 50, 120, g, dtype=torch.float32)
+        for _ in range(3)
+    ]
+    eigh_calls = []
+    eigh = torch.linalg.eigh
+    monkeypatch.setattr(torch.linalg, "eigh", lambda x: eigh_calls.append(x.shape) or eigh(x))
+    result = linalg.iterative_top_singular_vectors(matrices, 10, "left", min_iterations=3, check_every=3)
+    checks = len(eigh_calls)
+    assert not result.fell_back.any() and checks >= 1 and result.iterations == 3 + 3 * (checks - 1)
+    every = linalg.iterative_top_singular_vectors(matrices, 10, "left", min_iterations=1, check_every=1)
+    assert len(eigh_calls) == checks + every.iterations  # checks at iterations 1, 2, ..., every.iterations
+    for basis, other in zip(result.bases, every.bases):
+        torch.testing.assert_close(basis, other, rtol=0, atol=1e-4)
+    with pytest.raises(ValueError, match="check_every"):
+        linalg.iterative_top_singular_vectors(matrices, 10, check_every=0)
+
+
 def test_iterative_top_singular_vectors_fall_back_to_the_svd():
     """A tie at σ_r (the top-r subspace is decided by rounding), a matrix of rank below r and a
     flat spectrum with too few iterations get the float32 SVD's vectors, with the sign convention."""

@@ -82,7 +82,7 @@ class GaLoreAdamW8bit(GaLoreAdamW):
         update_proj_gap: int = 200,
         scale: float = 1.0,
         proj_type: str = "std",
-        refresh: str = "svd",
+        refresh: str = "iterative",
         nonfinite: str = "raise",
         seed: int = 0,
         layerwise: bool = False,

@@ -57,9 +57,10 @@ def warm_top_singular_triplets(
     from the first ``k = rank + oversample`` coordinate vectors, then Rayleigh–Ritz: the k×k
     ``eigh`` of ``(KX)ᵀ(KX)`` gives ``V``; ``σᵢ = ‖K vᵢ‖`` and ``uᵢ = K vᵢ / σᵢ`` (``K V = U Σ``
     exactly), residuals ``ρᵢ = ‖Kᵀ uᵢ − σᵢ vᵢ‖``. A matrix passes the check of
-    :func:`~sumo_optim.linalg.iterative_top_singular_vectors` (``ρᵢ ≤ 16 eps64 ‖K‖_F``, Wedin bound
-    ≤ 0.1 from the r/r+1 gap); the others are recomputed by :func:`top_singular_triplets`. The
-    ``eigh`` is k×k instead of 2r×2r.
+    :func:`~sumo_optim.linalg.iterative_top_singular_vectors` (``ρᵢ ≤ 16 eps ‖K‖_F`` with the eps
+    of ``K``'s dtype, in which the triplets are returned: float32 for float32 factors; Wedin
+    bound ≤ 0.1 from the r/r+1 gap); the others are recomputed by :func:`top_singular_triplets`.
+    The ``eigh`` is k×k instead of 2r×2r.
     """
     matrix64 = matrix.to(torch.float64)
     size = matrix64.shape[-1]
@@ -74,7 +75,7 @@ def warm_top_singular_triplets(
     sigma = images.norm(dim=-2)
     left = images / sigma.clamp_min(torch.finfo(torch.float64).tiny).unsqueeze(-2)
     residuals = (matrix64.mT @ left - right * sigma.unsqueeze(-2)).norm(dim=-2)
-    tolerance = 16 * torch.finfo(torch.float64).eps * torch.linalg.matrix_norm(matrix64)
+    tolerance = 16 * torch.finfo(matrix.dtype).eps * torch.linalg.matrix_norm(matrix64)  # the result's dtype
     certified = _ritz_certified(sigma, residuals, rank, tolerance, 0.1) & ~_tied_at_rank(sigma, rank, tolerance)
     fell_back = ~certified.cpu()
     left, sigma, right = (t[..., :rank].contiguous() for t in (left, sigma, right))
@@ -130,7 +131,8 @@ class MoFaSGD(SubspaceOptimizer):
             (:mod:`sumo_optim.lr_adjust`).
         core_solver: the top r of the 2r×2r core: ``"eigh"`` (default; float64 ``eigh`` of ``KᵀK``,
             :func:`top_singular_triplets`) or ``"warm"`` (subspace iteration from the previous
-            factors, checked, with that as fallback: :func:`warm_top_singular_triplets`).
+            factors, checked, with that as fallback: :func:`warm_top_singular_triplets`; measured
+            slower on an H200, 508 against 399 ms per step at LLaMA-1B, see ``benchmarks/NOTES.md``).
         weight_decay: decoupled λ. adamw_betas, adamw_eps, nonfinite, seed, layerwise,
             bf16_stochastic_rounding, adamw_state_bits: as in SUMO.
         layerwise_accumulation_steps: as in SUMO, except that a matrix's step reads its whole
