@@ -91,7 +91,7 @@ class GaLoreAdamW(SubspaceOptimizer):
             shorter side), "reverse_std", "left" or "right".
         refresh: "iterative" (default: the exact SVD's top-r singular vectors to float32
             accuracy by checked subspace iteration, SVD fallback; one sign convention instead of
-            LAPACK's; 12× cheaper than "svd" per LLaMA-1B refresh on an H200), "svd" (exact,
+            LAPACK's; ~27× cheaper than "svd" per LLaMA-1B refresh on an H200), "svd" (exact,
             bit-for-bit galore-torch) or "randomized" (range finder, milliseconds on GPU).
         transport_moments: carry the first moment into a new basis instead of keeping it as is.
         nonfinite, seed, layerwise, cuda_graph: as in :class:`~sumo_optim.SUMO` (the graph
