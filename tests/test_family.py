@@ -4,20 +4,8 @@ import pytest
 import torch
 
 from sumo_optim import GaLoreAdamW, GoLore, MoFaSGD
-from sumo_optim.linalg import _largest_entry_positive
 from sumo_optim.mofasgd import top_singular_triplets, update_momentum_factors, warm_top_singular_triplets
-from sumo_optim.testing import galore_torch_adamw, matrix_with_spectrum
-
-
-def svd_with_sign_convention(svd):
-    """``torch.linalg.svd`` with each of U's and V's columns signed as
-    :func:`~sumo_optim.linalg.iterative_top_singular_vectors` signs them (largest entry positive)."""
-
-    def signed(matrix, full_matrices=True):
-        u, s, vh = svd(matrix, full_matrices=full_matrices)
-        return _largest_entry_positive(u), s, _largest_entry_positive(vh.mT).mT
-
-    return signed
+from sumo_optim.testing import galore_torch_adamw, matrix_with_spectrum, svd_with_sign_convention
 
 
 @pytest.mark.parametrize("refresh", ["svd", "iterative"])

@@ -7,7 +7,7 @@ import torch
 
 import sumo_optim
 from sumo_optim import GaLoreAdafactor
-from sumo_optim.testing import galore_torch_adafactor
+from sumo_optim.testing import galore_torch_adafactor, svd_with_sign_convention
 
 # Rank-4 subspaces for the three matrices; the vector and the (20, 3) matrix get plain Adafactor
 # (unfactored and factored), as parameters of a group without ``rank`` do in galore-torch.
@@ -63,6 +63,24 @@ def test_equals_galore_torch(proj_type, config):
     for a, b, start in zip(theirs, ours, make_parameters(len(proj_type))):
         torch.testing.assert_close(b, a, rtol=2e-6, atol=1e-7)
         assert not torch.equal(b, start)
+
+
+@pytest.mark.parametrize("proj_type", ["std", "right"])
+def test_iterative_refresh_equals_the_svd_one_up_to_signs(proj_type, monkeypatch):
+    """``refresh="iterative"`` trains as ``"svd"`` does once the SVD's signs follow its convention:
+    the same bases to float32 accuracy, so weights within ~10 float32 ulps after four refreshes."""
+    start = make_parameters(len(proj_type))
+    runs = []
+    for refresh in ("svd", "iterative"):
+        params = [torch.nn.Parameter(w.detach().clone()) for w in start]
+        optimizer = GaLoreAdafactor(groups(params, proj_type), beta1=0.9, refresh=refresh)
+        with monkeypatch.context() as patch:
+            patch.setattr(torch.linalg, "svd", svd_with_sign_convention(torch.linalg.svd))
+            run(optimizer, params, gradients(20))  # refreshes at steps 1, 6, 11, 16
+        runs.append(params)
+    for a, b, w in zip(*runs, start):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+        assert not torch.equal(b, w)
 
 
 def test_state_is_low_rank_and_factored():

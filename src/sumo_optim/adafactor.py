@@ -116,7 +116,9 @@ class GaLoreAdafactor(SubspaceOptimizer):
         scale_parameter, relative_step, warmup_init: the step size αₜ (module docstring).
         rank: r for groups that name none (``None``: plain Adafactor, as in galore-torch).
         update_proj_gap: T. scale: α. proj_type: "std", "reverse_std", "left" or "right".
-        refresh: "svd" (exact, galore-torch) or "randomized".
+        refresh: "svd" (default: exact, galore-torch), "iterative" (the same bases to float32
+            accuracy, signed by one convention, as :class:`~sumo_optim.GaLoreAdamW`'s default; here
+            matrix by matrix, not measured on a GPU) or "randomized".
         nonfinite, seed, layerwise, bf16_stochastic_rounding: as in :class:`~sumo_optim.SUMO`.
         layerwise_accumulation_steps: as in :class:`~sumo_optim.SUMO`, except that every matrix
             keeps its full gradient until the N-th backward pass.

@@ -13,7 +13,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["galore_torch_adafactor", "galore_torch_adamw", "galore_torch_adamw8bit", "matrix_with_spectrum"]
+__all__ = [
+    "galore_torch_adafactor",
+    "galore_torch_adamw",
+    "galore_torch_adamw8bit",
+    "matrix_with_spectrum",
+    "svd_with_sign_convention",
+]
 
 
 def matrix_with_spectrum(
@@ -30,6 +36,19 @@ def matrix_with_spectrum(
     v, _ = torch.linalg.qr(torch.randn(cols, k, generator=generator, dtype=torch.float64))
     s = torch.as_tensor(singular_values, dtype=torch.float64)
     return ((u * s) @ v.T).to(dtype)
+
+
+def svd_with_sign_convention(svd: Any) -> Any:
+    """``svd`` (``torch.linalg.svd``) with each of U's and V's columns signed as
+    :func:`~sumo_optim.linalg.iterative_top_singular_vectors` signs them (largest entry positive):
+    what the exact and iterative refreshes are compared through (LAPACK's signs are arbitrary)."""
+    from .linalg import _largest_entry_positive
+
+    def signed(matrix: Tensor, full_matrices: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+        u, s, vh = svd(matrix, full_matrices=full_matrices)
+        return _largest_entry_positive(u), s, _largest_entry_positive(vh.mT).mT
+
+    return signed
 
 
 def _galore_torch_class(module: str, name: str) -> Any:
