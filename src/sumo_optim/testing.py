@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .linalg import _largest_entry_positive
+
 __all__ = [
     "galore_torch_adafactor",
     "galore_torch_adamw",
@@ -42,7 +44,6 @@ def svd_with_sign_convention(svd: Any) -> Any:
     """``svd`` (``torch.linalg.svd``) with each of U's and V's columns signed as
     :func:`~sumo_optim.linalg.iterative_top_singular_vectors` signs them (largest entry positive):
     what the exact and iterative refreshes are compared through (LAPACK's signs are arbitrary)."""
-    from .linalg import _largest_entry_positive
 
     def signed(matrix: Tensor, full_matrices: bool = True) -> tuple[Tensor, Tensor, Tensor]:
         u, s, vh = svd(matrix, full_matrices=full_matrices)
