@@ -13,14 +13,23 @@ iterations, fallbacks, and the largest distance of a basis vector to the float64
 sign; two matrices per stack); and the same iterative method with its check at every iteration
 from the second (as before 2026-12-04).
 
+``--alpha 0`` draws i.i.d. Gaussian gradients instead (a flat spectrum: the iterative refresh's
+worst case, up to 30 iterations and then the SVD).
+
 ``eigh``: the float64 ``eigh`` of 32 k×k matrices per linear-algebra backend (cuSOLVER, MAGMA).
 
-    python benchmarks/fastpath_ab.py qr,refresh,eigh [--model 1b] [--rank 128] [--alpha 0.8]
+``polar``: SUMO's r×r float64 polar iteration (:func:`sumo_optim.linalg.polar_schedule`, Polar
+Express) against the one it replaced (Muon's quintic, then 6 cubic Newton–Schulz steps; copied
+below), on one batch of the model's r×r factors (one per matrix, as in a step), plain and replayed
+as a CUDA graph, and the error of each against the float64 SVD's ``U Vᵀ`` for κ = 1, 1e3, 1e6.
+
+    python benchmarks/fastpath_ab.py qr,refresh,eigh,polar [--model 1b] [--rank 128] [--alpha 0.8]
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import sys
 import time
@@ -31,7 +40,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from step_time import matrix_shapes
-from sumo_optim.linalg import cholesky_qr2, iterative_top_singular_vectors, randomized_top_singular_vectors
+from sumo_optim.linalg import (
+    NEWTON_SCHULZ_COEFFICIENTS,
+    _polar_of_square,
+    cholesky_qr2,
+    iterative_top_singular_vectors,
+    randomized_top_singular_vectors,
+)
 from sumo_optim.subspace import REFRESH_CHUNK, choose_side
 
 
@@ -161,6 +176,8 @@ def qr_ab(shapes, rank: int, device: torch.device) -> None:
 
 
 def power_law_stack(count: int, m: int, n: int, alpha: float, device: torch.device) -> torch.Tensor:
+    if alpha == 0:  # i.i.d. Gaussian: a flat spectrum
+        return torch.randn(count, m, n, device=device)
     k = min(m, n)
     spectrum = torch.arange(1, k + 1, device=device, dtype=torch.float32) ** -alpha
     u = torch.linalg.qr(torch.randn(count, m, k, device=device))[0]
@@ -175,7 +192,8 @@ def column_error(basis: torch.Tensor, exact: torch.Tensor) -> float:
 
 
 def refresh_ab(shapes, rank: int, alpha: float, device: torch.device) -> None:
-    print(f"power-law gradients, σ_i ∝ i^-{alpha}; ms per stack (exact SVD: 2 matrices timed, scaled)")
+    kind = "Gaussian gradients (flat spectrum)" if alpha == 0 else f"power-law gradients, σ_i ∝ i^-{alpha}"
+    print(f"{kind}; ms per stack (exact SVD: 2 matrices timed, scaled)")
     print(f"{'stack':<16} {'svd ms':>10} {'iterative ms':>13} {'checks 2,3,.. ms':>16} {'randomized ms':>14}", end="")
     print("  iterations  fallbacks", end="")
     print("  vector error: iterative / randomized / fp32 svd")
@@ -231,6 +249,58 @@ def eigh_probe(rank: int, device: torch.device) -> None:
         torch.backends.cuda.preferred_linalg_library("default")
 
 
+def old_polar_of_square(factor: torch.Tensor, smallest: float) -> torch.Tensor:
+    """``linalg._polar_of_square`` before 2026-12-04 (commit d11d932)."""
+    x = factor / factor.norm(dim=(-2, -1), keepdim=True)
+    a, b, c = NEWTON_SCHULZ_COEFFICIENTS
+    for _ in range(max(0, math.ceil(math.log(0.5 / smallest) / math.log(a)))):
+        gram = x @ x.mT
+        x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    for _ in range(6):
+        x = torch.baddbmm(x, x @ x.mT, x, beta=1.5, alpha=-0.5)
+    return x
+
+
+def graphed_ms(fn) -> float:
+    """Median ms of ``fn`` replayed as a CUDA graph (``fn`` plain off a GPU)."""
+    if not torch.cuda.is_available():
+        return timed_ms(fn)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()  # warm-up off the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return timed_ms(graph.replay)
+
+
+def polar_ab(shapes, rank: int, device: torch.device) -> None:
+    smallest = 4 * torch.finfo(torch.float32).eps / math.sqrt(rank)  # SUMO's ℓ for float32 moments
+    count = len(shapes)
+    print(f"polar of {count} {rank}×{rank} float64 factors, ℓ = {smallest:.2e}; ms plain / graph; error vs SVD")
+    print(
+        f"{'κ':>6} {'old ms':>8} {'new ms':>8} {'old graph':>10} {'new graph':>10} {'old error':>10} {'new error':>10}"
+    )
+    for condition in (1e0, 1e3, 1e6):
+        spectrum = torch.logspace(0, -math.log10(condition), rank, device=device, dtype=torch.float64)
+        u = torch.linalg.qr(torch.randn(count, rank, rank, device=device, dtype=torch.float64))[0]
+        v = torch.linalg.qr(torch.randn(count, rank, rank, device=device, dtype=torch.float64))[0]
+        factors = (u * spectrum) @ v.mT
+        reference = u @ v.mT
+        row = []
+        for polar in (old_polar_of_square, _polar_of_square):
+            row.append(timed_ms(lambda polar=polar, factors=factors: polar(factors, smallest)))
+        for polar in (old_polar_of_square, _polar_of_square):
+            row.append(graphed_ms(lambda polar=polar, factors=factors: polar(factors, smallest)))
+        for polar in (old_polar_of_square, _polar_of_square):
+            row.append(((polar(factors, smallest) - reference).norm() / reference.norm()).item())
+        print(
+            f"{condition:6.0e} {row[0]:8.2f} {row[1]:8.2f} {row[2]:10.2f} {row[3]:10.2f} {row[4]:10.1e} {row[5]:10.1e}"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("probes", nargs="?", default="qr,refresh")
@@ -251,6 +321,8 @@ def main() -> None:
         refresh_ab(shapes, rank, args.alpha, device)
     if "eigh" in args.probes:
         eigh_probe(rank, device)
+    if "polar" in args.probes:
+        polar_ab(shapes, rank, device)
 
 
 if __name__ == "__main__":

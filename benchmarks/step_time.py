@@ -15,7 +15,8 @@ steps repeatedly. Reported per optimizer:
 Run on a GPU for real numbers (``python benchmarks/step_time.py``); ``--smoke`` runs tiny shapes
 on CPU; ``--gradients power`` gives the gradients a decaying spectrum (the iterative refresh's
 iteration count depends on it; i.i.d. Gaussian gradients are its worst case). Optimizer names
-(``galore``: exact SVD refresh, ``galore-iterative``, ``galore-randomized``; ``mofasgd``,
+(``galore``: exact SVD refresh, ``galore-iterative``, ``galore-randomized``;
+``galore-adafactor``, ``galore-adafactor-iterative``; ``mofasgd``,
 ``mofasgd-warm``: its warm-started core solver) take ``-graph``
 (``cuda_graph=True``) and then ``-tf32`` (TF32 matmuls allowed while timing) suffixes.
 ``--dtype bfloat16`` steps bf16 weights; with ``--matrix-piece-bytes`` (the optimizers'
@@ -75,7 +76,7 @@ def build(name: str, params: list[torch.Tensor], rank: int, gap: int):
     name = name.removesuffix("-tf32")
     graph = name.endswith("-graph")
     name = name.removesuffix("-graph")
-    if graph and name in ("adamw-fused", "muon", "galore-torch", "mofasgd", "mofasgd-warm"):
+    if graph and (name in ("adamw-fused", "muon", "galore-torch", "mofasgd", "mofasgd-warm") or "adafactor" in name):
         raise ValueError(f"{name} has no cuda_graph option")
     if name == "adamw-fused":
         return torch.optim.AdamW(params, lr=1e-3, fused=True)
@@ -95,6 +96,8 @@ def build(name: str, params: list[torch.Tensor], rank: int, gap: int):
     if name == "golore":
         return sumo_optim.GoLore(params, total_steps=10**6, lr=1e-2, rank=rank, update_proj_gap=gap, scale=0.25, **ours)
     refresh = next((r for r in ("randomized", "iterative") if name.endswith(r)), "svd")
+    if name.startswith("galore-adafactor"):  # matrix by matrix, Adafactor's relative step size
+        return sumo_optim.GaLoreAdafactor(params, rank=rank, update_proj_gap=gap, scale=0.25, refresh=refresh)
     return sumo_optim.GaLoreAdamW(params, lr=1e-2, rank=rank, update_proj_gap=gap, scale=0.25, refresh=refresh, **ours)
 
 
@@ -310,6 +313,8 @@ def main(argv: list[str] | None = None) -> None:
             "sumo-svd",
             "galore-randomized",
             "galore-iterative",
+            "galore-adafactor",
+            "galore-adafactor-iterative",
             "mofasgd-warm",
         )
         if base == "galore-torch" and galore_torch_adamw() is None:

@@ -91,7 +91,7 @@ class SUMO(SubspaceOptimizer):
             update RMS at full rank, so AdamW's learning rate carries over) or ``"paper"``
             (``√max(m, n)``). :mod:`sumo_optim.lr_adjust` gives the update RMS of each.
         orthogonalization: ``"exact"`` (default: ``U Vᵀ`` to float64 accuracy, by one SVD per
-            matrix on CPU and by the batched Cholesky-QR2 + Newton–Schulz route of
+            matrix on CPU and by the batched Cholesky-QR2 + polar-iteration route of
             :func:`~sumo_optim.linalg.orthogonalize_cholesky` on GPUs; both give the same
             result), ``"svd"`` or ``"cholesky"`` to force one route, or ``"newton_schulz"``
             (Muon's 5-step approximation, the paper's ablation).
