@@ -62,6 +62,70 @@ def test_kernel_only_where_it_measured_faster(monkeypatch):
         matmul.allow_tf32 = saved
 
 
+def test_back_projection_kernel_only_where_tma_can_address_the_tiles(monkeypatch):
+    """The r-deep TF32 products on compute capability ≥ 9.0 (here: the interpreter), when every
+    operand's rows start 16-byte aligned with a unit column stride (right: or its transpose)."""
+    from sumo_optim import kernels
+
+    monkeypatch.setattr(kernels, "INTERPRETED", True)
+    monkeypatch.setattr(kernels, "triton", object())  # stands in for an installed Triton
+    monkeypatch.setattr(kernels, "HAS_TENSOR_DESCRIPTORS", True)
+    out, left, right = [torch.zeros(6, 8)], [torch.zeros(6, 4)], [torch.zeros(4, 8)]
+    matmul, saved = torch.backends.cuda.matmul, torch.backends.cuda.matmul.allow_tf32
+    try:
+        matmul.allow_tf32 = True
+        uses = kernels._uses_back_projection_kernel
+        assert uses(out, left, right)
+        assert uses(out, left, [torch.zeros(8, 4).mT])  # O Qᵀ with Q row-major
+        assert not uses([torch.zeros(6, 5)], left, [torch.zeros(4, 5)])  # 20-byte rows
+        assert not uses(out, [torch.zeros(4, 6).mT], right)  # a transposed left factor
+        assert not uses([torch.zeros(6, 9)[:, 1:]], left, right)  # rows start 4 bytes off
+        assert not uses([torch.zeros(6, 600)], [torch.zeros(6, 600)], [torch.zeros(600, 600)])  # long inner
+        monkeypatch.setattr(kernels, "HAS_TENSOR_DESCRIPTORS", False)
+        assert not uses(out, left, right)
+        monkeypatch.setattr(kernels, "HAS_TENSOR_DESCRIPTORS", True)
+        matmul.allow_tf32 = False
+        assert not uses(out, left, right)
+    finally:
+        matmul.allow_tf32 = saved
+
+
+def test_back_projection_kernel_matches_float64_on_ragged_tiles():
+    result = _run_interpreted(
+        """
+        import json, torch
+        from sumo_optim import kernels
+        torch.backends.cuda.matmul.allow_tf32 = True  # the kernel's condition (the interpreter computes in fp32)
+        launches = []
+        launch = kernels.launch_back_projection
+        kernels.launch_back_projection = lambda *args: launches.append(1) or launch(*args)
+        g = torch.Generator().manual_seed(int(torch.randint(0, 10**6, ()).item()))
+        errors = []
+        # rows/cols not multiples of the 256×64 tiles, inner not a multiple of 32; right row-major
+        # (Q O) or the transpose of a row-major matrix (O Qᵀ); β = 0 ignores NaN in out
+        for rows, cols, inner, beta, transposed in [
+            (260, 68, 36, 0.95, False), (12, 132, 8, 1.0, True), (257, 64, 128, 0.0, True)
+        ]:
+            outs = [torch.randn(rows, cols, generator=g) for _ in range(3)]
+            if beta == 0:
+                for out in outs:
+                    out[0, 0] = float("nan")
+            lefts = [torch.randn(rows, inner, generator=g) for _ in range(3)]
+            if transposed:
+                rights = [torch.randn(cols, inner, generator=g).mT for _ in range(3)]
+            else:
+                rights = [torch.randn(inner, cols, generator=g) for _ in range(3)]
+            expected = [beta * o.double().nan_to_num() - 0.5 * a.double() @ b.double()
+                        for o, a, b in zip(outs, lefts, rights)]
+            kernels.grouped_addmm_(outs, lefts, rights, beta=beta, alpha=-0.5)
+            errors += [((o.double() - e).norm() / e.norm()).item() for o, e in zip(outs, expected)]
+        print(json.dumps({"errors": errors, "launches": len(launches)}))
+        """
+    )
+    assert result["launches"] == 3, result
+    assert all(error < 2e-6 for error in result["errors"]), result
+
+
 def test_rejects_mismatched_shapes_and_lengths():
     with pytest.raises(ValueError, match="shapes do not fit"):
         grouped_addmm_([torch.zeros(3, 4)], [torch.zeros(3, 2)], [torch.zeros(3, 4)])
@@ -129,6 +193,79 @@ def test_compiled_kernel_matches_float64_on_a_gpu(monkeypatch):
     finally:
         torch.backends.cuda.matmul.allow_tf32 = saved
     assert len(launches) == 3  # one launch per stack, not the addmm_ loop
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_compiled_back_projection_kernel_matches_float64_on_a_gpu(monkeypatch):
+    """The TMA kernel as CUDA runs it (TF32 inputs): ragged tiles, both right layouts, β = 0 over NaN."""
+    from sumo_optim import kernels
+
+    tma = kernels.triton_available() and kernels.HAS_TENSOR_DESCRIPTORS
+    if not tma or torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("needs Triton with tensor descriptors and a GPU with TMA")
+    launches = []
+    launch = kernels.launch_back_projection
+    monkeypatch.setattr(kernels, "launch_back_projection", lambda *args: launches.append(1) or launch(*args))
+    g = torch.Generator(device="cuda").manual_seed(int(torch.randint(0, 10**6, ())))
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        for rows, cols, inner, beta, transposed in [
+            (260, 68, 36, 0.95, False),
+            (2048, 2052, 128, 1.0, True),
+            (5461, 2048, 128, 0.0, True),
+        ]:
+            outs = [torch.randn(rows, cols, generator=g, device="cuda") for _ in range(3)]
+            if beta == 0:
+                for out in outs:
+                    out[0, 0] = float("nan")
+            lefts = [torch.randn(rows, inner, generator=g, device="cuda") for _ in range(3)]
+            if transposed:
+                rights = [torch.randn(cols, inner, generator=g, device="cuda").mT for _ in range(3)]
+            else:
+                rights = [torch.randn(inner, cols, generator=g, device="cuda") for _ in range(3)]
+            expected = [
+                beta * o.double().nan_to_num() - 0.5 * a.double() @ b.double() for o, a, b in zip(outs, lefts, rights)
+            ]
+            grouped_addmm_(outs, lefts, rights, beta=beta, alpha=-0.5)
+            for out, reference in zip(outs, expected):
+                assert ((out.double() - reference).norm() / reference.norm()).item() < 2e-3  # TF32, as above
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+    assert len(launches) == 3  # one launch per stack
+
+
+def test_sumo_through_the_back_projection_kernel_equals_the_addmm_loop():
+    result = _run_interpreted(
+        """
+        import json, torch
+        import sumo_optim
+        from sumo_optim import kernels
+        torch.backends.cuda.matmul.allow_tf32 = True
+
+        launches = []
+        launch = kernels.launch_back_projection
+        kernels.launch_back_projection = lambda *args: launches.append(1) or launch(*args)
+
+        def run(enabled):
+            kernels.ENABLED = enabled
+            g = torch.Generator().manual_seed(0)
+            params = [torch.randn(s, generator=g).requires_grad_() for s in [(24, 40), (24, 40), (40, 24)]]
+            opt = sumo_optim.SUMO(params, lr=0.05, rank=4, update_freq=3, weight_decay=0.1)
+            for _ in range(4):
+                for p in params:
+                    p.grad = torch.randn(p.shape, generator=g)
+                opt.step()
+            return torch.cat([p.detach().flatten() for p in params])
+
+        kernel, loop = run(True), run(False)
+        print(json.dumps({"relative": ((kernel - loop).norm() / loop.norm()).item(), "launches": len(launches)}))
+        """
+    )
+    # every product is short (inner ≤ 40 < MIN_INNER) and TMA-addressable: projections,
+    # back-projections and the refreshes' sketch products all take the kernel
+    assert result["launches"] >= 2 * 4 * 2, result
+    assert result["relative"] < 1e-5, result
 
 
 def test_sumo_through_the_kernel_equals_the_addmm_loop():
