@@ -72,13 +72,13 @@ BYTES_PER_MATRIX = 2 * 4 * 16 * 12  # float32 weights and gradient of the larges
 @pytest.mark.parametrize(
     ("name", "options", "pieces"),
     [
-        ("sumo", EVERY_2, 5),  # pieces of half the bytes, two at a time (completes_pieces_late)
+        ("sumo", EVERY_2, 3),
         (
             "sumo",
             {**EVERY_2, "adamw_state_bits": 8, "state_dtype": torch.bfloat16, "bf16_stochastic_rounding": True},
-            5,
+            3,
         ),
-        ("sumo_paper", EVERY_2, 5),
+        ("sumo_paper", EVERY_2, 3),
         ("galore", EVERY_2, 3),
         ("galore8bit", {"update_proj_gap": 2, "refresh": "randomized"}, 3),
         ("golore", {**EVERY_2, "total_steps": 4}, 3),
@@ -89,50 +89,18 @@ def test_pieces_equal_the_whole_step(name, options, pieces, monkeypatch):
     whole, whole_optimizer, whole_counts = run(name, 2**30, torch.bfloat16, monkeypatch, **options)
     pieced, pieced_optimizer, pieced_counts = run(name, 2 * BYTES_PER_MATRIX, torch.bfloat16, monkeypatch, **options)
     assert whole_counts == [1] * 4
-    assert pieced_counts == [pieces] * 4  # two matrices a piece: 2 + 2 + 1 (SUMO: one a piece)
+    assert pieced_counts == [pieces] * 4  # two matrices a piece: 2 + 2 + 1
     for a, b in zip(whole, pieced, strict=True):
         assert torch.equal(a, b)
     assert_states_equal(whole_optimizer, pieced_optimizer)
 
 
 def test_pieces_put_equal_shapes_together_and_other_parameters_first(monkeypatch):
-    _, optimizer, _ = run("galore", 2 * BYTES_PER_MATRIX, torch.bfloat16, monkeypatch, steps=1, **EVERY_2)
+    _, optimizer, _ = run("sumo", 2 * BYTES_PER_MATRIX, torch.bfloat16, monkeypatch, steps=1, **EVERY_2)
     pieces = PIECES(optimizer, optimizer._parameters_with_grad())
     shapes = [[tuple(p.shape) for p, _, _ in piece] for piece in pieces]
     # (a piece holds two matrices' copies; the three 16×12 matrices fill one and start another)
     assert shapes == [[(10,), (12, 16), (16, 12)], [(16, 12), (16, 12)], [(20, 8)]]
-
-
-def test_sumo_completes_each_piece_after_queueing_the_next(monkeypatch):
-    """SUMO's completion of a piece (its fallback flags: a host synchronization, then the write-back
-    of the working copies) runs once the next piece is queued, so the device is not left idle while
-    the host prepares it; its pieces are half of ``matrix_piece_bytes``, so the two that exist at
-    once stay within it."""
-    from sumo_optim.sumo import SUMO
-
-    events = []
-    prepare, complete = base.SubspaceOptimizer._prepare_matrices, SUMO._complete_untrusted
-    monkeypatch.setattr(
-        base.SubspaceOptimizer,
-        "_prepare_matrices",
-        lambda self, work: events.append(("queue", [tuple(p.shape) for p, _, _ in work])) or prepare(self, work),
-    )
-    monkeypatch.setattr(
-        SUMO,
-        "_complete_untrusted",
-        staticmethod(
-            lambda matrices, *args: (
-                events.append(("complete", [tuple(x.weights.shape) for x in matrices])) or complete(matrices, *args)
-            )
-        ),
-    )
-    _, _, counts = run("sumo", 2 * BYTES_PER_MATRIX, torch.bfloat16, monkeypatch, steps=1, **EVERY_2)
-    assert counts == [len(SHAPES)]  # one matrix's copies a piece
-    queued = [shapes for kind, shapes in events if kind == "queue"]
-    assert [kind for kind, _ in events] == ["queue", "queue"] + ["complete", "queue"] * (len(SHAPES) - 2) + [
-        "complete"
-    ] * 2
-    assert [shapes for kind, shapes in events if kind == "complete"] == [[s for s in q if len(s) == 2] for q in queued]
 
 
 def test_float32_matrices_and_cuda_graphs_take_one_piece(monkeypatch):

@@ -152,9 +152,6 @@ class SubspaceOptimizer(Optimizer):
     vector_step_is_elementwise = True
     # Group entries that the graphed part of a step reads (a change means a new capture).
     graph_hyperparameters: tuple[str, ...] = ()
-    # Whether :meth:`_step_matrices` returns a completion that waits for the device (SUMO's
-    # fallback flags): then pieces complete one piece late, two of half the size at a time (:meth:`_pieces`).
-    completes_pieces_late = False
 
     def __init__(
         self,
@@ -393,9 +390,7 @@ class SubspaceOptimizer(Optimizer):
         item.projected = projected
         item.basis_ready = index in self._refreshed_early
         item.deferred = [] if in_blocks else None
-        complete = self._step_matrices([item])
-        if complete is not None:
-            complete()
+        self._step_matrices([item])
         if in_blocks:
             self._back_project_in_blocks(p, item.deferred, group)
         else:
@@ -644,24 +639,9 @@ class SubspaceOptimizer(Optimizer):
             # rather than one per piece: a NaN in a later piece raises before any weight changes.
             flags = self._finite_flags(work, self._queue_finite_check(work, range(len(work))))
             finite = {id(p): ok for (p, _, _), ok in zip(work, flags)}
-        self._step_pieces([lambda piece=piece: self._step_checked(piece, sharding, finite) for piece in pieces])
+        for piece in pieces:
+            self._step_checked(piece, sharding, finite)
         return loss
-
-    @staticmethod
-    def _step_pieces(pieces: list[Callable[[], Callable[[], None] | None]]) -> None:
-        """Runs each piece's step, which queues its work and returns what completes it (or None),
-        completing each piece after the next one is queued: a completion that waits for the
-        device (SUMO's one host synchronization per piece) then finds the device busy with the
-        next piece instead of leaving it idle while the host prepares that piece."""
-        pending = None
-        try:
-            for queue in pieces:
-                previous, pending = pending, queue()
-                if previous is not None:  # (not run again below if it raises)
-                    previous()
-        finally:
-            if pending is not None:
-                pending()
 
     def _pieces(self, work: Work) -> list[Work]:
         """``work`` in pieces whose matrices' float32 working copies (weights and gradient of a
@@ -669,12 +649,8 @@ class SubspaceOptimizer(Optimizer):
         one matrix), stepped one after the other: those matrices ordered by shape, so that a
         piece's stacks of equal shapes stay large, the other parameters in the first piece. One
         piece when matrices step one at a time anyway, with ``matrix_piece_bytes=None``, or with
-        ``cuda_graph=True`` (its graph needs every working copy at the same address on every step).
-        With ``completes_pieces_late`` two pieces exist at once (:meth:`_step_pieces`), each of
-        half that size."""
+        ``cuda_graph=True`` (its graph needs every working copy at the same address on every step)."""
         limit = self.matrix_piece_bytes
-        if limit is not None and self.completes_pieces_late:
-            limit = max(1, limit // 2)
         if not self.steps_matrices_together or self.cuda_graph is not None or limit is None:
             return [work]
         rest: Work = []
@@ -695,13 +671,10 @@ class SubspaceOptimizer(Optimizer):
             size += copies
         return pieces
 
-    def _step_checked(
-        self, work: Work, sharding: StepSharding | None, finite: dict[int, bool] | None = None
-    ) -> Callable[[], None] | None:
+    def _step_checked(self, work: Work, sharding: StepSharding | None, finite: dict[int, bool] | None = None) -> None:
         """The step of :meth:`step` for parameters whose gradients passed :meth:`_check_gradients`:
         NaN/Inf checks (a parameter with one skips its step; ``finite``: already checked, by
-        parameter id) and the updates. Returns what completes them, if anything is left
-        (:meth:`_update_parameters`)."""
+        parameter id) and the updates."""
         together = self.steps_matrices_together and sharding is None
         is_matrix = [self._uses_matrix_rule(p, group) for p, group, _ in work]
         # On a step where no matrix refreshes its basis, the matrices' projected gradients
@@ -734,10 +707,9 @@ class SubspaceOptimizer(Optimizer):
         if sharding is not None:
             sharding.step(self, ready)
         elif prepared is not None and len(ready) == len(work):
-            return self._update_parameters(ready, prepared)
+            self._update_parameters(ready, prepared)
         else:
             self._update_parameters(ready)
-        return None
 
     def _prepare_matrices(self, work: list[tuple[Tensor, dict[str, Any], int]]) -> list[tuple[Tensor, Tensor, Matrix]]:
         """(parameter, its working copy, its :class:`Matrix`) for the parameters of ``work`` that
@@ -757,48 +729,28 @@ class SubspaceOptimizer(Optimizer):
         self,
         work: list[tuple[Tensor, dict[str, Any], int]],
         prepared: list[tuple[Tensor, Tensor, Matrix]] | None = None,
-    ) -> Callable[[], None] | None:
+    ) -> None:
         """Updates parameters whose gradients have been checked: one at a time, or, with
         ``steps_matrices_together``, the matrices together in :meth:`_step_matrices` (their
         working copies then exist at once; ``prepared`` by :meth:`_prepare_matrices` for
-        exactly ``work``, or made here, piece by piece: :meth:`_pieces`) and the rest one at a time.
-
-        With ``prepared``, returns what completes the update when ``_step_matrices`` left
-        something to complete (it then also writes the working copies back); the caller must call it.
-        """
+        exactly ``work``, or made here, piece by piece: :meth:`_pieces`) and the rest one at a time."""
         if not self.steps_matrices_together:
             for p, group, index in work:
                 self._update_parameter(p, group, index)
-            return None
+            return
         if prepared is None:
-            self._step_pieces(
-                [
-                    lambda piece=piece: self._update_parameters(piece, self._prepare_matrices(piece))
-                    for piece in self._pieces(work)
-                ]
-            )
-            return None
+            for piece in self._pieces(work):
+                self._update_parameters(piece, self._prepare_matrices(piece))
+            return
         items = iter(item for _, _, item in prepared)
         for p, group, index in work:
             if self._uses_matrix_rule(p, group):
                 next(items).state = self._count_step(p, group, index)
             else:
                 self._update_parameter(p, group, index)
-        complete = self._step_matrices([item for _, _, item in prepared])
-
-        def write_back() -> None:
-            for p, weights, item in prepared:
-                self._end_update(p, weights, item.group)
-
-        if complete is None:
-            write_back()
-            return None
-
-        def complete_and_write_back() -> None:
-            complete()
-            write_back()
-
-        return complete_and_write_back
+        self._step_matrices([item for _, _, item in prepared])
+        for p, weights, item in prepared:
+            self._end_update(p, weights, item.group)
 
     def _update_parameter(self, p: Tensor, group: dict[str, Any], index: int) -> None:
         """Applies this step's rule to one parameter whose gradient has been checked."""
@@ -940,13 +892,10 @@ class SubspaceOptimizer(Optimizer):
         """Updates the 2-D ``weights`` in place from ``grad``; ``state["step"]`` counts this step."""
         if not self.steps_matrices_together:
             raise NotImplementedError
-        complete = self._step_matrices([Matrix(weights, grad, state, group, self._side(grad.shape, group))])
-        if complete is not None:
-            complete()
+        self._step_matrices([Matrix(weights, grad, state, group, self._side(grad.shape, group))])
 
-    def _step_matrices(self, matrices: list[Matrix]) -> Callable[[], None] | None:
-        """Updates several matrices in place (each like :meth:`_matrix_step`); may return what
-        completes the update (work that waits for the device), which the caller must call."""
+    def _step_matrices(self, matrices: list[Matrix]) -> None:
+        """Updates several matrices in place (each like :meth:`_matrix_step`)."""
         raise NotImplementedError
 
     def _checks_projection(self, p: Tensor, group: dict[str, Any]) -> bool:

@@ -22,7 +22,6 @@ against AdamW's ``2mn``. Parameters that are not matrices get AdamW (see
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -145,7 +144,6 @@ class SUMO(SubspaceOptimizer):
     """
 
     steps_matrices_together = True
-    completes_pieces_late = True
     refreshes_from_first_micro_batch = True
     graph_hyperparameters = ("momentum", "limiter", "orthogonalization")
 
@@ -265,15 +263,14 @@ class SUMO(SubspaceOptimizer):
             return {"basis": (n, rank), "moment": (m, rank)}
         return {"moment": (m, n)}
 
-    def _step_matrices(self, matrices: list[Matrix]) -> Callable[[], None]:
+    def _step_matrices(self, matrices: list[Matrix]) -> None:
         """Algorithm 1 for matrices whose step is counted, stack by stack.
 
         Block 1 batched per stack (refresh steps only); Blocks 2 and 3 in :meth:`_directions`
         (replayed as a CUDA graph with ``cuda_graph=True``); Block 4's back-projection as one
         grouped product per stack of equal-shape matrices (:mod:`sumo_optim.stacks`). The one
         host synchronization comes last, once all the work is queued: it looks for moments the
-        fast orthogonalization could not vouch for (rare). It is returned, not run, so that a step
-        in pieces can queue the next piece first (``completes_pieces_late``).
+        fast orthogonalization could not vouch for (rare).
         """
         stored = self._computing_copies(matrices)
         refreshed = [x for x in matrices if self._init_state(x)]
@@ -293,12 +290,8 @@ class SUMO(SubspaceOptimizer):
                     basis = x.state["basis"]
                     complement = x.grad - project_back(project(x.grad, basis, side), basis, side)
                     x.weights.add_(complement, alpha=-lr * group["complement_scale"])
-
-        def complete() -> None:  # the one host synchronization
-            self._complete_untrusted(matrices, flags, all_trusted, previous_norms)
-            self._store_computing_copies(stored)
-
-        return complete
+        self._complete_untrusted(matrices, flags, all_trusted, previous_norms)
+        self._store_computing_copies(stored)
 
     @staticmethod
     def _store_computing_copies(stored: list[tuple[Matrix, dict[str, Any]]]) -> None:
