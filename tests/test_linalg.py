@@ -436,3 +436,9 @@ def test_polar_of_square_matches_float64_svd_down_to_the_smallest_singular_value
 def test_polar_schedule_refuses_a_bound_outside_zero_one(smallest):
     with pytest.raises(ValueError, match="smallest singular value"):
         linalg.polar_schedule(smallest)
+
+
+def test_cholesky_route_with_a_bound_above_one_half():
+    """rtol / √rows ≥ 1 (one row, rtol 1.5: every matrix counts as rank 0) still runs, as the SVD does."""
+    matrix = torch.randn(3, 1, 20, generator=torch.Generator().manual_seed(int(torch.randint(0, 10**6, ()))))
+    torch.testing.assert_close(orthogonalize_cholesky(matrix, rtol=1.5), orthogonalize(matrix, rtol=1.5))
