@@ -30,7 +30,7 @@ PHASES = (
     "_update_parameters",
     "_refresh",
     "_graphed",
-    "_complete_untrusted",
+    "_fallback_updates",
 )
 
 

@@ -633,14 +633,13 @@ class SubspaceOptimizer(Optimizer):
         # (sharded steps agree on the finite flags of all their work at once; they step their own
         # matrices in pieces in :meth:`_update_parameters`)
         pieces = self._pieces(work) if sharding is None else [work]
-        finite = None
-        if len(pieces) > 1:
-            # Every gradient checked first, with one host synchronization for the whole step
-            # rather than one per piece: a NaN in a later piece raises before any weight changes.
-            flags = self._finite_flags(work, self._queue_finite_check(work, range(len(work))))
-            finite = {id(p): ok for (p, _, _), ok in zip(work, flags)}
-        for piece in pieces:
-            self._step_checked(piece, sharding, finite)
+        if len(pieces) == 1:
+            self._step_checked(pieces[0], sharding)
+            return loss
+        # Every gradient checked first, with one host synchronization for the whole step rather
+        # than one per piece: a NaN in a later piece raises before any weight changes.
+        flags = self._finite_flags(work, self._queue_finite_check(work, range(len(work))))
+        self._step_checked(work, sharding, {id(p): ok for (p, _, _), ok in zip(work, flags)}, pieces)
         return loss
 
     def _pieces(self, work: Work) -> list[Work]:
@@ -671,10 +670,16 @@ class SubspaceOptimizer(Optimizer):
             size += copies
         return pieces
 
-    def _step_checked(self, work: Work, sharding: StepSharding | None, finite: dict[int, bool] | None = None) -> None:
+    def _step_checked(
+        self,
+        work: Work,
+        sharding: StepSharding | None,
+        finite: dict[int, bool] | None = None,
+        pieces: list[Work] | None = None,
+    ) -> None:
         """The step of :meth:`step` for parameters whose gradients passed :meth:`_check_gradients`:
         NaN/Inf checks (a parameter with one skips its step; ``finite``: already checked, by
-        parameter id) and the updates."""
+        parameter id) and the updates, in ``pieces`` (of :meth:`_pieces`) if given."""
         together = self.steps_matrices_together and sharding is None
         is_matrix = [self._uses_matrix_rule(p, group) for p, group, _ in work]
         # On a step where no matrix refreshes its basis, the matrices' projected gradients
@@ -687,8 +692,8 @@ class SubspaceOptimizer(Optimizer):
             and all(self._checks_projection(p, group) for (p, group, _), matrix in zip(work, is_matrix) if matrix)
         )
         # Working copies first: they take the same addresses on steps of either kind (a CUDA graph
-        # of the step stays valid across them).
-        prepared = self._prepare_matrices(work) if together else None
+        # of the step stays valid across them). Not when checked already: a step in pieces.
+        prepared = self._prepare_matrices(work) if together and finite is None else None
         if finite is None:
             positions = [i for i, matrix in enumerate(is_matrix) if not (early and matrix)]
             pending = self._queue_finite_check(work, positions)
@@ -708,6 +713,10 @@ class SubspaceOptimizer(Optimizer):
             sharding.step(self, ready)
         elif prepared is not None and len(ready) == len(work):
             self._update_parameters(ready, prepared)
+        elif pieces is not None:
+            stepped = {id(p) for p, _, _ in ready}
+            pieces = [[entry for entry in piece if id(entry[0]) in stepped] for piece in pieces]
+            self._update_pieces([piece for piece in pieces if piece])
         else:
             self._update_parameters(ready)
 
@@ -739,8 +748,7 @@ class SubspaceOptimizer(Optimizer):
                 self._update_parameter(p, group, index)
             return
         if prepared is None:
-            for piece in self._pieces(work):
-                self._update_parameters(piece, self._prepare_matrices(piece))
+            self._update_pieces(self._pieces(work))
             return
         items = iter(item for _, _, item in prepared)
         for p, group, index in work:
@@ -751,6 +759,11 @@ class SubspaceOptimizer(Optimizer):
         self._step_matrices([item for _, _, item in prepared])
         for p, weights, item in prepared:
             self._end_update(p, weights, item.group)
+
+    def _update_pieces(self, pieces: list[Work]) -> None:
+        """Updates the pieces of :meth:`_pieces` one after the other, each with its working copies."""
+        for piece in pieces:
+            self._update_parameters(piece, self._prepare_matrices(piece))
 
     def _update_parameter(self, p: Tensor, group: dict[str, Any], index: int) -> None:
         """Applies this step's rule to one parameter whose gradient has been checked."""

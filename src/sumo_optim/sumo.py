@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import MATRIX_PIECE_BYTES, SubspaceOptimizer, _is_number
+from .base import MATRIX_PIECE_BYTES, SubspaceOptimizer, Work, _is_number
 from .linalg import (
     orthogonalize,
     orthogonalize_cholesky,
@@ -135,8 +135,9 @@ class SUMO(SubspaceOptimizer):
         matrix_piece_bytes: bf16/fp16 matrices are stepped with float32 working copies of
             their weights and gradient, about this many bytes of copies at a time (default
             :data:`~sumo_optim.base.MATRIX_PIECE_BYTES`, 1 GiB; results are the same bit for
-            bit); ``None``: all at once, faster, with 4× the matrices' bf16 bytes of transient
-            memory (the README gives the measured trade-off). Ignored with
+            bit), stepped in phases so that they cost little time (:meth:`_update_pieces`);
+            ``None``: all at once, with 4× the matrices' bf16 bytes of transient memory (the
+            README gives the measured trade-off). Ignored with
             ``cuda_graph=True``, which holds all of them.
 
     States (``self.state[p]``): ``basis`` Q, ``moment`` M, ``step``, ``seed``, and
@@ -279,6 +280,14 @@ class SUMO(SubspaceOptimizer):
         updates, flags, all_trusted, previous_norms = self._graphed(matrices, lambda: self._directions(matrices))
         for item, update in zip(matrices, updates):
             item.update = update
+        self._back_project(matrices)
+        for item, update in self._fallback_updates(matrices, flags, all_trusted, previous_norms):
+            project_back_([item], [update], 1.0, _orthogonal_step_alpha(item.group, item.weights.shape))
+        self._store_computing_copies(stored)
+
+    @staticmethod
+    def _back_project(matrices: list[Matrix]) -> None:
+        """Block 4 for matrices with their ``update``: one grouped product per stack."""
         for members in stacks(matrices, lambda x: (id(x.group), x.side, x.weights.shape, x.weights.stride())):
             group, side = members[0].group, members[0].side
             lr = group["lr"]
@@ -290,8 +299,68 @@ class SUMO(SubspaceOptimizer):
                     basis = x.state["basis"]
                     complement = x.grad - project_back(project(x.grad, basis, side), basis, side)
                     x.weights.add_(complement, alpha=-lr * group["complement_scale"])
-        self._complete_untrusted(matrices, flags, all_trusted, previous_norms)
-        self._store_computing_copies(stored)
+
+    def _update_pieces(self, pieces: list[Work]) -> None:
+        """Steps bf16/fp16 matrices in pieces (:meth:`_pieces`) in three phases, so that the float64
+        route and its host synchronization run once for all matrices, not once per piece:
+
+        1. per piece: float32 copies of the gradients, Block 1 where due, the projections (then
+           the copies go);
+        2. all matrices at once: Blocks 2 and 3 (:meth:`_directions`), then the one synchronization
+           and the SVD updates of moments the fast route could not vouch for;
+        3. per piece: float32 copies of the weights, Block 4 (those SVD updates added as in
+           :meth:`_step_matrices`), the write-back.
+
+        Results equal the whole step's bit for bit. The projections, then the updates, of all matrices
+        exist at once (the moments' bytes each; LLaMA-1B: 43.8 ms a bf16 step against 62.2 piece by
+        piece and 43.1 all at once, H200, ``benchmarks/results/step_1b_bf16_pieces.md``). Groups
+        with ``complement_scale`` (Block 4 reads G) step piece by piece, as the base class does.
+        """
+        if any(group["complement_scale"] for piece in pieces for _, group, _ in piece):
+            super()._update_pieces(pieces)
+            return
+        phases = []  # per piece: (parameter, matrix) pairs, stored states
+        for piece in pieces:
+            entries = []
+            for p, group, index in piece:
+                if not self._uses_matrix_rule(p, group):
+                    self._update_parameter(p, group, index)
+                    continue
+                grad = self._working_copy(p.grad)
+                grad = grad.view(p.shape[0], -1) if p.ndim > 2 else grad
+                stand_in = torch.empty(grad.shape, dtype=grad.dtype, device="meta")  # weights: phase 3
+                state = self._count_step(p, group, index)
+                entries.append((p, Matrix(stand_in, grad, state, group, self._side(grad.shape, group))))
+            items = [item for _, item in entries]
+            stored = self._computing_copies(items)
+            self._refresh([x for x in items if self._init_state(x)])
+            self._project(items)
+            for x in items:
+                x.grad = x.weights  # the float32 copy goes
+            phases.append((entries, stored))
+        matrices = [item for entries, _ in phases for _, item in entries]
+        updates, flags, all_trusted, previous_norms = self._directions(matrices)
+        for item, update in zip(matrices, updates):
+            item.update, item.projected = update, None  # (the projections are in the moments now)
+        fallbacks = {
+            id(item): update for item, update in self._fallback_updates(matrices, flags, all_trusted, previous_norms)
+        }
+        for entries, stored in phases:
+            copies = []
+            for p, item in entries:
+                weights = self._working_copy(p)
+                item.weights = weights.view(p.shape[0], -1) if p.ndim > 2 else weights
+                copies.append((p, weights, item))
+            items = [item for _, item in entries]
+            self._back_project(items)
+            for item in items:
+                if id(item) in fallbacks:
+                    alpha = _orthogonal_step_alpha(item.group, item.weights.shape)
+                    project_back_([item], [fallbacks[id(item)]], 1.0, alpha)
+            self._store_computing_copies(stored)
+            for p, weights, item in copies:
+                self._end_update(p, weights, item.group)
+                item.weights = item.update = item.grad  # (the meta stand-in) the copies go
 
     @staticmethod
     def _store_computing_copies(stored: list[tuple[Matrix, dict[str, Any]]]) -> None:
@@ -399,7 +468,7 @@ class SUMO(SubspaceOptimizer):
         the exact GPU route (Cholesky) for all stacks at once, without a host synchronization.
 
         Returns the updates, per moment the Cholesky route's flag (``None`` for other routes;
-        where False the update is zero and :meth:`_complete_untrusted` must supply it), and
+        where False the update is zero and :meth:`_fallback_updates` must supply it), and
         whether every flag is True (``None`` if there are none).
         """
         batches: dict[tuple, list[int]] = {}  # positions of the moments stacked together
@@ -423,24 +492,25 @@ class SUMO(SubspaceOptimizer):
         return updates, flags, all_trusted
 
     @staticmethod
-    def _complete_untrusted(
+    def _fallback_updates(
         matrices: list[Matrix], flags: list[Tensor | None], all_trusted: Tensor | None, previous_norms: list
-    ) -> None:
+    ) -> list[tuple[Matrix, Tensor]]:
         """The step's one host synchronization: matrices whose moment the Cholesky route could not
-        vouch for (rank-deficient, too ill-conditioned, non-finite) got a zero update; they now
-        get the exact SVD one (:func:`~sumo_optim.linalg.orthogonalize`, the same rank rule),
-        through the limiter from its previous norm, added to the already decayed weights."""
+        vouch for (rank-deficient, too ill-conditioned, non-finite) got a zero update; returns their
+        exact SVD one (:func:`~sumo_optim.linalg.orthogonalize`, the same rank rule), through the
+        limiter from its previous norm, to be added to the already decayed weights."""
         if all_trusted is None or bool(all_trusted):
-            return
+            return []
+        fallbacks = []
         for item, flag, previous_norm in zip(matrices, flags, previous_norms):
             if flag is None or bool(flag):
                 continue
-            group = item.group
             update = orthogonalize(item.state["moment"])
-            if group["limiter"] is not None:
-                update, norm = limit_norm_growth(update, previous_norm, group["limiter"])
+            if item.group["limiter"] is not None:
+                update, norm = limit_norm_growth(update, previous_norm, item.group["limiter"])
                 item.state["previous_norm"].copy_(norm)
-            project_back_([item], [update], 1.0, _orthogonal_step_alpha(group, item.weights.shape))
+            fallbacks.append((item, update))
+        return fallbacks
 
 
 def _orthogonal_step_alpha(group: dict[str, Any], shape: torch.Size) -> float:
