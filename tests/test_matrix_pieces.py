@@ -1,7 +1,7 @@
 """Bf16/fp16 matrices are stepped in pieces of about ``matrix_piece_bytes`` of float32 working
-copies (``SubspaceOptimizer._pieces``): equal bit for bit to stepping all matrices at once, a NaN
-in a later piece still changes no weight, the finite check still waits once a step, and the
-step's peak memory falls."""
+copies (``SubspaceOptimizer._pieces``), in phases (``_update_pieces``): equal bit for bit to
+stepping all matrices at once, a NaN in a later piece still changes no weight, the finite check
+still waits once a step, the inner rule runs once a step, and the step's peak memory falls."""
 
 import json
 import os
@@ -95,9 +95,30 @@ def test_pieces_equal_the_whole_step(name, options, pieces, monkeypatch):
     assert_states_equal(whole_optimizer, pieced_optimizer)
 
 
-def test_sumo_runs_its_float64_route_once_a_step_in_pieces(monkeypatch):
-    """SUMO steps pieces in phases (projections piece by piece, all moments' directions at once,
-    back-projections piece by piece); with ``complement_scale`` (the paper's rule) piece by piece."""
+@pytest.mark.parametrize(
+    ("name", "options"),
+    [
+        ("sumo", EVERY_2),
+        ("galore", EVERY_2),
+        ("galore8bit", {"update_proj_gap": 2}),
+        ("golore", {**EVERY_2, "total_steps": 4}),
+    ],
+)
+def test_the_inner_rule_runs_once_a_step_in_pieces(name, options, monkeypatch):
+    """Pieces go in phases (projections piece by piece, every matrix's direction at once,
+    back-projections piece by piece): SUMO's float64 route, GaLore's Adam once a step."""
+    cls = type(sumo_optim.create(name, [torch.nn.Parameter(torch.zeros(4, 4))], **options))
+    calls = []
+    directions = cls._directions
+    monkeypatch.setattr(
+        cls, "_directions", lambda self, matrices: calls.append(len(matrices)) or directions(self, matrices)
+    )
+    _, _, counts = run(name, 2 * BYTES_PER_MATRIX, torch.bfloat16, monkeypatch, steps=2, **options)
+    assert counts == [3, 3] and calls == [len(SHAPES)] * 2
+
+
+def test_sumo_with_complement_scale_steps_piece_by_piece(monkeypatch):
+    """The paper's rule reads G in Block 4 (``(I − QQᵀ) G``): no phases, the float64 route per piece."""
     from sumo_optim.sumo import SUMO
 
     calls = []
@@ -105,9 +126,6 @@ def test_sumo_runs_its_float64_route_once_a_step_in_pieces(monkeypatch):
     monkeypatch.setattr(
         SUMO, "_directions", lambda self, matrices: calls.append(len(matrices)) or directions(self, matrices)
     )
-    _, _, counts = run("sumo", 2 * BYTES_PER_MATRIX, torch.bfloat16, monkeypatch, steps=2, **EVERY_2)
-    assert counts == [3, 3] and calls == [len(SHAPES)] * 2
-    calls.clear()
     _, _, counts = run("sumo_paper", 2 * BYTES_PER_MATRIX, torch.bfloat16, monkeypatch, steps=1, **EVERY_2)
     assert counts == [3] and calls == [2, 2, 1]
 
@@ -143,6 +161,31 @@ def test_sumo_pieces_with_svd_fallbacks_equal_the_whole_step(monkeypatch):
     pieced, pieced_optimizer = steps(2 * BYTES_PER_MATRIX)
     assert any(fallbacks) and all(torch.equal(a, b) for a, b in zip(whole, pieced, strict=True))
     assert_states_equal(whole_optimizer, pieced_optimizer)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("name", ["sumo", "galore"])
+def test_pieces_equal_the_whole_step_on_a_gpu(name):
+    """The phases on a GPU, where SUMO's exact route is Cholesky + polar with its SVD fallback (a
+    zero gradient on the first step gives a zero moment, which the fallback takes)."""
+    shapes = [(512, 256)] * 3 + [(256, 512)] * 2 + [(384, 128)]
+
+    def steps(piece_bytes):
+        g = torch.Generator(device="cuda").manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(s, generator=g, device="cuda").bfloat16()) for s in shapes]
+        gap = {"update_freq": 3} if name == "sumo" else {"update_proj_gap": 3}  # refreshes at steps 1 and 4
+        optimizer = sumo_optim.create(
+            name, params, lr=0.01, rank=16, weight_decay=0.1, matrix_piece_bytes=piece_bytes, **gap
+        )
+        for step in range(5):
+            for i, p in enumerate(params):
+                grad = torch.randn(p.shape, generator=g, device="cuda")
+                p.grad = (grad * (i != 0 or step != 0)).bfloat16()
+            optimizer.step()
+        return [p.detach().clone() for p in params]
+
+    whole, pieced = steps(2**30), steps(2 * 4 * 512 * 256)
+    assert all(torch.equal(a, b) for a, b in zip(whole, pieced, strict=True))
 
 
 def test_pieces_put_equal_shapes_together_and_other_parameters_first(monkeypatch):

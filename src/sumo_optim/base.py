@@ -761,9 +761,67 @@ class SubspaceOptimizer(Optimizer):
             self._end_update(p, weights, item.group)
 
     def _update_pieces(self, pieces: list[Work]) -> None:
-        """Updates the pieces of :meth:`_pieces` one after the other, each with its working copies."""
+        """Updates the pieces of :meth:`_pieces`: one after the other, each with its working copies,
+        or, where :meth:`_steps_pieces_in_phases`, in three phases, so that the work a step does
+        once whatever its size (short batched kernels, host synchronizations) is done once:
+
+        1. per piece: float32 copies of the gradients, :meth:`_project_piece` (refreshes where
+           due, the projections), then the copies go;
+        2. all matrices at once: :meth:`_direct_all` (the rule's directions);
+        3. per piece: float32 copies of the weights, :meth:`_back_project_piece`, the write-back.
+
+        Results equal the whole step's bit for bit. The projections, then the directions, of all
+        matrices exist at once (r/min(m, n) of the matrices' float32 bytes, each).
+        """
+        if not self._steps_pieces_in_phases(pieces):
+            for piece in pieces:
+                self._update_parameters(piece, self._prepare_matrices(piece))
+            return
+        phases = []  # per piece: its (parameter, matrix) pairs and what _project_piece returned
         for piece in pieces:
-            self._update_parameters(piece, self._prepare_matrices(piece))
+            entries = []
+            for p, group, index in piece:
+                if not self._uses_matrix_rule(p, group):
+                    self._update_parameter(p, group, index)
+                    continue
+                grad = self._working_copy(p.grad)
+                grad = grad.view(p.shape[0], -1) if p.ndim > 2 else grad
+                stand_in = torch.empty(grad.shape, dtype=grad.dtype, device="meta")  # the weights: phase 3
+                state = self._count_step(p, group, index)
+                entries.append((p, Matrix(stand_in, grad, state, group, self._side(grad.shape, group))))
+            items = [item for _, item in entries]
+            context = self._project_piece(items)
+            for x in items:
+                x.grad = x.weights  # the float32 copy goes
+            phases.append((entries, context))
+        matrices = [item for entries, _ in phases for _, item in entries]
+        directed = self._direct_all(matrices)
+        for item in matrices:
+            item.projected = None  # (taken into the directions)
+        for entries, context in phases:
+            copies = []
+            for p, item in entries:
+                weights = self._working_copy(p)
+                item.weights = weights.view(p.shape[0], -1) if p.ndim > 2 else weights
+                copies.append((p, weights, item))
+            self._back_project_piece([item for _, item in entries], directed, context)
+            for p, weights, item in copies:
+                self._end_update(p, weights, item.group)
+                item.weights = item.update = item.grad  # (the meta stand-in) the copies go
+
+    def _steps_pieces_in_phases(self, pieces: list[Work]) -> bool:
+        """Whether :meth:`_update_pieces` steps these pieces in phases (subclasses that define the
+        three phase methods say when)."""
+        return False
+
+    def _project_piece(self, matrices: list[Matrix]) -> Any:
+        raise NotImplementedError
+
+    def _direct_all(self, matrices: list[Matrix]) -> Any:
+        raise NotImplementedError
+
+    def _back_project_piece(self, matrices: list[Matrix], directed: Any, context: Any) -> None:
+        raise NotImplementedError
 
     def _update_parameter(self, p: Tensor, group: dict[str, Any], index: int) -> None:
         """Applies this step's rule to one parameter whose gradient has been checked."""

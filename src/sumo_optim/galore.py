@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import MATRIX_PIECE_BYTES, SubspaceOptimizer, _is_number
+from .base import MATRIX_PIECE_BYTES, SubspaceOptimizer, Work, _is_number
 from .stacks import Matrix, project_back_, projection_key, stacks
 from .subspace import BASIS_METHODS, choose_side, compute_bases, is_refresh_step, transport
 
@@ -196,18 +196,42 @@ class GaLoreAdamW(SubspaceOptimizer):
         batched refresh where due, the directions (:meth:`_directions`, replayed as a CUDA graph
         with ``cuda_graph=True``), and the back-projection with step size, ``scale`` and weight
         decay folded into one grouped product per stack and step count."""
+        self._project_unless_done(matrices, self._refresh_and_init(matrices))
+        for x, direction in zip(matrices, self._graphed(matrices, lambda: self._directions(matrices))):
+            x.update = direction
+        self._back_project_piece(matrices, None, None)
+
+    def _refresh_and_init(self, matrices: list[Matrix]) -> list[Matrix]:
+        """New bases where due and moments where missing; returns the refreshed matrices."""
         refreshed = [x for x in matrices if not x.basis_ready and ("basis" not in x.state or _refresh_due(x))]
         self._refresh(refreshed)
         for x in matrices:
             if "exp_avg" not in x.state and "exp_avg_codes" not in x.state:  # (8-bit: GaLoreAdamW8bit)
                 shape = self._expected_state_shapes(x.grad.shape, x.group, x.state)["exp_avg"]
-                # (on the weights' device: a step from accumulated projections has a meta gradient)
-                x.state["exp_avg"] = torch.zeros(shape, dtype=x.grad.dtype, device=x.weights.device)
-                x.state["exp_avg_sq"] = torch.zeros(shape, dtype=x.grad.dtype, device=x.weights.device)
-        self._project_unless_done(matrices, refreshed)
-        for x, direction in zip(matrices, self._graphed(matrices, lambda: self._directions(matrices))):
+                # (on the weights' device: a step from accumulated projections, or phase 1 of a step
+                # in pieces, has a meta gradient or weights; the gradient's device otherwise)
+                device = x.weights.device if x.weights.device.type != "meta" else x.grad.device
+                x.state["exp_avg"] = torch.zeros(shape, dtype=x.grad.dtype, device=device)
+                x.state["exp_avg_sq"] = torch.zeros(shape, dtype=x.grad.dtype, device=device)
+        return refreshed
+
+    # The phases of a step in pieces (:meth:`SubspaceOptimizer._update_pieces`): the inner rule
+    # runs once for all matrices, not once per piece.
+
+    def _steps_pieces_in_phases(self, pieces: list[Work]) -> bool:
+        return True
+
+    def _project_piece(self, matrices: list[Matrix]) -> None:
+        self._refresh_and_init(matrices)
+        self._project(matrices)
+
+    def _direct_all(self, matrices: list[Matrix]) -> None:
+        for x, direction in zip(matrices, self._directions(matrices)):
             x.update = direction
-        for members in stacks(matrices, lambda x: (*projection_key(x), x.state["step"])):  # bias correction
+
+    def _back_project_piece(self, matrices: list[Matrix], directed: Any, context: Any) -> None:
+        """Block 4: one grouped product per stack and step count (bias correction)."""
+        for members in stacks(matrices, lambda x: (*projection_key(x), x.state["step"])):
             project_back_(members, [x.update for x in members], *self._back_projection_scalars(members))
 
     def _refresh_basis(self, item: Matrix) -> None:

@@ -135,7 +135,7 @@ class SUMO(SubspaceOptimizer):
         matrix_piece_bytes: bf16/fp16 matrices are stepped with float32 working copies of
             their weights and gradient, about this many bytes of copies at a time (default
             :data:`~sumo_optim.base.MATRIX_PIECE_BYTES`, 1 GiB; results are the same bit for
-            bit), stepped in phases so that they cost little time (:meth:`_update_pieces`);
+            bit), stepped in phases so that they cost little time (:meth:`_direct_all`);
             ``None``: all at once, with 4× the matrices' bf16 bytes of transient memory (the
             README gives the measured trade-off). Ignored with
             ``cuda_graph=True``, which holds all of them.
@@ -300,67 +300,40 @@ class SUMO(SubspaceOptimizer):
                     complement = x.grad - project_back(project(x.grad, basis, side), basis, side)
                     x.weights.add_(complement, alpha=-lr * group["complement_scale"])
 
-    def _update_pieces(self, pieces: list[Work]) -> None:
-        """Steps bf16/fp16 matrices in pieces (:meth:`_pieces`) in three phases, so that the float64
-        route and its host synchronization run once for all matrices, not once per piece:
+    # The phases of a step in pieces (:meth:`SubspaceOptimizer._update_pieces`): the float64 route
+    # and its fallback check run once for all matrices, not once per piece (LLaMA-1B, bf16, H200:
+    # 40.7 ms a step in pieces, 39.5 all at once; 62.2 piece by piece before, against 43.8 in phases,
+    # ``benchmarks/results/step_1b_bf16_{pieces,whole,pieces_before}.md``).
 
-        1. per piece: float32 copies of the gradients, Block 1 where due, the projections (then
-           the copies go);
-        2. all matrices at once: Blocks 2 and 3 (:meth:`_directions`), then the one synchronization
-           and the SVD updates of moments the fast route could not vouch for;
-        3. per piece: float32 copies of the weights, Block 4 (those SVD updates added as in
-           :meth:`_step_matrices`), the write-back.
+    def _steps_pieces_in_phases(self, pieces: list[Work]) -> bool:
+        # (``complement_scale`` reads G in Block 4: piece by piece then)
+        return not any(group["complement_scale"] for piece in pieces for _, group, _ in piece)
 
-        Results equal the whole step's bit for bit. The projections, then the updates, of all matrices
-        exist at once (the moments' bytes each; LLaMA-1B: 43.8 ms a bf16 step against 62.2 piece by
-        piece and 43.1 all at once, H200, ``benchmarks/results/step_1b_bf16_pieces.md``). Groups
-        with ``complement_scale`` (Block 4 reads G) step piece by piece, as the base class does.
-        """
-        if any(group["complement_scale"] for piece in pieces for _, group, _ in piece):
-            super()._update_pieces(pieces)
-            return
-        phases = []  # per piece: (parameter, matrix) pairs, stored states
-        for piece in pieces:
-            entries = []
-            for p, group, index in piece:
-                if not self._uses_matrix_rule(p, group):
-                    self._update_parameter(p, group, index)
-                    continue
-                grad = self._working_copy(p.grad)
-                grad = grad.view(p.shape[0], -1) if p.ndim > 2 else grad
-                stand_in = torch.empty(grad.shape, dtype=grad.dtype, device="meta")  # weights: phase 3
-                state = self._count_step(p, group, index)
-                entries.append((p, Matrix(stand_in, grad, state, group, self._side(grad.shape, group))))
-            items = [item for _, item in entries]
-            stored = self._computing_copies(items)
-            self._refresh([x for x in items if self._init_state(x)])
-            self._project(items)
-            for x in items:
-                x.grad = x.weights  # the float32 copy goes
-            phases.append((entries, stored))
-        matrices = [item for entries, _ in phases for _, item in entries]
+    def _project_piece(self, matrices: list[Matrix]) -> Any:
+        """Phase 1: Block 1 where due, the projections; returns the stored states (``state_dtype``)."""
+        stored = self._computing_copies(matrices)
+        self._refresh([x for x in matrices if self._init_state(x)])
+        self._project(matrices)
+        return stored
+
+    def _direct_all(self, matrices: list[Matrix]) -> Any:
+        """Phase 2: Blocks 2 and 3, then the one synchronization: the SVD updates of moments the
+        fast route could not vouch for, by matrix id."""
         updates, flags, all_trusted, previous_norms = self._directions(matrices)
         for item, update in zip(matrices, updates):
-            item.update, item.projected = update, None  # (the projections are in the moments now)
-        fallbacks = {
+            item.update = update
+        return {
             id(item): update for item, update in self._fallback_updates(matrices, flags, all_trusted, previous_norms)
         }
-        for entries, stored in phases:
-            copies = []
-            for p, item in entries:
-                weights = self._working_copy(p)
-                item.weights = weights.view(p.shape[0], -1) if p.ndim > 2 else weights
-                copies.append((p, weights, item))
-            items = [item for _, item in entries]
-            self._back_project(items)
-            for item in items:
-                if id(item) in fallbacks:
-                    alpha = _orthogonal_step_alpha(item.group, item.weights.shape)
-                    project_back_([item], [fallbacks[id(item)]], 1.0, alpha)
-            self._store_computing_copies(stored)
-            for p, weights, item in copies:
-                self._end_update(p, weights, item.group)
-                item.weights = item.update = item.grad  # (the meta stand-in) the copies go
+
+    def _back_project_piece(self, matrices: list[Matrix], fallbacks: Any, stored: Any) -> None:
+        """Phase 3: Block 4, the SVD updates added as in :meth:`_step_matrices`, the states stored."""
+        self._back_project(matrices)
+        for item in matrices:
+            if id(item) in fallbacks:
+                alpha = _orthogonal_step_alpha(item.group, item.weights.shape)
+                project_back_([item], [fallbacks[id(item)]], 1.0, alpha)
+        self._store_computing_copies(stored)
 
     @staticmethod
     def _store_computing_copies(stored: list[tuple[Matrix, dict[str, Any]]]) -> None:
