@@ -117,6 +117,24 @@ def test_the_inner_rule_runs_once_a_step_in_pieces(name, options, monkeypatch):
     assert counts == [3, 3] and calls == [len(SHAPES)] * 2
 
 
+@pytest.mark.parametrize(("name", "gap"), [("sumo", {"update_freq": 2}), ("galore", {"update_proj_gap": 2})])
+def test_pieces_of_4d_parameters_equal_the_whole_step(name, gap):
+    """Convolution-shaped weights (stepped as their (out, rest) matrices) through the phases."""
+
+    def steps(piece_bytes):
+        g = torch.Generator().manual_seed(0)
+        shapes = [(8, 4, 3, 3), (16, 12), (8, 4, 3, 3), (12, 16)]
+        params = [torch.nn.Parameter(torch.randn(shape, generator=g).bfloat16()) for shape in shapes]
+        optimizer = sumo_optim.create(name, params, lr=0.01, rank=4, matrix_piece_bytes=piece_bytes, **gap)
+        for _ in range(3):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=g).bfloat16()
+            optimizer.step()
+        return [p.detach().clone() for p in params]
+
+    assert all(torch.equal(a, b) for a, b in zip(steps(2**30), steps(BYTES_PER_MATRIX), strict=True))
+
+
 def test_sumo_with_complement_scale_steps_piece_by_piece(monkeypatch):
     """The paper's rule reads G in Block 4 (``(I − QQᵀ) G``): no phases, the float64 route per piece."""
     from sumo_optim.sumo import SUMO
