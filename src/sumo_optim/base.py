@@ -720,19 +720,31 @@ class SubspaceOptimizer(Optimizer):
         else:
             self._update_parameters(ready)
 
-    def _prepare_matrices(self, work: list[tuple[Tensor, dict[str, Any], int]]) -> list[tuple[Tensor, Tensor, Matrix]]:
+    def _prepare_matrices(
+        self, work: list[tuple[Tensor, dict[str, Any], int]], weights: bool = True
+    ) -> list[tuple[Tensor, Tensor, Matrix]]:
         """(parameter, its working copy, its :class:`Matrix`) for the parameters of ``work`` that
-        follow the matrix rule, in order; the state is attached when the step is counted."""
+        follow the matrix rule, in order; the state is attached when the step is counted
+        (:meth:`_count_steps`). ``weights=False``: the gradient's copy only, a meta tensor
+        standing in for the weights (and their copy)."""
         prepared = []
         for p, group, _ in work:
             if self._uses_matrix_rule(p, group):
-                weights, grad = self._working_copy(p), self._working_copy(p.grad)
-                weights_2d, grad_2d = weights, grad
-                if p.ndim > 2:
-                    weights_2d, grad_2d = weights.view(p.shape[0], -1), grad.view(p.shape[0], -1)
-                item = Matrix(weights_2d, grad_2d, {}, group, self._side(grad_2d.shape, group))
-                prepared.append((p, weights, item))
+                grad = _as_matrix(self._working_copy(p.grad), p)
+                copy = self._working_copy(p) if weights else torch.empty(grad.shape, dtype=grad.dtype, device="meta")
+                item = Matrix(_as_matrix(copy, p), grad, {}, group, self._side(grad.shape, group))
+                prepared.append((p, copy, item))
         return prepared
+
+    def _count_steps(self, work: Work, prepared: list[tuple[Tensor, Tensor, Matrix]]) -> None:
+        """In ``work``'s order: counts the step of each matrix (its state attached to its
+        :class:`Matrix` of ``prepared``) and updates every other parameter."""
+        items = iter(item for _, _, item in prepared)
+        for p, group, index in work:
+            if self._uses_matrix_rule(p, group):
+                next(items).state = self._count_step(p, group, index)
+            else:
+                self._update_parameter(p, group, index)
 
     def _update_parameters(
         self,
@@ -750,12 +762,7 @@ class SubspaceOptimizer(Optimizer):
         if prepared is None:
             self._update_pieces(self._pieces(work))
             return
-        items = iter(item for _, _, item in prepared)
-        for p, group, index in work:
-            if self._uses_matrix_rule(p, group):
-                next(items).state = self._count_step(p, group, index)
-            else:
-                self._update_parameter(p, group, index)
+        self._count_steps(work, prepared)
         self._step_matrices([item for _, _, item in prepared])
         for p, weights, item in prepared:
             self._end_update(p, weights, item.group)
@@ -777,33 +784,23 @@ class SubspaceOptimizer(Optimizer):
             for piece in pieces:
                 self._update_parameters(piece, self._prepare_matrices(piece))
             return
-        phases = []  # per piece: its (parameter, matrix) pairs and what _project_piece returned
+        phases = []  # per piece: its matrices (parameter, Matrix) and what _project_piece returned
         for piece in pieces:
-            entries = []
-            for p, group, index in piece:
-                if not self._uses_matrix_rule(p, group):
-                    self._update_parameter(p, group, index)
-                    continue
-                grad = self._working_copy(p.grad)
-                grad = grad.view(p.shape[0], -1) if p.ndim > 2 else grad
-                stand_in = torch.empty(grad.shape, dtype=grad.dtype, device="meta")  # the weights: phase 3
-                state = self._count_step(p, group, index)
-                entries.append((p, Matrix(stand_in, grad, state, group, self._side(grad.shape, group))))
-            items = [item for _, item in entries]
+            prepared = self._prepare_matrices(piece, weights=False)  # the weights' copies: phase 3
+            self._count_steps(piece, prepared)
+            items = [item for _, _, item in prepared]
             context = self._project_piece(items)
             for x in items:
-                x.grad = x.weights  # the float32 copy goes
-            phases.append((entries, context))
+                x.grad = x.weights  # (the meta stand-in) the gradient's copy goes
+            phases.append(([(p, item) for p, _, item in prepared], context))
         matrices = [item for entries, _ in phases for _, item in entries]
         directed = self._direct_all(matrices)
         for item in matrices:
             item.projected = None  # (taken into the directions)
         for entries, context in phases:
-            copies = []
-            for p, item in entries:
-                weights = self._working_copy(p)
-                item.weights = weights.view(p.shape[0], -1) if p.ndim > 2 else weights
-                copies.append((p, weights, item))
+            copies = [(p, self._working_copy(p), item) for p, item in entries]
+            for p, weights, item in copies:
+                item.weights = _as_matrix(weights, p)
             self._back_project_piece([item for _, item in entries], directed, context)
             for p, weights, item in copies:
                 self._end_update(p, weights, item.group)
@@ -1085,6 +1082,11 @@ class SubspaceOptimizer(Optimizer):
             for name, dtype in quantized.items():
                 if name not in state or state[name].dtype != dtype:
                     raise ValueError(f"8-bit AdamW state '{name}' of parameter {index} is missing or not {dtype}")
+
+
+def _as_matrix(tensor: Tensor, p: Tensor) -> Tensor:
+    """``tensor`` (shaped as ``p``) as the matrix the rule works on: ``(p.shape[0], rest)``."""
+    return tensor.view(p.shape[0], -1) if p.ndim > 2 else tensor
 
 
 def _chunk_of(name: str, state_tensor: Tensor, start: int, end: int) -> Tensor:

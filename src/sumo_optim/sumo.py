@@ -281,8 +281,7 @@ class SUMO(SubspaceOptimizer):
         for item, update in zip(matrices, updates):
             item.update = update
         self._back_project(matrices)
-        for item, update in self._fallback_updates(matrices, flags, all_trusted, previous_norms):
-            project_back_([item], [update], 1.0, _orthogonal_step_alpha(item.group, item.weights.shape))
+        _add_fallbacks(self._fallback_updates(matrices, flags, all_trusted, previous_norms))
         self._store_computing_copies(stored)
 
     @staticmethod
@@ -329,10 +328,7 @@ class SUMO(SubspaceOptimizer):
     def _back_project_piece(self, matrices: list[Matrix], fallbacks: Any, stored: Any) -> None:
         """Phase 3: Block 4, the SVD updates added as in :meth:`_step_matrices`, the states stored."""
         self._back_project(matrices)
-        for item in matrices:
-            if id(item) in fallbacks:
-                alpha = _orthogonal_step_alpha(item.group, item.weights.shape)
-                project_back_([item], [fallbacks[id(item)]], 1.0, alpha)
+        _add_fallbacks([(item, fallbacks[id(item)]) for item in matrices if id(item) in fallbacks])
         self._store_computing_copies(stored)
 
     @staticmethod
@@ -484,6 +480,13 @@ class SUMO(SubspaceOptimizer):
                 item.state["previous_norm"].copy_(norm)
             fallbacks.append((item, update))
         return fallbacks
+
+
+def _add_fallbacks(fallbacks: list[tuple[Matrix, Tensor]]) -> None:
+    """Adds each (matrix, SVD update) of :meth:`SUMO._fallback_updates` to its already
+    back-projected (and decayed) weights: ``W ← W − η α f(m, n) Q O``."""
+    for item, update in fallbacks:
+        project_back_([item], [update], 1.0, _orthogonal_step_alpha(item.group, item.weights.shape))
 
 
 def _orthogonal_step_alpha(group: dict[str, Any], shape: torch.Size) -> float:
