@@ -16,7 +16,9 @@ from the second (as before 2026-12-04).
 ``--alpha 0`` draws i.i.d. Gaussian gradients instead (a flat spectrum: the iterative refresh's
 worst case, up to 30 iterations and then the SVD).
 
-``eigh``: the float64 ``eigh`` of 32 k×k matrices per linear-algebra backend (cuSOLVER, MAGMA).
+``eigh``: ``eigh`` of 32 and of one-per-matrix k×k matrices, float64 and float32, by each
+backend of ``torch.linalg.eigh`` (cuSOLVER, MAGMA) and by one batched cuSOLVER call
+(:func:`sumo_optim.cusolver.eigh`), with residuals.
 
 ``polar``: SUMO's r×r float64 polar iteration (:func:`sumo_optim.linalg.polar_schedule`, Polar
 Express) against the one it replaced (Muon's quintic, then 6 cubic Newton–Schulz steps; copied
@@ -40,6 +42,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from step_time import matrix_shapes
+from sumo_optim import cusolver
 from sumo_optim.linalg import (
     NEWTON_SCHULZ_COEFFICIENTS,
     _polar_of_square,
@@ -231,20 +234,36 @@ def refresh_ab(shapes, rank: int, alpha: float, device: torch.device) -> None:
         )
 
 
-def eigh_probe(rank: int, device: torch.device) -> None:
-    """float64 ``eigh`` of a batch of 32 SPD k×k matrices (the iterative refresh's Rayleigh–Ritz,
-    k = 2r; MoFaSGD's cores, 2r and r + 16) by each linear-algebra backend, and in float32."""
-    print("eigh of 32 SPD k×k matrices, ms (batch)")
-    backends = ("cusolver", "magma") if device.type == "cuda" else ("default",)
+def eigh_residual(spd: torch.Tensor, values: torch.Tensor, vectors: torch.Tensor) -> float:
+    """Largest ``max(‖A V − V Λ‖_F, ‖A‖_F ‖VᵀV − I‖_F) / ‖A‖_F`` over the batch, in float64."""
+    a, values, vectors = spd.double(), values.double(), vectors.double()
+    norm = a.norm(dim=(-2, -1))
+    residual = (a @ vectors - vectors * values.unsqueeze(-2)).norm(dim=(-2, -1)) / norm
+    identity = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
+    return max(residual.max().item(), (vectors.mT @ vectors - identity).norm(dim=(-2, -1)).max().item())
+
+
+def eigh_probe(rank: int, count: int, device: torch.device) -> None:
+    """``eigh`` of a batch of SPD k×k matrices (the iterative refresh's Rayleigh–Ritz, k = 2r, 32 per
+    chunk; MoFaSGD's cores, 2r and r + 16, one per matrix) by each linear-algebra backend of
+    ``torch.linalg.eigh`` and by one batched cuSOLVER call (:func:`sumo_optim.cusolver.eigh`),
+    in float64 and float32, with each result's residual (:func:`eigh_residual`)."""
+    print("eigh of a batch of SPD k×k matrices: ms (residual)")
+    solvers = {"default": torch.linalg.eigh}
+    if device.type == "cuda":
+        solvers = {"cusolver": torch.linalg.eigh, "magma": torch.linalg.eigh, "batched": cusolver.eigh}
     for k in (2 * rank, rank + 16):
-        x = torch.randn(32, k, k, device=device, dtype=torch.float64)
-        spd = x @ x.mT + torch.eye(k, device=device, dtype=torch.float64)
-        for backend in backends:
-            if device.type == "cuda":
-                torch.backends.cuda.preferred_linalg_library(backend)
-            for dtype in (torch.float64, torch.float32):
-                ms = timed_ms(lambda dtype=dtype: torch.linalg.eigh(spd.to(dtype)))  # noqa: B023
-                print(f"  k = {k:4d}  {backend:<9} {dtype!s:<14} {ms:9.2f}")
+        for batch in sorted({32, count}):
+            x = torch.randn(batch, k, k, device=device, dtype=torch.float64)
+            spd = x @ x.mT + torch.eye(k, device=device, dtype=torch.float64)
+            for name, solver in solvers.items():
+                if device.type == "cuda":
+                    torch.backends.cuda.preferred_linalg_library("magma" if name == "magma" else "cusolver")
+                for dtype in (torch.float64, torch.float32):
+                    matrices = spd.to(dtype)
+                    ms = timed_ms(lambda solver=solver, matrices=matrices: solver(matrices))
+                    residual = eigh_residual(spd, *solver(matrices))
+                    print(f"  k = {k:4d}  batch {batch:4d}  {name:<9} {dtype!s:<14} {ms:9.2f}  ({residual:.1e})")
     if device.type == "cuda":
         torch.backends.cuda.preferred_linalg_library("default")
 
@@ -320,7 +339,7 @@ def main() -> None:
     if "refresh" in args.probes:
         refresh_ab(shapes, rank, args.alpha, device)
     if "eigh" in args.probes:
-        eigh_probe(rank, device)
+        eigh_probe(rank, len(shapes), device)
     if "polar" in args.probes:
         polar_ab(shapes, rank, device)
 

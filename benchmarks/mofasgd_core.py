@@ -22,6 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from fastpath_ab import timed_ms
 from step_time import matrix_shapes
+from sumo_optim import cusolver
 from sumo_optim.mofasgd import update_momentum_factors, warm_top_singular_triplets
 
 gpu_ms = functools.partial(timed_ms, repeats=5)  # the float32 SVD candidates take seconds per call
@@ -49,10 +50,10 @@ def svd_float64_gesvdj(core):
     return u.to(core.dtype), s.to(core.dtype), vh.to(core.dtype)
 
 
-def eigh_gram_float64(core):
-    """Right singular vectors from the eigenvectors of KᵀK (float64), left ones as K V / σ."""
+def eigh_gram_float64(core, eigh=torch.linalg.eigh):
+    """Right singular vectors from the eigenvectors of KᵀK (float64, by ``eigh``), left ones as K V / σ."""
     core64 = core.double()
-    values, vectors = torch.linalg.eigh(core64.mT @ core64)
+    values, vectors = eigh(core64.mT @ core64)
     vectors = vectors.flip(-1)
     sigma = values.flip(-1).clamp_min(0).sqrt()
     left = (core64 @ vectors) / sigma.clamp_min(torch.finfo(torch.float64).tiny).unsqueeze(-2)
@@ -66,6 +67,7 @@ CANDIDATES = {
     "svd float64": svd_float64,
     "svd float64 gesvdj": svd_float64_gesvdj,
     "eigh of KᵀK float64": eigh_gram_float64,
+    "eigh of KᵀK float64, batched": functools.partial(eigh_gram_float64, eigh=cusolver.eigh),
 }
 
 

@@ -244,13 +244,22 @@ def test_top_singular_triplets_match_float64_svd(dtype, tolerance):
 
 
 def test_mofasgd_batched_factor_update_equals_one_matrix_at_a_time():
-    """Equal-shape matrices share one batched QR/SVD call; the step is the per-matrix rule."""
+    """Equal-shape matrices share one batched QR call, the cores of all stacks of one size one
+    eigh call; the step is the per-matrix rule, with each group's own settings (the last group
+    has the first's shapes and core size but its own lr, decay and β)."""
     g = torch.Generator().manual_seed(2)
-    shapes = [(24, 16), (24, 16), (16, 24), (24, 16)]
+    shapes = [(24, 16), (24, 16), (16, 24), (24, 16), (30, 12), (24, 16), (24, 16)]
+    settings = [dict(rank=4, beta=0.9, lr=0.1, weight_decay=0.01)] * 4 + [
+        dict(rank=3, beta=0.8, lr=0.05, weight_decay=0.0),
+        dict(rank=4, beta=0.9, lr=0.3, weight_decay=0.1),
+        dict(rank=4, beta=0.5, lr=0.3, weight_decay=0.1),
+    ]
     batched = [torch.nn.Parameter(torch.randn(s, generator=g, dtype=torch.float64)) for s in shapes]
     single = [torch.nn.Parameter(p.detach().clone()) for p in batched]
-    optimizer = MoFaSGD(batched, rank=4, beta=0.9, lr=0.1, weight_decay=0.01)
-    singles = [MoFaSGD([p], rank=4, beta=0.9, lr=0.1, weight_decay=0.01) for p in single]
+    groups = [dict(params=batched[:4], **settings[0])]
+    groups += [dict(params=[p], **options) for p, options in zip(batched[4:], settings[4:])]
+    optimizer = MoFaSGD(groups)
+    singles = [MoFaSGD([p], **options) for p, options in zip(single, settings)]
     for _ in range(6):
         for a, b in zip(batched, single):
             a.grad = torch.randn(a.shape, generator=g, dtype=torch.float64)

@@ -19,6 +19,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from . import cusolver
 from .kernels import grouped_addmm_
 
 __all__ = [
@@ -449,7 +450,7 @@ def randomized_top_singular_vectors(
         z = _per_batch(_orthonormal_columns, products([x.mT for x in a], q))
         q = _per_batch(_orthonormal_columns, products(a, z))
     small = products(list(q.mT.unbind()), a).to(torch.float64)
-    eigenvectors = _per_batch(lambda x: torch.linalg.eigh(x)[1], small @ small.mT)
+    eigenvectors = _per_batch(lambda x: cusolver.eigh(x)[1], small @ small.mT)
     bases = q @ eigenvectors[..., -rank:].flip(-1).to(q.dtype)
     if len(a) == 1:
         return [bases[0]]
@@ -490,8 +491,9 @@ def iterative_top_singular_vectors(
     replaces them: ``Bᵀ = AᵀQ``; the float64 ``eigh`` of ``B Bᵀ`` (k×k) gives Ritz values ``θ`` and
     vectors ``W``; ``U = Q W``, ``V = Bᵀ W Θ⁻¹`` (so ``Aᵀ U = V Θ`` exactly); ``A V`` gives the
     residuals ``ρᵢ = ‖A vᵢ − θᵢ uᵢ‖``, and ``Q ← orth(A V Θ⁻¹)``, the same span. The ``eigh``
-    is the costly part on a GPU (cuSOLVER loops over the batch: ~2 ms per 256×256 on an H200,
-    against ~0.1 ms for the products of a 2048×2048 matrix), hence checks every few iterations.
+    (one batched cuSOLVER call, :func:`~sumo_optim.cusolver.eigh`) was the costly part on a GPU
+    when ``torch.linalg.eigh`` looped over the batch (~2 ms per 256×256 on an H200, against ~0.1 ms
+    for the products of a 2048×2048 matrix), hence checks every few iterations.
 
     A matrix is done when, at a check, its top ``r`` Ritz triplets pass:
 
@@ -546,7 +548,7 @@ def iterative_top_singular_vectors(
                 continue
             next_check = iteration + check_every
             gram = b_t.mT.double() @ b_t.double()  # B Bᵀ, k×k
-            squares, w = torch.linalg.eigh(gram[0]) if len(active) == 1 else torch.linalg.eigh(gram)
+            squares, w = cusolver.eigh(gram[0]) if len(active) == 1 else cusolver.eigh(gram)
             squares, w = squares.expand(len(active), -1), w.expand(len(active), -1, -1)
             theta = squares.flip(-1).clamp_min(0).sqrt()  # descending
             w = w.flip(-1)

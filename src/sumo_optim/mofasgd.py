@@ -19,11 +19,19 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import cusolver
 from .base import SubspaceOptimizer, _is_number
-from .linalg import _ritz_certified, _tied_at_rank, cholesky_qr2
+from .linalg import _ritz_certified, _stacked_products, _tied_at_rank, cholesky_qr2
 from .lr_adjust import LR_ADJUSTMENTS, lr_adjustment
 
-__all__ = ["MoFaSGD", "top_singular_triplets", "update_momentum_factors", "warm_top_singular_triplets"]
+__all__ = [
+    "MoFaSGD",
+    "core_top_triplets",
+    "momentum_core",
+    "top_singular_triplets",
+    "update_momentum_factors",
+    "warm_top_singular_triplets",
+]
 
 
 def _thin_qr(matrix: Tensor) -> tuple[Tensor, Tensor]:
@@ -34,11 +42,12 @@ def _thin_qr(matrix: Tensor) -> tuple[Tensor, Tensor]:
 
 def top_singular_triplets(matrix: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
     """``U_r, σ_r, V_r`` of the top ``rank`` singular values of square matrices ``K`` (batched):
-    ``V_r`` from the float64 ``eigh`` of ``KᵀK``, then ``K V_r = U_r Σ_r`` by QR (``R`` is
-    diagonal up to rounding; σ from it, not from the eigenvalues, whose square roots lose half
-    the digits; any orthonormal completion of ``U_r`` where σ is zero)."""
+    ``V_r`` from the float64 ``eigh`` of ``KᵀK`` (one batched cuSOLVER call on the GPU,
+    :func:`~sumo_optim.cusolver.eigh`), then ``K V_r = U_r Σ_r`` by QR (``R`` is diagonal up to
+    rounding; σ from it, not from the eigenvalues, whose square roots lose half the digits; any
+    orthonormal completion of ``U_r`` where σ is zero)."""
     matrix64 = matrix.to(torch.float64)
-    right = torch.linalg.eigh(matrix64.mT @ matrix64).eigenvectors[..., -rank:].flip(-1)  # descending
+    right = cusolver.eigh(matrix64.mT @ matrix64)[1][..., -rank:].flip(-1)  # descending
     left, triangle = _thin_qr(matrix64 @ right)
     diagonal = triangle.diagonal(dim1=-2, dim2=-1)
     left = left * torch.where(diagonal < 0, -1.0, 1.0).unsqueeze(-2)
@@ -69,7 +78,7 @@ def warm_top_singular_triplets(
     for _ in range(iterations):
         x = cholesky_qr2(matrix64.mT @ (matrix64 @ x)).q
     projected = matrix64 @ x
-    w = torch.linalg.eigh(projected.mT @ projected).eigenvectors.flip(-1)  # descending
+    w = cusolver.eigh(projected.mT @ projected)[1].flip(-1)  # descending
     right = x @ w
     images = projected @ w  # K V = U Σ
     sigma = images.norm(dim=-2)
@@ -88,18 +97,12 @@ def warm_top_singular_triplets(
     return left.to(matrix.dtype), sigma.to(matrix.dtype), right.to(matrix.dtype), fell_back
 
 
-def update_momentum_factors(
-    u: Tensor, sigma: Tensor, v: Tensor, grad: Tensor, beta: float, core_solver: str = "eigh"
+def momentum_core(
+    u: Tensor, sigma: Tensor, v: Tensor, grad_v: Tensor, grad_t_u: Tensor, beta: float
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Rank-r factors of ``β U diag(σ) Vᵀ + Ĝ`` (Ĝ: G projected on the tangent space at U, V).
-
-    Works on one matrix or on a stack of equal-shape matrices (leading batch dimension), with
-    batched building blocks only (:func:`~sumo_optim.linalg.cholesky_qr2`, :func:`top_singular_triplets`): cuSOLVER's
-    SVD loops over a stack of 2r×2r cores one matrix at a time. ``core_solver``: the core's top r
-    by :func:`top_singular_triplets` ("eigh") or :func:`warm_top_singular_triplets` ("warm").
-    """
+    """``U', S, V'`` with ``β U diag(σ) Vᵀ + Ĝ = U' S V'ᵀ`` (the two thin QRs and the 2r×2r core
+    of the module docstring) from ``G V`` and ``Gᵀ U``, on one matrix or a stack of equal-shape matrices."""
     rank = u.shape[-1]
-    grad_v, grad_t_u = grad @ v, grad.mT @ u
     left, left_r = _thin_qr(torch.cat([u, grad_v], dim=-1))
     right, right_r = _thin_qr(torch.cat([v, grad_t_u], dim=-1))
     identity = torch.eye(rank, dtype=u.dtype, device=u.device).expand(*u.shape[:-2], rank, rank)
@@ -110,11 +113,39 @@ def update_momentum_factors(
         ],
         dim=-2,
     )
+    return left, left_r @ core @ right_r.mT, right
+
+
+def core_top_triplets(cores: Tensor, rank: int, core_solver: str = "eigh") -> tuple[Tensor, Tensor, Tensor]:
+    """The top ``rank`` singular triplets of the cores by :func:`top_singular_triplets` ("eigh")
+    or :func:`warm_top_singular_triplets` ("warm")."""
     if core_solver == "warm":
-        core_u, core_sigma, core_v, _ = warm_top_singular_triplets(left_r @ core @ right_r.mT, rank)
-    else:
-        core_u, core_sigma, core_v = top_singular_triplets(left_r @ core @ right_r.mT, rank)
+        return warm_top_singular_triplets(cores, rank)[:3]
+    return top_singular_triplets(cores, rank)
+
+
+def update_momentum_factors(
+    u: Tensor, sigma: Tensor, v: Tensor, grad: Tensor, beta: float, core_solver: str = "eigh"
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Rank-r factors of ``β U diag(σ) Vᵀ + Ĝ`` (Ĝ: G projected on the tangent space at U, V).
+
+    Works on one matrix or on a stack of equal-shape matrices (leading batch dimension), with
+    batched building blocks only (:func:`momentum_core`, :func:`core_top_triplets`): cuSOLVER's
+    SVD loops over a stack of 2r×2r cores one matrix at a time.
+    """
+    left, core, right = momentum_core(u, sigma, v, grad @ v, grad.mT @ u, beta)
+    core_u, core_sigma, core_v = core_top_triplets(core, u.shape[-1], core_solver)
     return left @ core_u, core_sigma, right @ core_v
+
+
+_FACTORS = ("left", "singular_values", "right")  # M ≈ U diag(σ) Vᵀ in a matrix's state
+
+
+def _nonzero_directions(u: Tensor, sigma: Tensor, v: Tensor) -> Tensor:
+    """``U`` with the columns whose σ is zero (relative to the largest; a zero momentum gives a
+    zero step) set to zero, on one matrix or a stack."""
+    tolerance = max(4 * torch.finfo(sigma.dtype).eps, torch.finfo(torch.float64).eps * max(u.shape[-2], v.shape[-2]))
+    return u * (sigma > tolerance * sigma.amax(-1, keepdim=True)).to(u.dtype).unsqueeze(-2)
 
 
 class MoFaSGD(SubspaceOptimizer):
@@ -132,7 +163,7 @@ class MoFaSGD(SubspaceOptimizer):
         core_solver: the top r of the 2r×2r core: ``"eigh"`` (default; float64 ``eigh`` of ``KᵀK``,
             :func:`top_singular_triplets`) or ``"warm"`` (subspace iteration from the previous
             factors, checked, with that as fallback: :func:`warm_top_singular_triplets`; measured
-            slower on an H200, 508 against 399 ms per step at LLaMA-1B, see ``benchmarks/NOTES.md``).
+            slower on an H200, 226 against 63 ms per step at LLaMA-1B, see ``benchmarks/NOTES.md``).
         weight_decay: decoupled λ. adamw_betas, adamw_eps, nonfinite, seed, layerwise,
             bf16_stochastic_rounding, adamw_state_bits: as in SUMO.
         layerwise_accumulation_steps: as in SUMO, except that a matrix's step reads its whole
@@ -200,8 +231,9 @@ class MoFaSGD(SubspaceOptimizer):
         return {"left": (shape[0], rank), "singular_values": (rank,), "right": (shape[1], rank)}
 
     def _update_parameters(self, work: list[tuple[Tensor, dict[str, Any], int]]) -> None:
-        """Per matrix, except the factor update (two QRs and the 2r×2r SVD), which runs once per
-        stack of equal-shape matrices: one batched call instead of three small ones per matrix."""
+        """Per matrix, except the factor update: its QRs run once per stack of equal-shape
+        matrices, and the top r of every stack's 2r×2r cores in one call (one batched cuSOLVER
+        ``eigh`` costs about as much for 24 cores as for 168; ``benchmarks/NOTES.md``)."""
         pending = []
         for p, group, index in work:
             state = self.state[p]
@@ -214,18 +246,27 @@ class MoFaSGD(SubspaceOptimizer):
         for i, (_, group, state, grad) in enumerate(pending):
             key = (grad.shape, grad.dtype, grad.device, group["beta"], group["core_solver"], state["left"].shape)
             stacks.setdefault(key, []).append(i)
+        built, solves, directions = [], {}, {}
         for (*_, beta, core_solver, _), members in stacks.items():
-            factors = update_momentum_factors(
-                *(torch.stack([pending[i][2][name] for i in members]) for name in ("left", "singular_values", "right")),
-                torch.stack([pending[i][3] for i in members]),
-                beta,
-                core_solver,
-            )
-            for i, u, sigma, v in zip(members, *(f.unbind() for f in factors)):
-                pending[i][2]["left"], pending[i][2]["singular_values"], pending[i][2]["right"] = u, sigma, v
-        for p, group, state, _ in pending:
+            states = [pending[i][2] for i in members]
+            u, sigma, v = (torch.stack([state[name] for state in states]) for name in _FACTORS)
+            grads = [pending[i][3] for i in members]  # G V and Gᵀ U without a stacked copy of the gradients
+            grad_v, grad_t_u = _stacked_products(grads, v), _stacked_products([g.mT for g in grads], u)
+            left, core, right = momentum_core(u, sigma, v, grad_v, grad_t_u, beta)
+            solves.setdefault((core.shape[1:], core.dtype, core.device, core_solver), []).append(len(built))
+            built.append((members, states, left, core, right))
+        for (core_shape, *_, core_solver), indices in solves.items():
+            cores = [built[i][3] for i in indices]
+            triplets = core_top_triplets(torch.cat(cores), core_shape[-1] // 2, core_solver)
+            for i, core_u, sigma, core_v in zip(indices, *(t.split([len(c) for c in cores]) for t in triplets)):
+                members, states, left, _, right = built[i]
+                left, right = left @ core_u, right @ core_v
+                for state, *factors in zip(states, left, sigma, right):
+                    state.update(zip(_FACTORS, factors))
+                directions.update(zip(members, _nonzero_directions(left, sigma, right)))
+        for j, (p, group, state, _) in enumerate(pending):
             weights = self._working_copy(p)
-            self._apply_step(weights.view(p.shape[0], -1), state, group)
+            self._apply_step(weights.view(p.shape[0], -1), directions.pop(j), state["right"], group)
             self._end_update(p, weights, group)
 
     def _matrix_step(self, weights: Tensor, grad: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
@@ -237,14 +278,12 @@ class MoFaSGD(SubspaceOptimizer):
             state["left"], state["singular_values"], state["right"] = update_momentum_factors(
                 state["left"], state["singular_values"], state["right"], grad, group["beta"], group["core_solver"]
             )
-        self._apply_step(weights, state, group)
+        directions = _nonzero_directions(state["left"], state["singular_values"], state["right"])
+        self._apply_step(weights, directions, state["right"], group)
 
     @staticmethod
-    def _apply_step(weights: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
-        """``W ← W − η α f(m, n) U Vᵀ − η λ W``, dropping directions whose σ is zero (a zero momentum)."""
-        u, sigma, v = state["left"], state["singular_values"], state["right"]
-        tolerance = max(4 * torch.finfo(sigma.dtype).eps, torch.finfo(torch.float64).eps * max(weights.shape))
-        nonzero = (sigma > tolerance * sigma.amax()).to(sigma.dtype)  # a zero momentum gives a zero step
-        weights.mul_(1 - group["lr"] * group["weight_decay"])
+    def _apply_step(weights: Tensor, directions: Tensor, right: Tensor, group: dict[str, Any]) -> None:
+        """``W ← (1 − ηλ) W − η α f(m, n) U Vᵀ`` in one ``addmm_`` (``directions``: U from
+        :func:`_nonzero_directions`)."""
         alpha = -group["lr"] * group["scale"] * lr_adjustment(weights.shape, group["adjust_lr_fn"])
-        weights.addmm_(u * nonzero, v.mT, alpha=alpha)
+        weights.addmm_(directions, right.mT, beta=1 - group["lr"] * group["weight_decay"], alpha=alpha)
