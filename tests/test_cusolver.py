@@ -64,3 +64,26 @@ def test_batched_eigh_takes_views_and_degenerate_spectra():
     torch.testing.assert_close(vectors.mT @ vectors, identity.expand(2, 48, 48), rtol=0, atol=1e-12)
     values, _ = cusolver.eigh(stack[1:2])
     torch.testing.assert_close(values, torch.ones(1, 48, dtype=torch.float64, device="cuda"), rtol=0, atol=1e-14)
+
+
+@needs_gpu
+def test_unconverged_matrices_are_redone_and_rejected_arguments_raise(monkeypatch):
+    solve = cusolver._solve_in_place
+    flags = {}
+
+    def flagging(library, vectors, values, info):
+        solve(library, vectors, values, info)
+        for index, flag in flags.items():
+            values[index], info[index] = float("nan"), flag
+
+    monkeypatch.setattr(cusolver, "_solve_in_place", flagging)
+    generator = torch.Generator().manual_seed(2)
+    matrices = random_symmetric(3, 40, 40, dtype=torch.float64, device="cuda", generator=generator)
+    flags.update({1: 7})  # cuSOLVER: matrix 1 did not converge
+    values, vectors = cusolver.eigh(matrices)
+    expected = torch.linalg.eigh(matrices)
+    torch.testing.assert_close(values, expected.eigenvalues, rtol=0, atol=1e-12)
+    torch.testing.assert_close(vectors[1], expected.eigenvectors[1], rtol=0, atol=1e-12)
+    flags.update({0: -4})
+    with pytest.raises(RuntimeError, match="rejected argument 4"):
+        cusolver.eigh(matrices)

@@ -94,31 +94,20 @@ def batched_eigh_available(matrices: Tensor) -> bool:
     )
 
 
-def eigh(matrices: Tensor) -> tuple[Tensor, Tensor]:
-    """``torch.linalg.eigh(matrices)`` (eigenvalues ascending, eigenvectors as columns; lower
-    triangle read), by one ``cusolverDnXsyevBatched`` call for the whole stack where
-    :func:`batched_eigh_available`. Matrices the batched solver reports unconverged are redone by
-    ``torch.linalg.eigh`` (one host read of cuSOLVER's flags per call)."""
-    if not batched_eigh_available(matrices):
-        return torch.linalg.eigh(matrices)
-    library = _library()
-    size = matrices.shape[-1]
-    # A symmetric matrix reads the same in either order, so the row-major lower triangle that
-    # torch.linalg.eigh reads is the column-major upper one; cuSOLVER writes column-major vectors.
-    vectors = matrices.reshape(-1, size, size).clone(memory_format=torch.contiguous_format)
-    batch = vectors.shape[0]
-    values = torch.empty(batch, size, dtype=matrices.dtype, device=matrices.device)
-    info = torch.zeros(batch, dtype=torch.int32, device=matrices.device)
-    handle, params = _handle_and_params(library, matrices.device)
-    data_type = _CUDA_DATA_TYPE[matrices.dtype]
-    stream = torch.cuda.current_stream(matrices.device).cuda_stream
+def _solve_in_place(library: ctypes.CDLL, vectors: Tensor, values: Tensor, info: Tensor) -> None:
+    """One ``cusolverDnXsyevBatched`` call on the current stream: eigenvectors over ``vectors``
+    (b×n×n, contiguous), eigenvalues into ``values`` (b×n), cuSOLVER's flags into ``info`` (b)."""
+    batch, size = vectors.shape[0], vectors.shape[-1]
+    handle, params = _handle_and_params(library, vectors.device)
+    data_type = _CUDA_DATA_TYPE[vectors.dtype]
+    stream = torch.cuda.current_stream(vectors.device).cuda_stream
     _check(library.cusolverDnSetStream(handle, stream), "cusolverDnSetStream")
     arguments = [handle, params, _EIG_MODE_VECTOR, _FILL_MODE_UPPER, size, data_type]
     arguments += [vectors.data_ptr(), size, data_type, values.data_ptr(), data_type]
     device_bytes, host_bytes = _size_t(), _size_t()
     sizes = ctypes.byref(device_bytes), ctypes.byref(host_bytes)
     _check(library.cusolverDnXsyevBatched_bufferSize(*arguments, *sizes, batch), "cusolverDnXsyevBatched_bufferSize")
-    device_work = torch.empty(max(device_bytes.value, 1), dtype=torch.uint8, device=matrices.device)
+    device_work = torch.empty(max(device_bytes.value, 1), dtype=torch.uint8, device=vectors.device)
     host_work = ctypes.create_string_buffer(max(host_bytes.value, 1))
     _check(
         library.cusolverDnXsyevBatched(
@@ -132,6 +121,24 @@ def eigh(matrices: Tensor) -> tuple[Tensor, Tensor]:
         ),
         "cusolverDnXsyevBatched",
     )
+
+
+def eigh(matrices: Tensor) -> tuple[Tensor, Tensor]:
+    """``torch.linalg.eigh(matrices)`` (eigenvalues ascending, eigenvectors as columns; lower
+    triangle read), by one ``cusolverDnXsyevBatched`` call for the whole stack where
+    :func:`batched_eigh_available`. Matrices the batched solver reports unconverged are redone by
+    ``torch.linalg.eigh`` (one host read of cuSOLVER's flags per call)."""
+    if not batched_eigh_available(matrices):
+        return torch.linalg.eigh(matrices)
+    library = _library()
+    size = matrices.shape[-1]
+    # A symmetric matrix reads the same in either order, so the row-major lower triangle that
+    # torch.linalg.eigh reads is the column-major upper one; cuSOLVER writes column-major vectors.
+    vectors = matrices.reshape(-1, size, size).clone(memory_format=torch.contiguous_format)
+    values = torch.empty(vectors.shape[0], size, dtype=matrices.dtype, device=matrices.device)
+    info = torch.zeros(vectors.shape[0], dtype=torch.int32, device=matrices.device)
+    with torch.cuda.device(matrices.device):  # the handle's device, whatever the current one
+        _solve_in_place(library, vectors, values, info)
     vectors = vectors.mT
     info = info.cpu()
     if bool(info.lt(0).any()):
