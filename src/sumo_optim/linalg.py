@@ -181,10 +181,10 @@ def orthogonalize_cholesky(matrix: Tensor, rtol: float | None = None) -> Tensor:
        factor by the Polar Express iteration (:func:`polar_schedule`). ``T M`` in float64 has
        error ~κ eps64 relative, as ``Y₁`` has.
 
-    The r×r work batches well on GPUs where batched SVD and eigh do not. Matrices the fast path
-    cannot vouch for (Cholesky failure, a condition number beyond ``1/rtol``, non-finite
-    values, any residual ``‖polar(R) polar(R)ᵀ − I‖`` above 1e-6) are recomputed by
-    :func:`orthogonalize`, so the result always follows its rank convention.
+    The r×r work batches well on GPUs where batched SVD does not (cuSOLVER loops over the
+    batch). Matrices the fast path cannot vouch for (Cholesky failure, a condition number beyond
+    ``1/rtol``, non-finite values, any residual ``‖polar(R) polar(R)ᵀ − I‖`` above 1e-6) are
+    recomputed by :func:`orthogonalize`, so the result always follows its rank convention.
     """
     return orthogonalize_cholesky_many([matrix], rtol)[0]
 
