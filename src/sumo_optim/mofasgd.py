@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from . import cusolver
-from .base import SubspaceOptimizer, _is_number
+from .base import SubspaceOptimizer, _as_matrix, _is_number
 from .linalg import _ritz_certified, _stacked_products, _tied_at_rank, cholesky_qr2
 from .lr_adjust import LR_ADJUSTMENTS, lr_adjustment
 
@@ -241,7 +241,7 @@ class MoFaSGD(SubspaceOptimizer):
                 self._update_parameter(p, group, index)  # vectors, and each matrix's first step
                 continue
             self._count_step(p, group, index)
-            pending.append((p, group, state, self._working_copy(p.grad).view(p.shape[0], -1)))
+            pending.append((p, group, state, _as_matrix(self._working_copy(p.grad), p)))
         stacks: dict[tuple, list[int]] = {}
         for i, (_, group, state, grad) in enumerate(pending):
             key = (grad.shape, grad.dtype, grad.device, group["beta"], group["core_solver"], state["left"].shape)
@@ -266,7 +266,7 @@ class MoFaSGD(SubspaceOptimizer):
                 directions.update(zip(members, _nonzero_directions(left, sigma, right)))
         for j, (p, group, state, _) in enumerate(pending):
             weights = self._working_copy(p)
-            self._apply_step(weights.view(p.shape[0], -1), directions.pop(j), state["right"], group)
+            self._apply_step(_as_matrix(weights, p), directions.pop(j), state["right"], group)
             self._end_update(p, weights, group)
 
     def _matrix_step(self, weights: Tensor, grad: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
