@@ -19,6 +19,8 @@ def test_cpu_tensors_take_torch_linalg_eigh():
     values, vectors = cusolver.eigh(matrices)
     expected = torch.linalg.eigh(matrices)
     assert torch.equal(values, expected.eigenvalues) and torch.equal(vectors, expected.eigenvectors)
+    *unchecked, info = cusolver.eigh_ex(matrices)
+    assert torch.equal(unchecked[1], vectors) and info.tolist() == [0, 0, 0]
 
 
 @needs_gpu
@@ -80,6 +82,7 @@ def test_unconverged_matrices_are_redone_and_rejected_arguments_raise(monkeypatc
     generator = torch.Generator().manual_seed(2)
     matrices = random_symmetric(3, 40, 40, dtype=torch.float64, device="cuda", generator=generator)
     flags.update({1: 7})  # cuSOLVER: matrix 1 did not converge
+    assert cusolver.eigh_ex(matrices.view(3, 1, 40, 40))[2].tolist() == [[0], [7], [0]]  # flags, no redo
     values, vectors = cusolver.eigh(matrices)
     expected = torch.linalg.eigh(matrices)
     torch.testing.assert_close(values, expected.eigenvalues, rtol=0, atol=1e-12)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from sumo_optim import GaLoreAdamW, GoLore, MoFaSGD
+from sumo_optim import GaLoreAdamW, GoLore, MoFaSGD, mofasgd
 from sumo_optim.mofasgd import top_singular_triplets, update_momentum_factors, warm_top_singular_triplets
 from sumo_optim.testing import galore_torch_adamw, matrix_with_spectrum, svd_with_sign_convention
 
@@ -353,3 +353,76 @@ def test_mofasgd_warm_core_solver_trains_as_the_eigh_one():
         torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
     with pytest.raises(ValueError, match="core_solver"):
         MoFaSGD(runs[0], core_solver="svd")
+
+
+def test_mofasgd_redoes_only_the_flagged_matrices_of_a_stack(monkeypatch):
+    """A stack's r-column QRs and core solve run unchecked, with one host read of their flags
+    per step, and give the per-matrix update's result; a matrix whose QR cannot be trusted (here
+    a rank-1 gradient makes ``G V`` rank-deficient) is redone by that update, and only that one."""
+    g = torch.Generator().manual_seed(int(torch.randint(0, 10**6, ())))
+    params = [torch.nn.Parameter(torch.randn(20, 14, generator=g, dtype=torch.float64)) for _ in range(3)]
+    optimizer = MoFaSGD(params, rank=4, beta=0.9, lr=0.1)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=g, dtype=torch.float64)
+    optimizer.step()
+    old = [[optimizer.state[p][name].clone() for name in ("left", "singular_values", "right")] for p in params]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=g, dtype=torch.float64)
+    params[1].grad = torch.outer(torch.randn(20, generator=g), torch.randn(14, generator=g)).double()
+    redone = []
+    checked = mofasgd.update_momentum_factors
+    monkeypatch.setattr(mofasgd, "update_momentum_factors", lambda *a, **k: redone.append(1) or checked(*a, **k))
+    optimizer.step()
+    assert len(redone) == 1
+    for p, factors in zip(params, old):
+        state = optimizer.state[p]
+        left, values, right = checked(*factors, p.grad, 0.9)
+        assert bool(torch.isfinite(state["left"]).all())
+        torch.testing.assert_close(state["singular_values"], values, rtol=0, atol=1e-12)
+        momentum = state["left"] * state["singular_values"] @ state["right"].T
+        torch.testing.assert_close(momentum, left * values @ right.T, rtol=0, atol=1e-12)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize(("tf32", "tolerance"), [(False, 1e-4), (True, 3e-2)])
+def test_mofasgd_cuda_steps_match_float64_on_cpu(tf32, tolerance):
+    """MoFaSGD's whole step on the GPU (float32 factors; under TF32, ``G V`` and ``Gᵀ U`` by the
+    grouped kernel; the batched ``eigh``) against the same steps in float64 on the CPU, within
+    what float32 or TF32 products allow; and it waits for the device twice per step: the
+    gradients' finiteness and the factor update's flags."""
+    g = torch.Generator().manual_seed(int(torch.randint(0, 10**6, ())))
+    shapes = [(96, 64), (96, 64), (64, 96), (160, 64), (96, 64)]
+    reference = [torch.nn.Parameter(torch.randn(s, generator=g, dtype=torch.float64) * 0.1) for s in shapes]
+    on_gpu = [torch.nn.Parameter(p.detach().float().cuda()) for p in reference]
+    start = [p.detach().clone() for p in reference]
+    options = dict(rank=16, beta=0.9, lr=0.01, weight_decay=0.01)
+    optimizers = MoFaSGD(reference, **options), MoFaSGD(on_gpu, **options)
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    try:
+        for step in range(5):
+            for a, b in zip(reference, on_gpu):
+                spectrum = torch.logspace(0, -3, min(a.shape), dtype=torch.float64)  # a gradient's decay
+                a.grad = matrix_with_spectrum(spectrum, *a.shape, g, torch.float64).float().double()
+                b.grad = a.grad.float().cuda()
+            optimizers[0].step()
+            if step < 4:
+                optimizers[1].step()
+                continue
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                with pytest.warns(UserWarning, match="synchroniz") as caught:
+                    optimizers[1].step()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+            assert len(caught) == 2, [str(w.message) for w in caught]
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+    for a, b, a0 in zip(reference, on_gpu, start):
+        update = a.detach() - a0
+        assert (b.detach().double().cpu() - a0 - update).norm() <= tolerance * update.norm()
+        s_a = optimizers[0].state[a]
+        s_b = {k: v.double().cpu() for k, v in optimizers[1].state[b].items() if isinstance(v, torch.Tensor)}
+        momentum = s_a["left"] * s_a["singular_values"] @ s_a["right"].T
+        difference = s_b["left"] * s_b["singular_values"] @ s_b["right"].T - momentum
+        assert difference.norm() <= tolerance * momentum.norm()

@@ -8,6 +8,7 @@ import torch
 from sumo_optim import linalg, orthogonalize, orthogonalize_newton_schulz, random_orthonormal, top_singular_vectors
 from sumo_optim.linalg import (
     cholesky_qr2,
+    cholesky_qr2_many,
     orthogonalize_cholesky,
     orthogonalize_cholesky_many,
     randomized_top_singular_vectors,
@@ -442,3 +443,26 @@ def test_cholesky_route_with_a_bound_above_one_half():
     """rtol / √rows ≥ 1 (one row, rtol 1.5: every matrix counts as rank 0) still runs, as the SVD does."""
     matrix = torch.randn(3, 1, 20, generator=torch.Generator().manual_seed(int(torch.randint(0, 10**6, ()))))
     torch.testing.assert_close(orthogonalize_cholesky(matrix, rtol=1.5), orthogonalize(matrix, rtol=1.5))
+
+
+def test_cholesky_qr2_many_equals_one_call_per_matrix():
+    """Stacks of different heights and widths, one untrusted matrix among them: each result is
+    what :func:`cholesky_qr2` without fallback gives for that stack alone, flags included."""
+    g = torch.Generator().manual_seed(int(torch.randint(0, 10**6, ())))
+    matrices = [
+        torch.randn(3, 40, 6, generator=g, dtype=torch.float64),
+        torch.randn(2, 25, 6, generator=g, dtype=torch.float32),
+        torch.randn(30, 4, generator=g, dtype=torch.float64),
+        torch.randn(2, 1, 50, 6, generator=g, dtype=torch.float64),
+    ]
+    matrices[0][1, :, 5] = matrices[0][1, :, 2]  # rank-deficient: not trusted
+    for matrix, many in zip(matrices, cholesky_qr2_many(matrices)):
+        alone = cholesky_qr2(matrix, fallback=False)
+        assert many.trusted.shape == matrix.shape[:-2] and torch.equal(many.trusted, alone.trusted)
+        ok = alone.trusted
+        for got, expected in zip(many[:3], alone[:3]):
+            assert got.shape == expected.shape and got.dtype == torch.float64
+            torch.testing.assert_close(got[ok], expected[ok], rtol=0, atol=1e-13)
+    assert cholesky_qr2_many(matrices)[0].trusted.tolist() == [True, False, True]
+    with pytest.raises(ValueError, match="tall"):
+        cholesky_qr2_many([matrices[2], matrices[2].mT])

@@ -18,7 +18,7 @@ import threading
 import torch
 from torch import Tensor
 
-__all__ = ["batched_eigh_available", "eigh"]
+__all__ = ["batched_eigh_available", "eigh", "eigh_ex"]
 
 # cuSOLVER / CUDA enum values (cusolver_common.h, cublas_api.h, library_types.h).
 _EIG_MODE_VECTOR = 1
@@ -123,14 +123,14 @@ def _solve_in_place(library: ctypes.CDLL, vectors: Tensor, values: Tensor, info:
     )
 
 
-def eigh(matrices: Tensor) -> tuple[Tensor, Tensor]:
-    """``torch.linalg.eigh(matrices)`` (eigenvalues ascending, eigenvectors as columns; lower
-    triangle read), by one ``cusolverDnXsyevBatched`` call for the whole stack where
-    :func:`batched_eigh_available`. Matrices the batched solver reports unconverged are redone by
-    ``torch.linalg.eigh`` (one host read of cuSOLVER's flags per call)."""
+def eigh_ex(matrices: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`eigh` without waiting for the device: eigenvalues, eigenvectors and cuSOLVER's
+    flags per matrix (batch shape; 0: converged, > 0: not converged, < 0: a rejected argument),
+    by one ``cusolverDnXsyevBatched`` call. Where :func:`batched_eigh_available` is False, it is
+    ``torch.linalg.eigh`` (which raises where it fails) with zero flags."""
     if not batched_eigh_available(matrices):
-        return torch.linalg.eigh(matrices)
-    library = _library()
+        values, vectors = torch.linalg.eigh(matrices)
+        return values, vectors, torch.zeros(matrices.shape[:-2], dtype=torch.int32, device=matrices.device)
     size = matrices.shape[-1]
     # A symmetric matrix reads the same in either order, so the row-major lower triangle that
     # torch.linalg.eigh reads is the column-major upper one; cuSOLVER writes column-major vectors.
@@ -138,12 +138,30 @@ def eigh(matrices: Tensor) -> tuple[Tensor, Tensor]:
     values = torch.empty(vectors.shape[0], size, dtype=matrices.dtype, device=matrices.device)
     info = torch.zeros(vectors.shape[0], dtype=torch.int32, device=matrices.device)
     with torch.cuda.device(matrices.device):  # the handle's device, whatever the current one
-        _solve_in_place(library, vectors, values, info)
-    vectors = vectors.mT
-    info = info.cpu()
+        _solve_in_place(_library(), vectors, values, info)
+    return values.reshape(matrices.shape[:-1]), vectors.mT.reshape(matrices.shape), info.reshape(matrices.shape[:-2])
+
+
+def eigh(matrices: Tensor) -> tuple[Tensor, Tensor]:
+    """``torch.linalg.eigh(matrices)`` (eigenvalues ascending, eigenvectors as columns; lower
+    triangle read), by one ``cusolverDnXsyevBatched`` call for the whole stack where
+    :func:`batched_eigh_available`. Matrices the batched solver reports unconverged are redone by
+    ``torch.linalg.eigh`` (one host read of cuSOLVER's flags per call)."""
+    if not batched_eigh_available(matrices):
+        return torch.linalg.eigh(matrices)
+    values, vectors, info = eigh_ex(matrices)
+    return _redo_unconverged(matrices, values, vectors, info)
+
+
+def _redo_unconverged(matrices: Tensor, values: Tensor, vectors: Tensor, info: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`eigh_ex`'s result with its unconverged matrices redone by ``torch.linalg.eigh``;
+    raises for a rejected argument."""
+    info = info.reshape(-1).cpu()
     if bool(info.lt(0).any()):
         raise RuntimeError(f"cusolverDnXsyevBatched rejected argument {-int(info.min())}")
     if bool(info.ne(0).any()):
+        size = matrices.shape[-1]
         index = info.nonzero(as_tuple=True)[0].to(matrices.device)
-        values[index], vectors[index] = torch.linalg.eigh(matrices.reshape(-1, size, size)[index])
-    return values.reshape(matrices.shape[:-1]), vectors.reshape(matrices.shape)
+        flat_values, flat_vectors = values.view(-1, size), vectors.view(-1, size, size)
+        flat_values[index], flat_vectors[index] = torch.linalg.eigh(matrices.reshape(-1, size, size)[index])
+    return values, vectors

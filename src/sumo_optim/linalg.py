@@ -28,6 +28,7 @@ __all__ = [
     "CholeskyQR",
     "TopSingularVectors",
     "cholesky_qr2",
+    "cholesky_qr2_many",
     "iterative_top_singular_vectors",
     "orthogonalize",
     "orthogonalize_cholesky",
@@ -311,29 +312,58 @@ def cholesky_qr2(matrix: Tensor, fallback: bool = True, compute_q: bool = True) 
     ``fallback=False`` nothing waits for the device and the caller completes them.
     ``compute_q=False`` skips the product that forms ``Q`` (callers that need only ``R``).
     """
-    if matrix.shape[-2] < matrix.shape[-1]:
-        raise ValueError(f"cholesky_qr2 needs tall matrices (m >= k), got shape {tuple(matrix.shape)}")
-    y = matrix.to(torch.float64)
-    cols = y.shape[-1]
-    identity = torch.eye(cols, dtype=torch.float64, device=y.device)
-    lower1, info1 = torch.linalg.cholesky_ex(y.mT @ y)
-    inverse1 = torch.linalg.solve_triangular(lower1, identity, upper=False)
-    y = y @ inverse1.mT  # Y₁ = M L₁⁻ᵀ
-    gram2 = y.mT @ y
-    lower2, info2 = torch.linalg.cholesky_ex(gram2)
-    inverse2 = torch.linalg.solve_triangular(lower2, identity, upper=False)
-    diagonal = lower1.diagonal(dim1=-2, dim2=-1)
-    trusted = (
-        (info1 == 0)
-        & (info2 == 0)
-        & (diagonal.amin(-1) > 1e-7 * diagonal.amax(-1))
-        & ((gram2 - identity).abs().amax(dim=(-2, -1)) < 0.1)  # False for NaN; Inf in Y₁ shows here too
-    )
-    q = y @ inverse2.mT if compute_q else None
-    result = CholeskyQR(q, (lower1 @ lower2).mT, (inverse2 @ inverse1).mT, trusted)
-    if fallback and not bool(trusted.all()):  # the one synchronization
+    (result,) = cholesky_qr2_many([matrix], compute_q)
+    if fallback and not bool(result.trusted.all()):  # the one synchronization
         result = _householder_where_untrusted(matrix, result)
     return result
+
+
+def cholesky_qr2_many(matrices: Sequence[Tensor], compute_q: bool = True) -> list[CholeskyQR]:
+    """:func:`cholesky_qr2` with ``fallback=False`` of several tall matrices or stacks of
+    different shapes: the k×k Cholesky factors and inverses of all those with the same k go in
+    one batched call per pass (MoFaSGD's QRs of every weight shape, both sides, in two calls)."""
+    for matrix in matrices:
+        if matrix.shape[-2] < matrix.shape[-1]:
+            raise ValueError(f"cholesky_qr2 needs tall matrices (m >= k), got shape {tuple(matrix.shape)}")
+    ys = [matrix.to(torch.float64) for matrix in matrices]
+    lower1, inverse1, info1 = _cholesky_with_inverses([y.mT @ y for y in ys])
+    ys = [y @ inverse.mT for y, inverse in zip(ys, inverse1)]  # Y₁ = M L₁⁻ᵀ
+    grams2 = [y.mT @ y for y in ys]
+    lower2, inverse2, info2 = _cholesky_with_inverses(grams2)
+    results = []
+    for y, gram2, *factors in zip(ys, grams2, lower1, inverse1, info1, lower2, inverse2, info2):
+        first, first_inverse, first_info, second, second_inverse, second_info = factors
+        diagonal = first.diagonal(dim1=-2, dim2=-1)
+        identity = torch.eye(gram2.shape[-1], dtype=torch.float64, device=gram2.device)
+        trusted = (
+            (first_info == 0)
+            & (second_info == 0)
+            & (diagonal.amin(-1) > 1e-7 * diagonal.amax(-1))
+            & ((gram2 - identity).abs().amax(dim=(-2, -1)) < 0.1)  # False for NaN; Inf in Y₁ shows here too
+        )
+        q = y @ second_inverse.mT if compute_q else None
+        results.append(CholeskyQR(q, (first @ second).mT, (second_inverse @ first_inverse).mT, trusted))
+    return results
+
+
+def _cholesky_with_inverses(grams: list[Tensor]) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+    """``L``, ``L⁻¹`` and ``cholesky_ex``'s info of each (batched) k×k ``G = LLᵀ``; one
+    ``cholesky_ex`` and one triangular solve for all of the same k and device."""
+    lower, inverse, info = [None] * len(grams), [None] * len(grams), [None] * len(grams)
+    groups: dict[tuple, list[int]] = {}
+    for i, gram in enumerate(grams):
+        groups.setdefault((gram.shape[-1], gram.device), []).append(i)
+    for (size, device), members in groups.items():
+        flat = [grams[i].reshape(-1, size, size) for i in members]
+        stacked = flat[0] if len(flat) == 1 else torch.cat(flat)
+        factor, flags = torch.linalg.cholesky_ex(stacked)
+        identity = torch.eye(size, dtype=factor.dtype, device=device)
+        factor_inverse = torch.linalg.solve_triangular(factor, identity, upper=False)
+        counts = [len(x) for x in flat]
+        for i, *parts in zip(members, *(t.split(counts) for t in (factor, factor_inverse, flags))):
+            shape = grams[i].shape
+            lower[i], inverse[i], info[i] = parts[0].view(shape), parts[1].view(shape), parts[2].view(shape[:-2])
+    return lower, inverse, info
 
 
 def _householder_where_untrusted(matrix: Tensor, result: CholeskyQR) -> CholeskyQR:

@@ -10,10 +10,16 @@ projection of G onto the tangent space of the rank-r manifold at (U, V):
 
 The step is spectrally normalized: ``W ← W − η α U Vᵀ − η λ W``. The first step sets
 (U, σ, V) to the top-r SVD of the first gradient (``M₁ = β·0 + G₁`` truncated to rank r).
+
+:func:`update_momentum_factors` computes these lines as written. The optimizer's step takes the
+QRs on r columns instead of 2r, since U and V are orthonormal (``G V = U P + Q_Z R_Z``, block
+Gram–Schmidt: half the float64 work), for all matrices of a shape at once, and waits for the
+device once; matrices whose QRs or core solve it cannot trust are redone by that function.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -21,7 +27,7 @@ from torch import Tensor
 
 from . import cusolver
 from .base import SubspaceOptimizer, _as_matrix, _is_number
-from .linalg import _ritz_certified, _stacked_products, _tied_at_rank, cholesky_qr2
+from .linalg import _ritz_certified, _stacked_products, _tied_at_rank, cholesky_qr2, cholesky_qr2_many
 from .lr_adjust import LR_ADJUSTMENTS, lr_adjustment
 
 __all__ = [
@@ -29,6 +35,7 @@ __all__ = [
     "core_top_triplets",
     "momentum_core",
     "top_singular_triplets",
+    "top_singular_triplets_ex",
     "update_momentum_factors",
     "warm_top_singular_triplets",
 ]
@@ -48,10 +55,27 @@ def top_singular_triplets(matrix: Tensor, rank: int) -> tuple[Tensor, Tensor, Te
     orthonormal completion of ``U_r`` where σ is zero)."""
     matrix64 = matrix.to(torch.float64)
     right = cusolver.eigh(matrix64.mT @ matrix64)[1][..., -rank:].flip(-1)  # descending
-    left, triangle = _thin_qr(matrix64 @ right)
+    return _triplets_from_right(matrix64, right, matrix.dtype, fallback=True)[:3]
+
+
+def top_singular_triplets_ex(matrix: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`top_singular_triplets` without waiting for the device, and a flag per matrix: True
+    where the result is that function's (``eigh`` converged, the QR trusted); the caller redoes the others."""
+    matrix64 = matrix.to(torch.float64)
+    _, vectors, info = cusolver.eigh_ex(matrix64.mT @ matrix64)
+    *triplets, trusted = _triplets_from_right(matrix64, vectors[..., -rank:].flip(-1), matrix.dtype, fallback=False)
+    return *triplets, trusted & (info == 0)
+
+
+def _triplets_from_right(
+    matrix64: Tensor, right: Tensor, dtype: torch.dtype, fallback: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``U_r, σ_r, V_r`` from ``K V_r = U_r Σ_r`` (QR, ``R``'s diagonal made ≥ 0) in ``dtype``,
+    and the QR's trust flags (:func:`~sumo_optim.linalg.cholesky_qr2`)."""
+    q, triangle, _, trusted = cholesky_qr2(matrix64 @ right, fallback=fallback)
     diagonal = triangle.diagonal(dim1=-2, dim2=-1)
-    left = left * torch.where(diagonal < 0, -1.0, 1.0).unsqueeze(-2)
-    return left.to(matrix.dtype), diagonal.abs().to(matrix.dtype), right.to(matrix.dtype)
+    left = q * torch.where(diagonal < 0, -1.0, 1.0).unsqueeze(-2)
+    return left.to(dtype), diagonal.abs().to(dtype), right.to(dtype), trusted
 
 
 def warm_top_singular_triplets(
@@ -97,14 +121,11 @@ def warm_top_singular_triplets(
     return left.to(matrix.dtype), sigma.to(matrix.dtype), right.to(matrix.dtype), fell_back
 
 
-def momentum_core(
-    u: Tensor, sigma: Tensor, v: Tensor, grad_v: Tensor, grad_t_u: Tensor, beta: float
-) -> tuple[Tensor, Tensor, Tensor]:
-    """``U', S, V'`` with ``β U diag(σ) Vᵀ + Ĝ = U' S V'ᵀ`` (the two thin QRs and the 2r×2r core
-    of the module docstring) from ``G V`` and ``Gᵀ U``, on one matrix or a stack of equal-shape matrices."""
+def momentum_core(u: Tensor, sigma: Tensor, grad_v: Tensor, left_r: Tensor, right_r: Tensor, beta: float) -> Tensor:
+    """The 2r×2r core ``S = R_U [[β diag(σ) − UᵀGV, I], [I, 0]] R_Vᵀ`` of the module docstring,
+    with ``β U diag(σ) Vᵀ + Ĝ = U' S V'ᵀ`` (``R_U``, ``R_V``: the R factors of ``[U, G V]`` and
+    ``[V, Gᵀ U]``), on one matrix or a stack of equal-shape matrices."""
     rank = u.shape[-1]
-    left, left_r = _thin_qr(torch.cat([u, grad_v], dim=-1))
-    right, right_r = _thin_qr(torch.cat([v, grad_t_u], dim=-1))
     identity = torch.eye(rank, dtype=u.dtype, device=u.device).expand(*u.shape[:-2], rank, rank)
     core = torch.cat(
         [
@@ -113,7 +134,7 @@ def momentum_core(
         ],
         dim=-2,
     )
-    return left, left_r @ core @ right_r.mT, right
+    return left_r @ core @ right_r.mT
 
 
 def core_top_triplets(cores: Tensor, rank: int, core_solver: str = "eigh") -> tuple[Tensor, Tensor, Tensor]:
@@ -133,7 +154,10 @@ def update_momentum_factors(
     batched building blocks only (:func:`momentum_core`, :func:`core_top_triplets`): cuSOLVER's
     SVD loops over a stack of 2r×2r cores one matrix at a time.
     """
-    left, core, right = momentum_core(u, sigma, v, grad @ v, grad.mT @ u, beta)
+    grad_v = grad @ v
+    left, left_r = _thin_qr(torch.cat([u, grad_v], dim=-1))
+    right, right_r = _thin_qr(torch.cat([v, grad.mT @ u], dim=-1))
+    core = momentum_core(u, sigma, grad_v, left_r, right_r, beta)
     core_u, core_sigma, core_v = core_top_triplets(core, u.shape[-1], core_solver)
     return left @ core_u, core_sigma, right @ core_v
 
@@ -146,6 +170,89 @@ def _nonzero_directions(u: Tensor, sigma: Tensor, v: Tensor) -> Tensor:
     zero step) set to zero, on one matrix or a stack."""
     tolerance = max(4 * torch.finfo(sigma.dtype).eps, torch.finfo(torch.float64).eps * max(u.shape[-2], v.shape[-2]))
     return u * (sigma > tolerance * sigma.amax(-1, keepdim=True)).to(u.dtype).unsqueeze(-2)
+
+
+def _core_top_triplets_ex(
+    cores: Tensor, rank: int, core_solver: str, dtype: torch.dtype
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`core_top_triplets` with :func:`top_singular_triplets_ex`'s flags; ``dtype``: the
+    factors' ("warm" certifies at its precision and completes its own fallbacks: all True)."""
+    if core_solver == "warm":
+        left, sigma, right, _ = warm_top_singular_triplets(cores.to(dtype), rank)
+        return left, sigma, right, torch.ones(cores.shape[:-2], dtype=torch.bool, device=cores.device)
+    return top_singular_triplets_ex(cores, rank)
+
+
+def _complement(basis: Tensor, products: Tensor) -> tuple[Tensor, Tensor]:
+    """``P`` and ``Z`` with ``A = Q P + Z`` and ``Qᵀ Z ≈ 0`` for an orthonormal basis ``Q``
+    (``basis``) and ``A`` (``products``), in float64: block Gram–Schmidt with one
+    reorthogonalization (BCGS2), which also removes what ``Q``'s float32 rounding leaves."""
+    basis = basis.to(torch.float64)
+    coefficients = basis.mT @ products.to(torch.float64)
+    rest = products.to(torch.float64) - basis @ coefficients
+    correction = basis.mT @ rest
+    return coefficients + correction, rest - basis @ correction
+
+
+@dataclass
+class _Stack:
+    """Equal-shape matrices whose factors MoFaSGD updates together (positions in the step's
+    list): the bases ``[U, Q_Z]``, ``[V, Q_W]`` and the float64 cores of their update, then their
+    new factors; per matrix, whether all of it can be trusted."""
+
+    members: list[int]
+    core_solver: str
+    bases: tuple[Tensor, Tensor, Tensor, Tensor]
+    core: Tensor
+    trusted: Tensor
+    new: tuple[Tensor, Tensor, Tensor] = ()
+
+
+def _stack_core(
+    members: list[int], u: Tensor, sigma: Tensor, v: Tensor, grads: list[Tensor], beta: float, core_solver: str
+) -> _Stack:
+    """The bases and cores of a stack's update (factors stacked, gradients as a list) without
+    waiting for the device. ``G V`` and ``Gᵀ U`` by :func:`~sumo_optim.linalg._stacked_products`
+    (no stacked copy of the gradients); then, as the module docstring's QRs but on r columns:
+    ``G V = U P + Q_Z R_Z`` and ``Gᵀ U = V P_V + Q_W R_W`` (:func:`_complement`, both
+    CholeskyQR2s in one :func:`~sumo_optim.linalg.cholesky_qr2_many`), so that
+    ``β M + Ĝ = [U, Q_Z] [[β diag(σ) + P_Vᵀ, R_Wᵀ], [R_Z, 0]] [V, Q_W]ᵀ`` (with Ĝ's cross term
+    ``UᵀGV`` read from ``G V``, as :func:`update_momentum_factors` reads it). Not trusted besides
+    the QRs' own flags: ``Z`` or ``W`` with a diagonal of ``R`` below 1e-7 of the largest column
+    of ``G V`` or ``Gᵀ U`` (cancellation; rank-deficient products)."""
+    grad_v, grad_t_u = _stacked_products(grads, v), _stacked_products([g.mT for g in grads], u)
+    (_, rest_left), (right_coefficients, rest_right) = _complement(u, grad_v), _complement(v, grad_t_u)
+    left, right = cholesky_qr2_many([rest_left, rest_right])
+    trusted = left.trusted & right.trusted
+    for qr, products in ((left, grad_v), (right, grad_t_u)):
+        largest = torch.linalg.vector_norm(products, dim=-2).amax(-1).to(torch.float64)
+        trusted &= qr.r.diagonal(dim1=-2, dim2=-1).amin(-1) > 1e-7 * largest
+    top = beta * torch.diag_embed(sigma.to(torch.float64)) + right_coefficients.mT
+    core = torch.cat([torch.cat([top, right.r.mT], -1), torch.cat([left.r, torch.zeros_like(top)], -1)], -2)
+    core = core.where(trusted[:, None, None], 0.0)  # (an untrusted QR's NaN would stop eigh on CPU)
+    return _Stack(members, core_solver, (u, left.q.to(u.dtype), v, right.q.to(v.dtype)), core, trusted)
+
+
+def _solve_cores(stacks: list[_Stack]) -> None:
+    """Sets the stacks' new factors: the top r of all cores of one size and solver in one
+    unchecked call (:func:`top_singular_triplets_ex`), its flags added to the stacks'."""
+    solves: dict[tuple, list[_Stack]] = {}
+    for stack in stacks:
+        core = stack.core
+        key = (core.shape[1:], stack.bases[0].dtype, core.device, stack.core_solver)
+        solves.setdefault(key, []).append(stack)
+    for (core_shape, dtype, _, core_solver), members in solves.items():
+        rank = core_shape[-1] // 2
+        cores = torch.cat([stack.core for stack in members])
+        *triplets, solved = _core_top_triplets_ex(cores, rank, core_solver, dtype)
+        counts = [len(stack.members) for stack in members]
+        for stack, core_u, sigma, core_v, ok in zip(members, *(t.split(counts) for t in (*triplets, solved))):
+            u, extension_u, v, extension_v = stack.bases
+            core_u, core_v = core_u.to(u.dtype), core_v.to(v.dtype)
+            new_u = torch.baddbmm(u @ core_u[:, :rank], extension_u, core_u[:, rank:])  # [U, Q_Z] U_S
+            new_v = torch.baddbmm(v @ core_v[:, :rank], extension_v, core_v[:, rank:])
+            stack.new = (new_u, sigma.to(u.dtype), new_v)
+            stack.trusted = stack.trusted & ok
 
 
 class MoFaSGD(SubspaceOptimizer):
@@ -231,9 +338,12 @@ class MoFaSGD(SubspaceOptimizer):
         return {"left": (shape[0], rank), "singular_values": (rank,), "right": (shape[1], rank)}
 
     def _update_parameters(self, work: list[tuple[Tensor, dict[str, Any], int]]) -> None:
-        """Per matrix, except the factor update: its QRs run once per stack of equal-shape
-        matrices, and the top r of every stack's 2r×2r cores in one call (one batched cuSOLVER
-        ``eigh`` costs about as much for 24 cores as for 168; ``benchmarks/NOTES.md``)."""
+        """Per matrix, except the factor update, which waits for the device once per step: per
+        stack of equal-shape matrices the r-column QRs of :func:`_stack_core` (both in one
+        batched Cholesky call per pass), the top r of all stacks' 2r×2r cores in one ``eigh`` (as
+        costly for 24 cores as for 168; ``benchmarks/NOTES.md``), unchecked; then one host read
+        of all their flags, and the matrices flagged (an untrusted QR, an unconverged ``eigh``)
+        redone by the checked :func:`update_momentum_factors`."""
         pending = []
         for p, group, index in work:
             state = self.state[p]
@@ -242,28 +352,30 @@ class MoFaSGD(SubspaceOptimizer):
                 continue
             self._count_step(p, group, index)
             pending.append((p, group, state, _as_matrix(self._working_copy(p.grad), p)))
-        stacks: dict[tuple, list[int]] = {}
+        members_of: dict[tuple, list[int]] = {}
         for i, (_, group, state, grad) in enumerate(pending):
             key = (grad.shape, grad.dtype, grad.device, group["beta"], group["core_solver"], state["left"].shape)
-            stacks.setdefault(key, []).append(i)
-        built, solves, directions = [], {}, {}
-        for (*_, beta, core_solver, _), members in stacks.items():
-            states = [pending[i][2] for i in members]
-            u, sigma, v = (torch.stack([state[name] for state in states]) for name in _FACTORS)
-            grads = [pending[i][3] for i in members]  # G V and Gᵀ U without a stacked copy of the gradients
-            grad_v, grad_t_u = _stacked_products(grads, v), _stacked_products([g.mT for g in grads], u)
-            left, core, right = momentum_core(u, sigma, v, grad_v, grad_t_u, beta)
-            solves.setdefault((core.shape[1:], core.dtype, core.device, core_solver), []).append(len(built))
-            built.append((members, states, left, core, right))
-        for (core_shape, *_, core_solver), indices in solves.items():
-            cores = [built[i][3] for i in indices]
-            triplets = core_top_triplets(torch.cat(cores), core_shape[-1] // 2, core_solver)
-            for i, core_u, sigma, core_v in zip(indices, *(t.split([len(c) for c in cores]) for t in triplets)):
-                members, states, left, _, right = built[i]
-                left, right = left @ core_u, right @ core_v
-                for state, *factors in zip(states, left, sigma, right):
-                    state.update(zip(_FACTORS, factors))
-                directions.update(zip(members, _nonzero_directions(left, sigma, right)))
+            members_of.setdefault(key, []).append(i)
+        stacks = []
+        for (*_, beta, core_solver, _), members in members_of.items():
+            u, sigma, v = (torch.stack([pending[i][2][name] for i in members]) for name in _FACTORS)
+            stacks.append(_stack_core(members, u, sigma, v, [pending[i][3] for i in members], beta, core_solver))
+        _solve_cores(stacks)
+        trusted = torch.cat([stack.trusted for stack in stacks]).tolist() if stacks else []  # the one synchronization
+        directions, position = {}, 0
+        for stack in stacks:
+            stack_directions = _nonzero_directions(*stack.new)
+            for j, i in enumerate(stack.members):
+                _, group, state, grad = pending[i]
+                if trusted[position + j]:
+                    factors = [factor[j] for factor in stack.new]
+                    directions[i] = stack_directions[j]
+                else:  # from the old factors, still in the state
+                    old = [state[name] for name in _FACTORS]
+                    factors = update_momentum_factors(*old, grad, group["beta"], stack.core_solver)
+                    directions[i] = _nonzero_directions(*factors)
+                state.update(zip(_FACTORS, factors))
+            position += len(stack.members)
         for j, (p, group, state, _) in enumerate(pending):
             weights = self._working_copy(p)
             self._apply_step(_as_matrix(weights, p), directions.pop(j), state["right"], group)
