@@ -426,3 +426,29 @@ def test_mofasgd_cuda_steps_match_float64_on_cpu(tf32, tolerance):
         momentum = s_a["left"] * s_a["singular_values"] @ s_a["right"].T
         difference = s_b["left"] * s_b["singular_values"] @ s_b["right"].T - momentum
         assert difference.norm() <= tolerance * momentum.norm()
+
+
+def test_mofasgd_float32_factors_stay_orthonormal_over_many_steps():
+    """The step's r-column QRs need U and V orthonormal; the float32 rounding of the stored
+    factors must not add up over steps. The gradients lie mostly in a fixed rank-4 subspace
+    (r = 6), so the factors' span hardly changes and nothing else would remove it (without
+    re-orthonormalizing U and V, 2.6e-3 after 400 steps): U and V stay orthonormal to float32
+    rounding and the momentum is a float64 run's."""
+    g = torch.Generator().manual_seed(int(torch.randint(0, 10**6, ())))
+    params = [torch.nn.Parameter(torch.zeros(48, 40, dtype=dtype)) for dtype in (torch.float32, torch.float64)]
+    optimizers = [MoFaSGD([p], rank=6, beta=0.9, lr=0.0) for p in params]
+    a = torch.linalg.qr(torch.randn(48, 4, generator=g, dtype=torch.float64))[0]
+    b = torch.linalg.qr(torch.randn(40, 4, generator=g, dtype=torch.float64))[0]
+    for _ in range(400):
+        grad = a @ torch.randn(4, 4, generator=g, dtype=torch.float64) @ b.T
+        grad += 1e-4 * torch.randn(48, 40, generator=g, dtype=torch.float64) / 40
+        for p, optimizer in zip(params, optimizers):
+            p.grad = grad.to(p.dtype)
+            optimizer.step()
+    states = [optimizer.state[p] for p, optimizer in zip(params, optimizers)]
+    eye = torch.eye(6, dtype=torch.float64)
+    for name in ("left", "right"):
+        factor = states[0][name].double()
+        torch.testing.assert_close(factor.T @ factor, eye, atol=1e-6, rtol=0)
+    momenta = [s["left"].double() * s["singular_values"].double() @ s["right"].double().T for s in states]
+    assert (momenta[0] - momenta[1]).norm() <= 1e-4 * momenta[1].norm()

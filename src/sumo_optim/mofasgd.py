@@ -12,9 +12,10 @@ The step is spectrally normalized: ``W ← W − η α U Vᵀ − η λ W``. The
 (U, σ, V) to the top-r SVD of the first gradient (``M₁ = β·0 + G₁`` truncated to rank r).
 
 :func:`update_momentum_factors` computes these lines as written. The optimizer's step takes the
-QRs on r columns instead of 2r, since U and V are orthonormal (``G V = U P + Q_Z R_Z``, block
-Gram–Schmidt: half the float64 work), for all matrices of a shape at once, and waits for the
-device once; matrices whose QRs or core solve it cannot trust are redone by that function.
+QRs on r columns instead of 2r (U and V made orthonormal in float64, then ``G V = U P + Q_Z R_Z``
+by block Gram–Schmidt: half the float64 work; :func:`_stack_core`), for all matrices of a shape at
+once, and waits for the device once; matrices whose QRs or core solve it cannot trust are redone
+by that function.
 """
 
 from __future__ import annotations
@@ -27,7 +28,14 @@ from torch import Tensor
 
 from . import cusolver
 from .base import SubspaceOptimizer, _as_matrix, _is_number
-from .linalg import _ritz_certified, _stacked_products, _tied_at_rank, cholesky_qr2, cholesky_qr2_many
+from .linalg import (
+    _cholesky_with_inverses,
+    _ritz_certified,
+    _stacked_products,
+    _tied_at_rank,
+    cholesky_qr2,
+    cholesky_qr2_many,
+)
 from .lr_adjust import LR_ADJUSTMENTS, lr_adjustment
 
 __all__ = [
@@ -183,21 +191,10 @@ def _core_top_triplets_ex(
     return top_singular_triplets_ex(cores, rank)
 
 
-def _complement(basis: Tensor, products: Tensor) -> tuple[Tensor, Tensor]:
-    """``P`` and ``Z`` with ``A = Q P + Z`` and ``Qᵀ Z ≈ 0`` for an orthonormal basis ``Q``
-    (``basis``) and ``A`` (``products``), in float64: block Gram–Schmidt with one
-    reorthogonalization (BCGS2), which also removes what ``Q``'s float32 rounding leaves."""
-    basis = basis.to(torch.float64)
-    coefficients = basis.mT @ products.to(torch.float64)
-    rest = products.to(torch.float64) - basis @ coefficients
-    correction = basis.mT @ rest
-    return coefficients + correction, rest - basis @ correction
-
-
 @dataclass
 class _Stack:
     """Equal-shape matrices whose factors MoFaSGD updates together (positions in the step's
-    list): the bases ``[U, Q_Z]``, ``[V, Q_W]`` and the float64 cores of their update, then their
+    list): the bases ``[Û, Q_Z]``, ``[V̂, Q_W]`` and the float64 cores of their update, then their
     new factors; per matrix, whether all of it can be trusted."""
 
     members: list[int]
@@ -212,25 +209,36 @@ def _stack_core(
     members: list[int], u: Tensor, sigma: Tensor, v: Tensor, grads: list[Tensor], beta: float, core_solver: str
 ) -> _Stack:
     """The bases and cores of a stack's update (factors stacked, gradients as a list) without
-    waiting for the device. ``G V`` and ``Gᵀ U`` by :func:`~sumo_optim.linalg._stacked_products`
-    (no stacked copy of the gradients); then, as the module docstring's QRs but on r columns:
-    ``G V = U P + Q_Z R_Z`` and ``Gᵀ U = V P_V + Q_W R_W`` (:func:`_complement`, both
-    CholeskyQR2s in one :func:`~sumo_optim.linalg.cholesky_qr2_many`), so that
-    ``β M + Ĝ = [U, Q_Z] [[β diag(σ) + P_Vᵀ, R_Wᵀ], [R_Z, 0]] [V, Q_W]ᵀ`` (with Ĝ's cross term
-    ``UᵀGV`` read from ``G V``, as :func:`update_momentum_factors` reads it). Not trusted besides
-    the QRs' own flags: ``Z`` or ``W`` with a diagonal of ``R`` below 1e-7 of the largest column
-    of ``G V`` or ``Gᵀ U`` (cancellation; rank-deficient products)."""
+    waiting for the device, in float64 from ``G V`` and ``Gᵀ U`` (by
+    :func:`~sumo_optim.linalg._stacked_products`: no stacked copy of the gradients).
+
+    U and V are first made orthonormal to float64 rounding, ``U = Û L_Uᵀ`` (Cholesky of ``UᵀU``;
+    their float32 rounding would otherwise add up over steps). Then the module docstring's QRs
+    are taken on r columns: ``G V̂ = Û P + Q_Z R_Z`` (one block Gram–Schmidt pass, then
+    CholeskyQR2 of ``Z``), likewise ``Gᵀ Û = V̂ P_V + Q_W R_W``, so that
+    ``β M + Ĝ = [Û, Q_Z] [[β L_Uᵀ diag(σ) L_V + P_Vᵀ, R_Wᵀ], [R_Z, 0]] [V̂, Q_W]ᵀ`` (Ĝ's cross
+    term ``ÛᵀGV̂`` read from ``G V̂``, as :func:`update_momentum_factors` reads it). Not trusted
+    besides the Cholesky factorizations' own flags: a diagonal of ``R_Z`` or ``R_W`` below 1e-7
+    of the largest column of ``G V̂`` or ``Gᵀ Û`` (cancellation; rank-deficient products)."""
     grad_v, grad_t_u = _stacked_products(grads, v), _stacked_products([g.mT for g in grads], u)
-    (_, rest_left), (right_coefficients, rest_right) = _complement(u, grad_v), _complement(v, grad_t_u)
-    left, right = cholesky_qr2_many([rest_left, rest_right])
-    trusted = left.trusted & right.trusted
-    for qr, products in ((left, grad_v), (right, grad_t_u)):
-        largest = torch.linalg.vector_norm(products, dim=-2).amax(-1).to(torch.float64)
-        trusted &= qr.r.diagonal(dim1=-2, dim2=-1).amin(-1) > 1e-7 * largest
-    top = beta * torch.diag_embed(sigma.to(torch.float64)) + right_coefficients.mT
+    u, v = u.to(torch.float64), v.to(torch.float64)
+    (lower_u, lower_v), (inverse_u, inverse_v), infos = _cholesky_with_inverses([u.mT @ u, v.mT @ v])
+    u, v = u @ inverse_u.mT, v @ inverse_v.mT  # Û, V̂
+    grad_v, grad_t_u = grad_v.to(torch.float64) @ inverse_v.mT, grad_t_u.to(torch.float64) @ inverse_u.mT
+    largest = [torch.linalg.vector_norm(x, dim=-2).amax(-1) for x in (grad_v, grad_t_u)]
+    right_coefficients = v.mT @ grad_t_u
+    rests = [grad_v - u @ (u.mT @ grad_v), grad_t_u - v @ right_coefficients]
+    del grad_v, grad_t_u  # (the float64 products: not held through the QRs)
+    left, right = cholesky_qr2_many(rests)
+    trusted = left.trusted & right.trusted & (infos[0] == 0) & (infos[1] == 0)
+    for qr, norm in zip((left, right), largest):
+        trusted &= qr.r.diagonal(dim1=-2, dim2=-1).amin(-1) > 1e-7 * norm
+    momentum = lower_u.mT * sigma.to(torch.float64).unsqueeze(-2) @ lower_v  # U diag(σ) Vᵀ = Û (L_Uᵀ diag(σ) L_V) V̂ᵀ
+    top = beta * momentum + right_coefficients.mT
     core = torch.cat([torch.cat([top, right.r.mT], -1), torch.cat([left.r, torch.zeros_like(top)], -1)], -2)
     core = core.where(trusted[:, None, None], 0.0)  # (an untrusted QR's NaN would stop eigh on CPU)
-    return _Stack(members, core_solver, (u, left.q.to(u.dtype), v, right.q.to(v.dtype)), core, trusted)
+    dtype = sigma.dtype
+    return _Stack(members, core_solver, tuple(x.to(dtype) for x in (u, left.q, v, right.q)), core, trusted)
 
 
 def _solve_cores(stacks: list[_Stack]) -> None:
@@ -249,7 +257,7 @@ def _solve_cores(stacks: list[_Stack]) -> None:
         for stack, core_u, sigma, core_v, ok in zip(members, *(t.split(counts) for t in (*triplets, solved))):
             u, extension_u, v, extension_v = stack.bases
             core_u, core_v = core_u.to(u.dtype), core_v.to(v.dtype)
-            new_u = torch.baddbmm(u @ core_u[:, :rank], extension_u, core_u[:, rank:])  # [U, Q_Z] U_S
+            new_u = torch.baddbmm(u @ core_u[:, :rank], extension_u, core_u[:, rank:])  # [Û, Q_Z] U_S
             new_v = torch.baddbmm(v @ core_v[:, :rank], extension_v, core_v[:, rank:])
             stack.new = (new_u, sigma.to(u.dtype), new_v)
             stack.trusted = stack.trusted & ok
@@ -270,7 +278,8 @@ class MoFaSGD(SubspaceOptimizer):
         core_solver: the top r of the 2r×2r core: ``"eigh"`` (default; float64 ``eigh`` of ``KᵀK``,
             :func:`top_singular_triplets`) or ``"warm"`` (subspace iteration from the previous
             factors, checked, with that as fallback: :func:`warm_top_singular_triplets`; measured
-            slower on an H200, 226 against 63 ms per step at LLaMA-1B, see ``benchmarks/NOTES.md``).
+            slower on an H200, 226 against 63 ms per step at LLaMA-1B before the step's one-synchronization
+            form, see ``benchmarks/NOTES.md``).
         weight_decay: decoupled λ. adamw_betas, adamw_eps, nonfinite, seed, layerwise,
             bf16_stochastic_rounding, adamw_state_bits: as in SUMO.
         layerwise_accumulation_steps: as in SUMO, except that a matrix's step reads its whole
