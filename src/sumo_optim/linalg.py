@@ -321,7 +321,7 @@ def cholesky_qr2(matrix: Tensor, fallback: bool = True, compute_q: bool = True) 
 def cholesky_qr2_many(matrices: Sequence[Tensor], compute_q: bool = True) -> list[CholeskyQR]:
     """:func:`cholesky_qr2` with ``fallback=False`` of several tall matrices or stacks of
     different shapes: the k×k Cholesky factors and inverses of all those with the same k go in
-    one batched call per pass (MoFaSGD's QRs of every weight shape, both sides, in two calls)."""
+    one batched call per pass (MoFaSGD's two QRs of a stack of matrices)."""
     for matrix in matrices:
         if matrix.shape[-2] < matrix.shape[-1]:
             raise ValueError(f"cholesky_qr2 needs tall matrices (m >= k), got shape {tuple(matrix.shape)}")
