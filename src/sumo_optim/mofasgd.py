@@ -370,13 +370,13 @@ class MoFaSGD(SubspaceOptimizer):
             u, sigma, v = (torch.stack([pending[i][2][name] for i in members]) for name in _FACTORS)
             stacks.append(_stack_core(members, u, sigma, v, [pending[i][3] for i in members], beta, core_solver))
         _solve_cores(stacks)
-        trusted = torch.cat([stack.trusted for stack in stacks]).tolist() if stacks else []  # the one synchronization
-        directions, position = {}, 0
+        trusted = iter(torch.cat([stack.trusted for stack in stacks]).tolist() if stacks else [])  # the one sync
+        directions = {}
         for stack in stacks:
             stack_directions = _nonzero_directions(*stack.new)
             for j, i in enumerate(stack.members):
                 _, group, state, grad = pending[i]
-                if trusted[position + j]:
+                if next(trusted):
                     factors = [factor[j] for factor in stack.new]
                     directions[i] = stack_directions[j]
                 else:  # from the old factors, still in the state
@@ -384,7 +384,6 @@ class MoFaSGD(SubspaceOptimizer):
                     factors = update_momentum_factors(*old, grad, group["beta"], stack.core_solver)
                     directions[i] = _nonzero_directions(*factors)
                 state.update(zip(_FACTORS, factors))
-            position += len(stack.members)
         for j, (p, group, state, _) in enumerate(pending):
             weights = self._working_copy(p)
             self._apply_step(_as_matrix(weights, p), directions.pop(j), state["right"], group)
