@@ -578,8 +578,7 @@ def iterative_top_singular_vectors(
                 continue
             next_check = iteration + check_every
             gram = b_t.mT.double() @ b_t.double()  # B Bᵀ, k×k
-            squares, w = cusolver.eigh(gram[0]) if len(active) == 1 else cusolver.eigh(gram)
-            squares, w = squares.expand(len(active), -1), w.expand(len(active), -1, -1)
+            squares, w = cusolver.eigh(gram)
             theta = squares.flip(-1).clamp_min(0).sqrt()  # descending
             w = w.flip(-1)
             floor = (theta[..., :1] * torch.finfo(dtype).eps).clamp_min(torch.finfo(dtype).tiny)
