@@ -25,7 +25,12 @@ Express) against the one it replaced (Muon's quintic, then 6 cubic Newton–Schu
 below), on one batch of the model's r×r factors (one per matrix, as in a step), plain and replayed
 as a CUDA graph, and the error of each against the float64 SVD's ``U Vᵀ`` for κ = 1, 1e3, 1e6.
 
-    python benchmarks/fastpath_ab.py qr,refresh,eigh,polar [--model 1b] [--rank 128] [--alpha 0.8]
+``scalars``: the back-projection ``W ← βW + α Q O`` of every matrix (TF32) by ``addmm_`` with
+host scalars against :func:`sumo_optim.cublas.addmm_many_` (one call per stack) with β and α in device memory, plain and
+replayed as a CUDA graph (the scalars changed between replays), and each one's error against
+float64.
+
+    python benchmarks/fastpath_ab.py qr,refresh,eigh,polar,scalars [--model 1b] [--rank 128] [--alpha 0.8]
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from step_time import matrix_shapes
-from sumo_optim import cusolver
+from sumo_optim import cublas, cusolver
 from sumo_optim.linalg import (
     NEWTON_SCHULZ_COEFFICIENTS,
     _polar_of_square,
@@ -320,6 +325,61 @@ def polar_ab(shapes, rank: int, device: torch.device) -> None:
         )
 
 
+def back_projection_problems(shapes, rank: int, device: torch.device):
+    """(weights, left, right) per matrix as SUMO's back-projection has them: ``Q O`` (Q: m×r basis,
+    O: r×n) where the basis is on the left, else ``D Qᵀ`` (Qᵀ a transposed view of the n×r basis)."""
+    problems = []
+    for m, n in shapes:
+        weights = torch.randn(m, n, device=device)
+        if choose_side((m, n), rank) == "left":
+            basis = torch.linalg.qr(torch.randn(m, rank, device=device))[0]
+            problems.append((weights, basis, torch.randn(rank, n, device=device)))
+        else:
+            basis = torch.linalg.qr(torch.randn(n, rank, device=device))[0]
+            problems.append((weights, torch.randn(m, rank, device=device), basis.mT))
+    return problems
+
+
+def scalars_ab(shapes, rank: int, device: torch.device) -> None:
+    torch.backends.cuda.matmul.allow_tf32 = True
+    problems = back_projection_problems(shapes, rank, device)
+    scalars = torch.tensor([1 - 1e-4, -1e-3], device=device)  # β, α
+
+    def host():
+        for weights, left, right in problems:
+            weights.addmm_(left, right, beta=1 - 1e-4, alpha=-1e-3)
+
+    stacks = {}
+    for problem in problems:
+        stacks.setdefault(tuple((x.shape, x.stride()) for x in problem), []).append(problem)
+
+    def on_device():
+        for members in stacks.values():
+            cublas.addmm_many_(*zip(*members), scalars[0:1], scalars[1:2])
+
+    print(f"back-projection of {len(problems)} matrices, TF32: ms plain / graph; relative error vs float64")
+    print(f"{'scalars':>8} {'plain':>8} {'graph':>8} {'error':>10}")
+    for name, fn in (("host", host), ("device", on_device)):
+        ms = timed_ms(fn, repeats=10), graphed_ms(fn)
+        weights, left, right = problems[-1]
+        before = weights.double()
+        fn()
+        reference = (1 - 1e-4) * before + -1e-3 * (left.double() @ right.double())
+        error = ((weights.double() - reference).norm() / (reference - before).norm()).item()
+        print(f"{name:>8} {ms[0]:8.2f} {ms[1]:8.2f} {error:10.1e}")
+    if device.type == "cuda":  # a replay reads the scalars as they are then
+        weights, left, right = problems[0]
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            cublas.addmm_many_([weights], [left], [right], scalars[0:1], scalars[1:2])
+        scalars.copy_(torch.tensor([0.5, 2.0]))
+        before = weights.double()
+        graph.replay()
+        reference = 0.5 * before + 2.0 * (left.double() @ right.double())
+        error = ((weights.double() - reference).norm() / reference.norm()).item()
+        print(f"replay with new scalars: relative error {error:.1e}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("probes", nargs="?", default="qr,refresh")
@@ -342,6 +402,8 @@ def main() -> None:
         eigh_probe(rank, len(shapes), device)
     if "polar" in args.probes:
         polar_ab(shapes, rank, device)
+    if "scalars" in args.probes:
+        scalars_ab(shapes, rank, device)
 
 
 if __name__ == "__main__":

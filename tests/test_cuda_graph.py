@@ -116,3 +116,45 @@ def test_graphed_step_equals_eager_step_on_gpu(name, setting):
         assert kernels._CAPTURED_TABLES  # the kernel ran inside the graph
     for eager, graphed in zip(results[False], results[True]):
         torch.testing.assert_close(graphed, eager, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("graph", [False, True])
+def test_sumo_waits_for_the_device_once_per_step_between_refreshes_on_gpu(graph):
+    """Between refreshes SUMO's whole step, back-projection included, is queued before the host
+    reads its flags (finiteness of the projections and of AdamW's gradients, and the Cholesky
+    route's trust): one synchronization per step, eager or replayed; and the weights equal those
+    of the step that reads the finiteness check first, under a learning-rate schedule."""
+    device = torch.device("cuda")
+    g = torch.Generator().manual_seed(int(torch.randint(0, 10**6, ())))
+    shapes = [(64, 96)] * 3 + [(96, 64), (32, 48), (40,)]
+    start = [torch.randn(s, generator=g) for s in shapes]
+    gradients = [[torch.randn(s, generator=g) for s in shapes] for _ in range(6)]
+    results = []
+    for ahead in (True, False):
+        params = [torch.nn.Parameter(w.to(device)) for w in start]
+        optimizer = SUMO(params, lr=0.05, rank=8, update_freq=4, weight_decay=0.1, limiter=1.1, cuda_graph=graph)
+        if not ahead:
+            optimizer._steps_ahead = lambda *args: False
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: 1 / (1 + t))
+        for p in params:
+            p.grad = torch.empty_like(p)  # (kept at one address, as the graph's key asks)
+        for step, step_gradients in enumerate(gradients):
+            for p, grad in zip(params, step_gradients):
+                p.grad.copy_(grad)
+            if ahead and step in (3, 5):  # (the 1st and 5th steps refresh; the graph is captured before)
+                torch.cuda.set_sync_debug_mode("warn")
+                try:
+                    with pytest.warns(UserWarning, match="synchroniz") as caught:
+                        optimizer.step()
+                finally:
+                    torch.cuda.set_sync_debug_mode("default")
+                assert len(caught) == 1, [str(w.message) for w in caught]
+            else:
+                optimizer.step()
+            schedule.step()
+        results.append([p.detach().clone() for p in params])
+        if graph and ahead:
+            assert optimizer.cuda_graph.captures == 1 and optimizer.cuda_graph.failure is None
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

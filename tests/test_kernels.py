@@ -159,7 +159,8 @@ def test_sumo_through_the_kernel_equals_the_addmm_loop():
         print(json.dumps({"relative": ((kernel - loop).norm() / loop.norm()).item(), "launches": len(launches)}))
         """
     )
-    # 3 stacks (left 24×40 ×2, right 40×24, left 6×8) × [5 steps × (projection + back-projection)
-    # + 2 refreshes (steps 1 and 4) × 6 sketch products (A Ω, 2 power iterations × 2, Qᵀ A)]
-    assert result["launches"] == 3 * (5 * 2 + 2 * 6), result
+    # 3 stacks (left 24×40 ×2, right 40×24, left 6×8) × [5 steps × the projection + 2 refreshes
+    # (steps 1 and 4) × 6 sketch products (A Ω, 2 power iterations × 2, Qᵀ A)]; SUMO's
+    # back-projection reads its scalars from device memory (sumo_optim.cublas), not by the kernel
+    assert result["launches"] == 3 * (5 + 2 * 6), result
     assert result["relative"] < 1e-5, result

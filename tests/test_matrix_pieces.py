@@ -142,7 +142,9 @@ def test_sumo_with_complement_scale_steps_piece_by_piece(monkeypatch):
     calls = []
     directions = SUMO._directions
     monkeypatch.setattr(
-        SUMO, "_directions", lambda self, matrices: calls.append(len(matrices)) or directions(self, matrices)
+        SUMO,
+        "_directions",
+        lambda self, matrices, ok=None: calls.append(len(matrices)) or directions(self, matrices, ok),
     )
     _, _, counts = run("sumo_paper", 2 * BYTES_PER_MATRIX, torch.bfloat16, monkeypatch, steps=1, **EVERY_2)
     assert counts == [3] and calls == [2, 2, 1]

@@ -285,3 +285,77 @@ def test_checkpoint_from_before_adjust_lr_fn_loads_and_steps():
         resumed.load_state_dict(saved)
         assert resumed.param_groups[0]["adjust_lr_fn"] == value
         resumed.step()
+
+
+def _mixed_sumo(device="cpu"):
+    """Parameters of every kind one SUMO step handles (wide, tall, float64, a matrix whose
+    subspace is the whole space, a vector under AdamW) in two groups: decay and the limiter with
+    the Cholesky route, and another momentum with the exact route."""
+    g = torch.Generator().manual_seed(int(torch.randint(0, 10**6, ())))
+    shapes = [(12, 30), (12, 30), (30, 12), (3, 16), (20,)]
+    params = [torch.nn.Parameter(torch.randn(s, generator=g).to(device)) for s in shapes]
+    params.append(torch.nn.Parameter(torch.randn(10, 14, generator=g, dtype=torch.float64).to(device)))
+    groups = [
+        dict(params=params[:3] + params[4:5], weight_decay=0.1, limiter=1.1, orthogonalization="cholesky"),
+        dict(params=[params[3], params[5]], momentum=0.8),
+    ]
+    optimizer = SUMO(groups, rank=4, update_freq=3, lr=0.05)
+    gradients = [[torch.randn(p.shape, generator=g, dtype=p.dtype).to(device) for p in params] for _ in range(7)]
+    return params, optimizer, gradients
+
+
+def test_one_synchronization_step_equals_the_checked_step():
+    """Between refreshes the whole step is queued before its check is read (``_step_ahead``:
+    moments, limiter and back-projection guarded on the device, β and α from device memory);
+    under a learning-rate schedule it gives the weights and states of the step that reads the
+    check first, bit for bit."""
+    runs = []
+    for ahead in (True, False):
+        torch.manual_seed(0)
+        params, optimizer, gradients = _mixed_sumo()
+        if not ahead:
+            optimizer._steps_ahead = lambda *args: False
+        taken = []
+        optimizer._step_ahead = lambda *args, taken=taken, step=optimizer._step_ahead: taken.append(1) or step(*args)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: 1 / (1 + t))
+        for step_gradients in gradients:
+            for p, grad in zip(params, step_gradients):
+                p.grad = grad.clone()
+            optimizer.step()
+            schedule.step()
+        runs.append((params, optimizer, len(taken)))
+    (params, optimizer, taken), (checked_params, checked, checked_taken) = runs
+    assert (taken, checked_taken) == (4, 0)  # steps 2, 3, 5 and 6 (1, 4 and 7 refresh)
+    for p, q in zip(params, checked_params):
+        assert torch.equal(p, q)
+        for name, value in optimizer.state[p].items():
+            other = checked.state[q][name]
+            assert torch.equal(value, other) if isinstance(value, torch.Tensor) else value == other
+
+
+@pytest.mark.parametrize("where", ["matrix", "vector"])
+def test_a_nonfinite_gradient_changes_nothing_in_the_one_synchronization_step(where):
+    """The step queued before its check leaves every weight and state as it was (moments, the
+    limiter's norm, step counts) when a gradient is NaN, a matrix's or an AdamW parameter's."""
+    params, optimizer, gradients = _mixed_sumo()
+    for step_gradients in gradients[:2]:  # the third step refreshes no basis
+        for p, grad in zip(params, step_gradients):
+            p.grad = grad.clone()
+        optimizer.step()
+    for p, grad in zip(params, gradients[2]):
+        p.grad = grad.clone()
+    params[1 if where == "matrix" else 4].grad.view(-1)[-1] = float("nan")
+    for p in params[:3]:  # a limiter that is capping (‖O‖ = 2 > γ · 0.5) would move its norm
+        optimizer.state[p]["previous_norm"].fill_(0.5)
+    before = [p.detach().clone() for p in params]
+    states = [
+        {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in optimizer.state[p].items()} for p in params
+    ]
+    with pytest.raises(ValueError, match="non-finite"):
+        optimizer.step()
+    for p, old, state in zip(params, before, states):
+        assert torch.equal(p, old)
+        assert optimizer.state[p].keys() == state.keys()
+        for name, value in state.items():
+            now = optimizer.state[p][name]
+            assert torch.equal(now, value) if isinstance(value, torch.Tensor) else now == value

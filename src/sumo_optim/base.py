@@ -582,25 +582,51 @@ class SubspaceOptimizer(Optimizer):
     ) -> list[tuple[list[int], Tensor]]:
         """Projects the prepared matrices' gradients (:meth:`_project`) and queues their check in
         place of the full gradients' (see :meth:`step`): (positions in ``work``, flags) per stack."""
-        in_work = {id(p): i for i, (p, _, _) in enumerate(work)}
-        items = []
+        return self._checks_in_work(work, prepared, self._project(self._uncounted_items(prepared)))
+
+    def _uncounted_items(self, prepared: list[tuple[Tensor, Tensor, Matrix]]) -> list[Matrix]:
+        """The prepared matrices, each with its state (the dict the step count returns later; not
+        yet counted)."""
         for p, _, item in prepared:
-            item.state = self.state[p]  # the dict the step count returns later, not yet counted
-            items.append(item)
-        checks = self._project(items)
+            item.state = self.state[p]
+        return [item for _, _, item in prepared]
+
+    @staticmethod
+    def _checks_in_work(
+        work: Work, prepared: list[tuple[Tensor, Tensor, Matrix]], checks: list[tuple[list[int], Tensor]]
+    ) -> list[tuple[list[int], Tensor]]:
+        """Checks by positions in ``prepared`` as checks by positions in ``work``."""
+        in_work = {id(p): i for i, (p, _, _) in enumerate(work)}
         return [([in_work[id(prepared[i][0])] for i in positions], flags) for positions, flags in checks]
+
+    def _steps_ahead(
+        self, prepared: list[tuple[Tensor, Tensor, Matrix]], pending: list[tuple[list[int], Tensor]]
+    ) -> bool:
+        """Whether :meth:`_step_ahead` can take this step (a step without refresh whose matrices are
+        checked on their projections; subclasses that can say when)."""
+        return False
+
+    def _step_ahead(
+        self, work: Work, prepared: list[tuple[Tensor, Tensor, Matrix]], pending: list[tuple[list[int], Tensor]]
+    ) -> list[bool] | None:
+        """The whole step queued before its check is read (one host synchronization), each state
+        and weight changed on the device only if every gradient is finite (the checks of
+        ``pending`` and of the projections). Returns None once stepped, else which gradients are
+        finite, with nothing changed (a non-finite one with ``nonfinite="raise"`` raises)."""
+        raise NotImplementedError
 
     def _finite_flags(
         self,
         work: list[tuple[Tensor, dict[str, Any], int]],
-        pending: list[tuple[list[int], Tensor]],
+        pending: list[tuple[list[int], Tensor | list[bool]]],
         sharding: StepSharding | None = None,
     ) -> list[bool]:
-        """Which gradients are finite (the host waits for the check here; agreed over ranks by
-        ``sharding``); raises for a non-finite one in a group with ``nonfinite="raise"``."""
+        """Which gradients are finite (the host waits for the check here, unless the flags are
+        read already: lists; agreed over ranks by ``sharding``); raises for a non-finite one in a
+        group with ``nonfinite="raise"``."""
         finite = [True] * len(work)
         for positions, flags in pending:
-            for i, ok in zip(positions, flags.tolist()):
+            for i, ok in zip(positions, flags.tolist() if isinstance(flags, Tensor) else flags):
                 finite[i] = ok
         if sharding is not None:
             finite = sharding.agree_on_finite(finite, work)
@@ -697,9 +723,15 @@ class SubspaceOptimizer(Optimizer):
         if finite is None:
             positions = [i for i, matrix in enumerate(is_matrix) if not (early and matrix)]
             pending = self._queue_finite_check(work, positions)
-            if early:
-                pending.extend(self._queue_projection_check(work, prepared))
-            flags = self._finite_flags(work, pending, sharding)
+            if early and self._steps_ahead(prepared, pending):
+                # The whole step queued before the check, nothing changed unless all is finite.
+                flags = self._step_ahead(work, prepared, pending)
+                if flags is None:
+                    return
+            else:
+                if early:
+                    pending.extend(self._queue_projection_check(work, prepared))
+                flags = self._finite_flags(work, pending, sharding)
         else:
             flags = [finite[id(p)] for p, _, _ in work]
         ready = []
@@ -985,10 +1017,16 @@ class SubspaceOptimizer(Optimizer):
         if refreshed or any(x.projected is None for x in matrices):
             self._project(matrices)
 
-    def _graphed(self, matrices: list[Matrix], function: Callable[[], Any], graph: GraphedCall | None = None) -> Any:
+    def _graphed(
+        self,
+        matrices: list[Matrix],
+        function: Callable[[], Any],
+        graph: GraphedCall | None = None,
+        tensors: Iterable[Tensor] = (),
+    ) -> Any:
         """``function()``, which only queues kernels on the matrices' gradients, states and
-        projections; replayed from a CUDA graph (``graph``, else the step's) with
-        ``cuda_graph=True`` when all matrices are on one CUDA device."""
+        projections and on ``tensors``; replayed from a CUDA graph (``graph``, else the step's)
+        with ``cuda_graph=True`` when all matrices are on one CUDA device."""
         devices = {x.grad.device for x in matrices}
         if self.cuda_graph is None or len(devices) != 1 or next(iter(devices)).type != "cuda":
             return function()
@@ -1000,6 +1038,7 @@ class SubspaceOptimizer(Optimizer):
             if x.projected is not None:
                 key.append(tensor_key(x.projected))
             key.extend((value.data_ptr(), value.dtype) for value in x.state.values() if isinstance(value, Tensor))
+        key.extend(tensor_key(tensor) for tensor in tensors)
         groups = {id(x.group): x.group for x in matrices}.values()
         key.extend((group["rank"], *(group[name] for name in self.graph_hyperparameters)) for group in groups)
         return (self.cuda_graph if graph is None else graph)(tuple(key), function)

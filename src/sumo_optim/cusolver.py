@@ -31,13 +31,15 @@ _int = ctypes.c_int
 _pointer = ctypes.c_void_p
 
 
-def _loaded_cusolver_paths() -> list[str]:
-    """Paths of the cuSOLVER libraries mapped into this process (PyTorch's CUDA build loads one)."""
+def loaded_library_paths(name: str, exclude: str = "Mg") -> list[str]:
+    """Paths of the libraries mapped into this process whose file names contain ``name`` and not
+    ``exclude`` (PyTorch's CUDA build loads cuSOLVER and cuBLAS)."""
     try:
         with open("/proc/self/maps") as maps:
-            return sorted({line.split()[-1] for line in maps if "libcusolver.so" in line and "Mg" not in line})
+            paths = {line.split()[-1] for line in maps if name in line}
     except OSError:
         return []
+    return sorted(path for path in paths if exclude not in path.rsplit("/", 1)[-1])
 
 
 @functools.cache
@@ -46,7 +48,7 @@ def _library() -> ctypes.CDLL | None:
     if not torch.cuda.is_available() or torch.version.cuda is None:
         return None
     torch.cuda.init()  # maps the CUDA libraries
-    for name in [*_loaded_cusolver_paths(), "libcusolver.so.12", "libcusolver.so.11", "libcusolver.so"]:
+    for name in [*loaded_library_paths("libcusolver.so"), "libcusolver.so.12", "libcusolver.so.11", "libcusolver.so"]:
         try:
             library = ctypes.CDLL(name)
             size_function, function = library.cusolverDnXsyevBatched_bufferSize, library.cusolverDnXsyevBatched

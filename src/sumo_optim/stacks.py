@@ -9,6 +9,8 @@ gradient into its subspace and the back-projection of the step. :func:`project_`
     project_:       out ← β out + Qᵀ G      (left)   or   β out + G Q    (right)
     project_back_:  W   ← β W   + α Q D     (left)   or   β W + α D Qᵀ   (right)
 
+(:func:`project_back_` also takes β and α in device memory, for a CUDA graph.)
+
 ``side="full"`` (the subspace is the whole space, ``Q = I``) uses the gradient and the
 direction as they are. :func:`project_checked` projects every stack into one buffer and says
 which projections are finite: on a step without a refresh, that check stands for the full
@@ -23,9 +25,19 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .cublas import addmm_many_
 from .kernels import grouped_addmm_
 
-__all__ = ["Matrix", "project_", "project_back_", "project_checked", "projection_key", "stacks"]
+__all__ = [
+    "Matrix",
+    "finite_matrices",
+    "project_",
+    "project_back_",
+    "project_checked",
+    "project_stacks",
+    "projection_key",
+    "stacks",
+]
 
 
 class Matrix:
@@ -88,15 +100,11 @@ def project_(outs: list[Tensor], members: list[Matrix], beta: float) -> None:
         torch._foreach_add_(outs, grads)
 
 
-def project_checked(matrices: list[Matrix]) -> tuple[list[Tensor], list[tuple[list[int], Tensor]]]:
-    """``R_i = project(G_i)`` for every matrix (each a view of its stack's one buffer), and per
-    stack (positions in ``matrices``, whether each ``R_i`` is finite). Only kernels: a CUDA
-    graph can capture it.
-
-    Products propagate NaN and Inf (``0·Inf`` is NaN), so ``R_i`` is finite only if ``G_i`` is,
-    unless the product overflows, which makes the step as unusable as a non-finite gradient."""
+def project_stacks(matrices: list[Matrix]) -> tuple[list[Tensor], list[tuple[list[int], Tensor]]]:
+    """``R_i = project(G_i)`` for every matrix, each a view of its stack's one buffer, and per
+    stack (positions in ``matrices``, that buffer). Only kernels: a CUDA graph can capture it."""
     projected: list[Tensor | None] = [None] * len(matrices)
-    checks = []
+    buffers = []
     position = {id(x): i for i, x in enumerate(matrices)}
     for members in stacks(matrices, projection_key):
         first = members[0]
@@ -109,22 +117,45 @@ def project_checked(matrices: list[Matrix]) -> tuple[list[Tensor], list[tuple[li
         positions = [position[id(x)] for x in members]
         for i, out in zip(positions, outs):
             projected[i] = out
-        checks.append((positions, torch.linalg.vector_norm(buffer, float("inf"), dim=(-2, -1)).isfinite()))
-    return projected, checks
+        buffers.append((positions, buffer))
+    return projected, buffers
 
 
-def project_back_(members: list[Matrix], directions: list[Tensor], beta: float, alpha: float) -> None:
+def finite_matrices(stack: Tensor) -> Tensor:
+    """Whether each matrix of a stack is finite (max |x| is NaN or Inf iff some entry is)."""
+    return torch.linalg.vector_norm(stack, float("inf"), dim=(-2, -1)).isfinite()
+
+
+def project_checked(matrices: list[Matrix]) -> tuple[list[Tensor], list[tuple[list[int], Tensor]]]:
+    """:func:`project_stacks`, and per stack (positions in ``matrices``, whether each ``R_i`` is
+    finite). Only kernels: a CUDA graph can capture it.
+
+    Products propagate NaN and Inf (``0·Inf`` is NaN), so ``R_i`` is finite only if ``G_i`` is,
+    unless the product overflows, which makes the step as unusable as a non-finite gradient."""
+    projected, buffers = project_stacks(matrices)
+    return projected, [(positions, finite_matrices(buffer)) for positions, buffer in buffers]
+
+
+def project_back_(members: list[Matrix], directions: list[Tensor], beta: float | Tensor, alpha: float | Tensor) -> None:
     """``W_i ← β W_i + α project_back(D_i)`` in place, for a stack sharing one side (recorded
-    in ``deferred`` instead, for matrices that have it)."""
+    in ``deferred`` instead, for matrices that have it). ``β`` and ``α`` are numbers, or 0-dim
+    tensors in the weights' dtype and device, read when the products run
+    (:func:`~sumo_optim.cublas.addmm_many_`): a CUDA graph that captures those stays valid when
+    they change."""
     if members[0].deferred is not None:
         for x, direction in zip(members, directions):
             x.deferred.append((x.state.get("basis"), x.side, direction, beta, alpha))
         return
+    on_device = isinstance(beta, Tensor)
+    product = addmm_many_ if on_device else grouped_addmm_
     side, weights = members[0].side, [x.weights for x in members]
     if side == "left":
-        grouped_addmm_(weights, [x.state["basis"] for x in members], directions, beta, alpha)
+        product(weights, [x.state["basis"] for x in members], directions, beta, alpha)
     elif side == "right":
-        grouped_addmm_(weights, directions, [x.state["basis"].mT for x in members], beta, alpha)
+        product(weights, directions, [x.state["basis"].mT for x in members], beta, alpha)
     else:
         torch._foreach_mul_(weights, beta)
-        torch._foreach_add_(weights, directions, alpha=alpha)
+        if on_device:
+            torch._foreach_add_(weights, torch._foreach_mul(directions, alpha))
+        else:
+            torch._foreach_add_(weights, directions, alpha=alpha)

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from .base import MATRIX_PIECE_BYTES, SubspaceOptimizer, Work, _is_number
+from .cublas import device_scalars_available
 from .linalg import (
     orthogonalize,
     orthogonalize_cholesky,
@@ -35,7 +36,7 @@ from .linalg import (
     orthogonalize_newton_schulz,
 )
 from .lr_adjust import LR_ADJUSTMENTS, lr_adjustment
-from .stacks import Matrix, project_back_, stacks
+from .stacks import Matrix, finite_matrices, project_back_, project_stacks, stacks
 from .subspace import choose_side, compute_bases, is_refresh_step, project, project_back, transport
 
 __all__ = ["PAPER_RULE", "SUMO", "limit_norm_growth"]
@@ -110,11 +111,13 @@ class SUMO(SubspaceOptimizer):
             ``Σ Qᵀ G_i`` (r×n), and on its first and refresh steps its full gradient
             (:meth:`~sumo_optim.base.SubspaceOptimizer._layerwise_update`). Call ``step()``
             after every N backward passes.
-        cuda_graph: on CUDA, replay Blocks 2 and 3 of all matrices (projection,
-            orthogonalization, limiter: several hundred small kernels at LLaMA-1B) as one CUDA
-            graph (see :class:`~sumo_optim.base.SubspaceOptimizer`); the graph keeps its
-            working memory between steps (1.6 GiB at LLaMA-1B and 2.1 GiB at 7B, r = 128:
-            the float64 orthogonalization works on chunks of
+        cuda_graph: on CUDA, replay Blocks 2–4 of all matrices (projection and its finiteness
+            check, orthogonalization, limiter, back-projection: several hundred kernels at
+            LLaMA-1B) as one CUDA graph (see :class:`~sumo_optim.base.SubspaceOptimizer`); the
+            back-projection reads its step size and decay from device memory
+            (:mod:`sumo_optim.cublas`), so a learning-rate schedule needs no new capture. The
+            graph keeps its working memory between steps (1.8 GiB at LLaMA-1B and 2.1 GiB at
+            7B, r = 128: the float64 orthogonalization works on chunks of
             :data:`~sumo_optim.linalg.CHUNK_BYTES`).
         bf16_stochastic_rounding: round the float32 result into bfloat16 weights stochastically
             (unbiased, :func:`~sumo_optim.rounding.stochastic_round_to_bf16`) instead of to
@@ -206,6 +209,7 @@ class SUMO(SubspaceOptimizer):
             layerwise_refresh=layerwise_refresh,
             matrix_piece_bytes=matrix_piece_bytes,
         )
+        self._step_inputs: dict[tuple[torch.device, str], Tensor] = {}  # (see _step_input)
         if cuda_graph and any(group["state_dtype"] is not None for group in self.param_groups):
             raise ValueError("state_dtype keeps float32 copies for each step; it does not combine with cuda_graph=True")
 
@@ -265,39 +269,138 @@ class SUMO(SubspaceOptimizer):
         return {"moment": (m, n)}
 
     def _step_matrices(self, matrices: list[Matrix]) -> None:
-        """Algorithm 1 for matrices whose step is counted, stack by stack.
+        """Algorithm 1 for matrices whose step is counted and whose gradients are checked.
 
-        Block 1 batched per stack (refresh steps only); Blocks 2 and 3 in :meth:`_directions`
-        (replayed as a CUDA graph with ``cuda_graph=True``); Block 4's back-projection as one
-        grouped product per stack of equal-shape matrices (:mod:`sumo_optim.stacks`). The one
-        host synchronization comes last, once all the work is queued: it looks for moments the
-        fast orthogonalization could not vouch for (rare).
+        Block 1 batched per stack (refresh steps only), then :meth:`_queue_update` (Blocks 2–4),
+        per device; the complement term of Block 4 where asked for; and the one host
+        synchronization, once all the work is queued: it looks for moments the fast
+        orthogonalization could not vouch for (rare).
         """
         stored = self._computing_copies(matrices)
         refreshed = [x for x in matrices if self._init_state(x)]
         self._refresh(refreshed)
-        self._project_unless_done(matrices, refreshed)
-        updates, flags, all_trusted, previous_norms = self._graphed(matrices, lambda: self._directions(matrices))
-        for item, update in zip(matrices, updates):
-            item.update = update
-        self._back_project(matrices)
-        _add_fallbacks(self._fallback_updates(matrices, flags, all_trusted, previous_norms))
+        for members in stacks(matrices, lambda x: x.weights.device):  # (a gradient may be a meta stand-in)
+            if refreshed:  # (projected anew, in the new bases)
+                for x in members:
+                    x.projected = None
+            finite = self._step_input(members[0].weights.device, "finite", torch.bool, 1).fill_(True)
+            _, flags, all_trusted, previous_norms = self._queue_update(members, finite)
+            self._add_complement(members)
+            _add_fallbacks(self._fallback_updates(members, flags, all_trusted, previous_norms))
         self._store_computing_copies(stored)
+
+    def _steps_ahead(
+        self, prepared: list[tuple[Tensor, Tensor, Matrix]], pending: list[tuple[list[int], Tensor]]
+    ) -> bool:
+        devices = {item.grad.device for _, _, item in prepared} | {flags.device for _, flags in pending}
+        return len(devices) == 1 and device_scalars_available(next(iter(devices)))
+
+    def _step_ahead(
+        self, work: Work, prepared: list[tuple[Tensor, Tensor, Matrix]], pending: list[tuple[list[int], Tensor]]
+    ) -> list[bool] | None:
+        """:meth:`~sumo_optim.base.SubspaceOptimizer._step_ahead`: :meth:`_queue_update` with
+        the projections' and ``pending``'s checks on the device, then one host read of all flags."""
+        matrices = self._uncounted_items(prepared)
+        finite = self._step_input(matrices[0].grad.device, "finite", torch.bool, 1)
+        if pending:
+            finite.copy_(torch.cat([checked for _, checked in pending]).all())
+        else:
+            finite.fill_(True)
+        checks, flags, all_trusted, previous_norms = self._queue_update(matrices, finite)
+        entries = pending + self._checks_in_work(work, prepared, checks)
+        read = [checked.reshape(-1) for _, checked in entries]
+        if all_trusted is not None:
+            read.append(all_trusted.reshape(1))
+        values = torch.cat(read).tolist()  # the step's one host synchronization
+        if all_trusted is not None:
+            all_trusted = values.pop()
+        read_entries, start = [], 0
+        for positions, _ in entries:
+            read_entries.append((positions, values[start : start + len(positions)]))
+            start += len(positions)
+        finite = self._finite_flags(work, read_entries)
+        if not all(finite):
+            return finite
+        self._count_steps(work, prepared)
+        _add_fallbacks(self._fallback_updates(matrices, flags, all_trusted, previous_norms))
+        for p, weights, item in prepared:
+            self._end_update(p, weights, item.group)
+        return None
+
+    def _step_input(self, device: torch.device, name: str, dtype: torch.dtype, size: int) -> Tensor:
+        """A tensor that :meth:`_queue_update` reads, kept at one address from step to step (a
+        CUDA graph of it stays valid); made anew when its size changes."""
+        key = (device, name)
+        if key not in self._step_inputs or self._step_inputs[key].numel() != size:
+            self._step_inputs[key] = torch.empty(size, dtype=dtype, device=device)
+        return self._step_inputs[key]
+
+    def _queue_update(
+        self, matrices: list[Matrix], finite: Tensor
+    ) -> tuple[list[tuple[list[int], Tensor]], list[Tensor | None], Tensor | None, list[Tensor | None]]:
+        """Blocks 2–4 of matrices on one device, without a host synchronization and replayed as
+        one CUDA graph with ``cuda_graph=True``: the projections (unless given: layer-wise
+        accumulation) and their finiteness checks, the moments, the orthogonalization, the
+        limiter and the back-projection ``W ← (1 − ηλ) W − η α f(m, n) Q O``, its β and α read
+        from device memory (:func:`~sumo_optim.stacks.project_back_`), so that a new
+        learning rate needs no new graph.
+
+        Unless ``finite`` (a bool tensor of one element) and every projection are finite, no state
+        or weight changes. Returns the projections' checks (positions in ``matrices``) and what
+        :meth:`_fallback_updates` needs.
+        """
+        device = matrices[0].weights.device
+        if self.cuda_graph is not None and device.type == "cuda" and not device_scalars_available(device):
+            raise RuntimeError("cuda_graph=True needs PyTorch's cuBLAS library (sumo_optim.cublas), not found")
+        back_stacks = _back_projection_stacks(matrices)
+        values = torch.tensor([v for _, beta, alpha in back_stacks for v in (beta, alpha)], dtype=torch.float64)
+        scalars = self._step_input(device, "scalars", torch.float64, values.numel())
+        scalars.copy_(values.pin_memory() if device.type == "cuda" else values, non_blocking=True)
+
+        def update() -> tuple:
+            checks = []
+            if any(x.projected is None for x in matrices):
+                projected, buffers = project_stacks(matrices)
+                for x, reduced in zip(matrices, projected):
+                    x.projected = reduced
+                checks = [(positions, finite_matrices(buffer)) for positions, buffer in buffers]
+                ok = torch.cat([finite, *(flags for _, flags in checks)]).all()
+                for _, buffer in buffers:  # (a NaN or Inf projection moves no moment)
+                    buffer.masked_fill_(~ok, 0.0)
+            else:
+                ok = finite.all()
+            updates, flags, all_trusted, previous_norms = self._directions(matrices, ok)
+            position = {id(x): i for i, x in enumerate(matrices)}
+            for i, (members, beta, alpha) in enumerate(back_stacks):
+                directions = [updates[position[id(x)]] for x in members]
+                if members[0].deferred is not None or not device_scalars_available(device):
+                    project_back_(members, directions, beta, alpha)  # (checked before: ``finite`` holds)
+                    continue
+                dtype = members[0].weights.dtype
+                beta_now = torch.where(ok, scalars[2 * i], 1.0).to(dtype)
+                alpha_now = torch.where(ok, scalars[2 * i + 1], 0.0).to(dtype)
+                project_back_(members, directions, beta_now, alpha_now)
+            return checks, flags, all_trusted, previous_norms
+
+        weights = [x.weights for x in matrices]
+        return self._graphed(matrices, update, self.cuda_graph, [finite, scalars, *weights])
+
+    @staticmethod
+    def _add_complement(matrices: list[Matrix]) -> None:
+        """Block 4's ``− η β (I − Q Qᵀ) G`` for matrices whose group has ``complement_scale``."""
+        for x in matrices:
+            group = x.group
+            if group["complement_scale"] and x.side != "full":
+                basis = x.state["basis"]
+                complement = x.grad - project_back(project(x.grad, basis, x.side), basis, x.side)
+                x.weights.add_(complement, alpha=-group["lr"] * group["complement_scale"])
 
     @staticmethod
     def _back_project(matrices: list[Matrix]) -> None:
-        """Block 4 for matrices with their ``update``: one grouped product per stack."""
-        for members in stacks(matrices, lambda x: (id(x.group), x.side, x.weights.shape, x.weights.stride())):
-            group, side = members[0].group, members[0].side
-            lr = group["lr"]
-            # W ← (1 − ηλ) W − η α f(m, n) Q O  (right side: O Qᵀ)
-            alpha = _orthogonal_step_alpha(group, members[0].weights.shape)
-            project_back_(members, [x.update for x in members], 1 - lr * group["weight_decay"], alpha)
-            if group["complement_scale"] and side != "full":  # + β (I − Q Qᵀ) G
-                for x in members:
-                    basis = x.state["basis"]
-                    complement = x.grad - project_back(project(x.grad, basis, side), basis, side)
-                    x.weights.add_(complement, alpha=-lr * group["complement_scale"])
+        """Block 4 without the complement term, for matrices with their ``update``: one grouped
+        product per stack (steps in pieces; groups with ``complement_scale`` are not)."""
+        for members, beta, alpha in _back_projection_stacks(matrices):
+            project_back_(members, [x.update for x in members], beta, alpha)
 
     # The phases of a step in pieces (:meth:`SubspaceOptimizer._update_pieces`): the float64 route
     # and its fallback check run once for all matrices, not once per piece (LLaMA-1B, bf16, H200:
@@ -363,19 +466,24 @@ class SUMO(SubspaceOptimizer):
         return stored
 
     def _directions(
-        self, matrices: list[Matrix]
+        self, matrices: list[Matrix], ok: Tensor | None = None
     ) -> tuple[list[Tensor], list[Tensor | None], Tensor | None, list[Tensor | None]]:
-        """Blocks 2 and 3: moments updated in place, their orthogonalized (and limited) updates.
+        """Blocks 2 and 3: moments updated in place, their orthogonalized (and limited) updates;
+        with ``ok`` (a 0-dim bool tensor), the moments and the limiter's norms only where it is
+        True (the projections must then be finite).
 
         Returns the updates, the Cholesky route's flags and their conjunction (see
         :meth:`_orthogonalize`), and each limited matrix's norm before this step. Only kernels,
         on tensors that stay in place (the limiter's norm is written into its state tensor), so
         the whole of it can be captured in a CUDA graph.
         """
-        for members in stacks(matrices, lambda x: x.group["momentum"]):
+        for members in stacks(matrices, lambda x: (x.group["momentum"], x.state["moment"].dtype)):
             # M ← μ M + Qᵀ G  (right side: μ M + G Q), the projection made by _project
-            moments = [x.state["moment"] for x in members]
-            torch._foreach_mul_(moments, members[0].group["momentum"])
+            moments, momentum = [x.state["moment"] for x in members], members[0].group["momentum"]
+            if ok is not None:  # μ where ok, else 1 (the projections are zero then)
+                like = moments[0]
+                momentum = torch.where(ok, torch.full((), momentum, dtype=like.dtype, device=like.device), 1.0)
+            torch._foreach_mul_(moments, momentum)
             torch._foreach_add_(moments, [x.projected for x in members])
         updates, flags, all_trusted = self._orthogonalize(
             [x.state["moment"] for x in matrices], [x.group for x in matrices]
@@ -386,7 +494,7 @@ class SUMO(SubspaceOptimizer):
                 state_norm = item.state["previous_norm"]
                 previous_norms[i] = state_norm.clone()
                 updates[i], norm = limit_norm_growth(updates[i], state_norm, item.group["limiter"])
-                state_norm.copy_(norm)
+                state_norm.copy_(norm if ok is None else torch.where(ok, norm, state_norm))
         return updates, flags, all_trusted, previous_norms
 
     def _checks_projection(self, p: Tensor, group: dict[str, Any]) -> bool:
@@ -487,6 +595,17 @@ def _add_fallbacks(fallbacks: list[tuple[Matrix, Tensor]]) -> None:
     back-projected (and decayed) weights: ``W ← W − η α f(m, n) Q O``."""
     for item, update in fallbacks:
         project_back_([item], [update], 1.0, _orthogonal_step_alpha(item.group, item.weights.shape))
+
+
+def _back_projection_stacks(matrices: list[Matrix]) -> list[tuple[list[Matrix], float, float]]:
+    """Block 4's stacks, ``W ← β W + α Q O`` for each: (members, β = 1 − ηλ, α = −η α f(m, n))."""
+    result = []
+    for members in stacks(matrices, lambda x: (id(x.group), x.side, x.weights.shape, x.weights.stride())):
+        group = members[0].group
+        result.append(
+            (members, 1 - group["lr"] * group["weight_decay"], _orthogonal_step_alpha(group, members[0].weights.shape))
+        )
+    return result
 
 
 def _orthogonal_step_alpha(group: dict[str, Any], shape: torch.Size) -> float:
