@@ -28,7 +28,7 @@ as a CUDA graph, and the error of each against the float64 SVD's ``U Vᵀ`` for 
 ``scalars``: the back-projection ``W ← βW + α Q O`` of every matrix (TF32) by ``addmm_`` with
 host scalars against :func:`sumo_optim.cublas.addmm_many_` (one call per stack) with β and α in device memory, plain and
 replayed as a CUDA graph (the scalars changed between replays), and each one's error against
-float64.
+float64; then per stack the graphed time by the operands' layouts (row- or column-major).
 
     python benchmarks/fastpath_ab.py qr,refresh,eigh,polar,scalars [--model 1b] [--rank 128] [--alpha 0.8]
 """
@@ -36,6 +36,8 @@ float64.
 from __future__ import annotations
 
 import argparse
+import functools
+import itertools
 import math
 import statistics
 import sys
@@ -340,6 +342,13 @@ def back_projection_problems(shapes, rank: int, device: torch.device):
     return problems
 
 
+def _as_layout(matrix: torch.Tensor, layout: str) -> torch.Tensor:
+    """``matrix``'s values, row-major or column-major."""
+    if layout == "row":
+        return matrix.contiguous()
+    return matrix.mT.contiguous().mT
+
+
 def scalars_ab(shapes, rank: int, device: torch.device) -> None:
     torch.backends.cuda.matmul.allow_tf32 = True
     problems = back_projection_problems(shapes, rank, device)
@@ -367,6 +376,17 @@ def scalars_ab(shapes, rank: int, device: torch.device) -> None:
         reference = (1 - 1e-4) * before + -1e-3 * (left.double() @ right.double())
         error = ((weights.double() - reference).norm() / (reference - before).norm()).item()
         print(f"{name:>8} {ms[0]:8.2f} {ms[1]:8.2f} {error:10.1e}")
+    print("per stack, graphed ms, by the operands' layouts (row-major, or column-major: a transposed view)")
+    print(f"{'stack':>22} {'left':>7} {'right':>7} {'ms':>7}")
+    for members in stacks.values():
+        weights, left, right = members[0]
+        for left_layout, right_layout in itertools.product(("row", "column"), repeat=2):
+            lefts = [_as_layout(x[1], left_layout) for x in members]
+            rights = [_as_layout(x[2], right_layout) for x in members]
+            outs = [x[0] for x in members]
+            ms = graphed_ms(functools.partial(cublas.addmm_many_, outs, lefts, rights, scalars[0:1], scalars[1:2]))
+            name = f"{len(members)} × {tuple(weights.shape)}"
+            print(f"{name:>22} {left_layout:>7} {right_layout:>7} {ms:7.3f}")
     if device.type == "cuda":  # a replay reads the scalars as they are then
         weights, left, right = problems[0]
         graph = torch.cuda.CUDAGraph()
