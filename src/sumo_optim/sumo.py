@@ -570,12 +570,13 @@ class SUMO(SubspaceOptimizer):
 
     @staticmethod
     def _fallback_updates(
-        matrices: list[Matrix], flags: list[Tensor | None], all_trusted: Tensor | None, previous_norms: list
+        matrices: list[Matrix], flags: list[Tensor | None], all_trusted: Tensor | bool | None, previous_norms: list
     ) -> list[tuple[Matrix, Tensor]]:
-        """The step's one host synchronization: matrices whose moment the Cholesky route could not
-        vouch for (rank-deficient, too ill-conditioned, non-finite) got a zero update; returns their
-        exact SVD one (:func:`~sumo_optim.linalg.orthogonalize`, the same rank rule), through the
-        limiter from its previous norm, to be added to the already decayed weights."""
+        """A host read of ``all_trusted`` (none when :meth:`_step_ahead` read it already): matrices
+        whose moment the Cholesky route could not vouch for (rank-deficient, too ill-conditioned,
+        non-finite) got a zero update; returns their exact SVD one
+        (:func:`~sumo_optim.linalg.orthogonalize`, the same rank rule), through the limiter from
+        its previous norm, to be added to the already decayed weights."""
         if all_trusted is None or bool(all_trusted):
             return []
         fallbacks = []
