@@ -150,28 +150,28 @@ def addmm_many_(
         compute = _COMPUTE_64F
     else:
         compute = _COMPUTE_32F_FAST_TF32 if torch.backends.cuda.matmul.allow_tf32 else _COMPUTE_32F
-    with torch.cuda.device(out.device):
-        handle = _handle(library, out.device)
-        _check(library.cublasSetStream_v2(handle, torch.cuda.current_stream().cuda_stream), "cublasSetStream")
     shape = (_OP_N if right_row_major else _OP_T, _OP_N if left_row_major else _OP_T, cols, rows, inner)
     gemm, alpha_pointer, beta_pointer = library.cublasGemmEx, alpha.data_ptr(), beta.data_ptr()
-    for out, left, right in zip(outs, lefts, rights):
-        status = gemm(
-            handle,
-            *shape,
-            alpha_pointer,
-            right.data_ptr(),
-            data_type,
-            right_ld,
-            left.data_ptr(),
-            data_type,
-            left_ld,
-            beta_pointer,
-            out.data_ptr(),
-            data_type,
-            out_ld,
-            compute,
-            _GEMM_DEFAULT,
-        )
-        if status != 0:
-            _check(status, "cublasGemmEx")
+    with torch.cuda.device(out.device):  # (a cuBLAS handle works only under its own device)
+        handle = _handle(library, out.device)
+        _check(library.cublasSetStream_v2(handle, torch.cuda.current_stream().cuda_stream), "cublasSetStream")
+        for out, left, right in zip(outs, lefts, rights):
+            status = gemm(
+                handle,
+                *shape,
+                alpha_pointer,
+                right.data_ptr(),
+                data_type,
+                right_ld,
+                left.data_ptr(),
+                data_type,
+                left_ld,
+                beta_pointer,
+                out.data_ptr(),
+                data_type,
+                out_ld,
+                compute,
+                _GEMM_DEFAULT,
+            )
+            if status != 0:
+                _check(status, "cublasGemmEx")
