@@ -350,7 +350,8 @@ class SUMO(SubspaceOptimizer):
         :meth:`_fallback_updates` needs.
         """
         device = matrices[0].weights.device
-        if self.cuda_graph is not None and device.type == "cuda" and not device_scalars_available(device):
+        on_device = device_scalars_available(device)
+        if self.cuda_graph is not None and device.type == "cuda" and not on_device:
             raise RuntimeError("cuda_graph=True needs PyTorch's cuBLAS library (sumo_optim.cublas), not found")
         back_stacks = _back_projection_stacks(matrices)
         values = torch.tensor([v for _, beta, alpha in back_stacks for v in (beta, alpha)], dtype=torch.float64)
@@ -373,7 +374,7 @@ class SUMO(SubspaceOptimizer):
             position = {id(x): i for i, x in enumerate(matrices)}
             for i, (members, beta, alpha) in enumerate(back_stacks):
                 directions = [updates[position[id(x)]] for x in members]
-                if members[0].deferred is not None or not device_scalars_available(device):
+                if members[0].deferred is not None or not on_device:
                     project_back_(members, directions, beta, alpha)  # (checked before: ``finite`` holds)
                     continue
                 dtype = members[0].weights.dtype
